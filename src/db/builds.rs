@@ -1,0 +1,235 @@
+//! The `builds`, `build_outputs` and `aggregate_constituents` tables: a job
+//! of a jobset to be built from one derivation, its status (Hydra's
+//! numbers, see [`BuildStatus`]), its outputs, and for aggregate jobs the
+//! builds it stands for.
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+/// Hydra's build status numbers, kept for compatibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[repr(i64)]
+pub enum BuildStatus {
+    Succeeded = 0,
+    Failed = 1,
+    DepFailed = 2,
+    Aborted = 3,
+    Cancelled = 4,
+    FailedWithOutput = 6,
+    TimedOut = 7,
+    CachedFailure = 8,
+    Unsupported = 9,
+    LogLimitExceeded = 10,
+    OutputLimitExceeded = 11,
+    NotDeterministic = 12,
+}
+
+impl BuildStatus {
+    pub fn from_i64(n: i64) -> Option<Self> {
+        use BuildStatus::*;
+        Some(match n {
+            0 => Succeeded,
+            1 => Failed,
+            2 => DepFailed,
+            3 => Aborted,
+            4 => Cancelled,
+            6 => FailedWithOutput,
+            7 => TimedOut,
+            8 => CachedFailure,
+            9 => Unsupported,
+            10 => LogLimitExceeded,
+            11 => OutputLimitExceeded,
+            12 => NotDeterministic,
+            _ => return None,
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        use BuildStatus::*;
+        match self {
+            Succeeded => "succeeded",
+            Failed => "failed",
+            DepFailed => "dependency failed",
+            Aborted => "aborted",
+            Cancelled => "cancelled",
+            FailedWithOutput => "failed with output",
+            TimedOut => "timed out",
+            CachedFailure => "cached failure",
+            Unsupported => "unsupported system",
+            LogLimitExceeded => "log limit exceeded",
+            OutputLimitExceeded => "output limit exceeded",
+            NotDeterministic => "not deterministic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Build {
+    pub id: i64,
+    pub jobset_id: i64,
+    pub job: String,
+    pub drv_path: String,
+    pub nix_name: String,
+    pub system: String,
+    pub description: Option<String>,
+    pub license: Option<String>,
+    pub maintainers: Option<String>,
+    pub homepage: Option<String>,
+    pub timeout: i64,
+    pub max_silent: i64,
+    pub priority: i64,
+    pub global_priority: i64,
+    pub is_aggregate: bool,
+    pub created_at: i64,
+    pub finished: bool,
+    pub build_status: Option<i64>,
+    pub start_time: Option<i64>,
+    pub stop_time: Option<i64>,
+    pub is_cached: bool,
+    pub keep: bool,
+    pub top_step_id: Option<i64>,
+    pub failed_step_id: Option<i64>,
+    pub error: Option<String>,
+}
+
+impl Build {
+    pub fn status(&self) -> Option<BuildStatus> {
+        self.build_status.and_then(BuildStatus::from_i64)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewBuild {
+    pub jobset_id: i64,
+    pub job: String,
+    pub drv_path: String,
+    pub nix_name: String,
+    pub system: String,
+    pub description: Option<String>,
+    pub license: Option<String>,
+    pub maintainers: Option<String>,
+    pub homepage: Option<String>,
+    pub timeout: i64,
+    pub max_silent: i64,
+    pub priority: i64,
+    pub is_aggregate: bool,
+    /// Output name and store path.
+    pub outputs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Output {
+    pub build_id: i64,
+    pub name: String,
+    pub path: String,
+}
+
+macro_rules! cols {
+    () => {
+        "id, jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage, timeout, \
+         max_silent, priority, global_priority, is_aggregate, created_at, finished, build_status, start_time, \
+         stop_time, is_cached, keep, top_step_id, failed_step_id, error"
+    };
+}
+
+/// Inserts a build and its outputs (run it in a transaction).
+pub async fn create(mut ex: Ex<'_>, b: &NewBuild) -> Result<Build> {
+    let sql = concat!(
+        "INSERT INTO builds (jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage,
+             timeout, max_silent, priority, is_aggregate, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING ",
+        cols!()
+    );
+    let build: Build = run!(ex.re(), c => sqlx::query_as(sql)
+        .bind(b.jobset_id).bind(&b.job).bind(&b.drv_path).bind(&b.nix_name).bind(&b.system)
+        .bind(&b.description).bind(&b.license).bind(&b.maintainers).bind(&b.homepage)
+        .bind(b.timeout).bind(b.max_silent).bind(b.priority).bind(b.is_aggregate).bind(now())
+        .fetch_one(&mut *c).await?);
+    for (name, path) in &b.outputs {
+        run!(ex.re(), c => sqlx::query("INSERT INTO build_outputs (build_id, name, path) VALUES ($1, $2, $3)")
+            .bind(build.id).bind(name).bind(path).execute(&mut *c).await?.rows_affected());
+    }
+    Ok(build)
+}
+
+pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Build>> {
+    let sql = concat!("SELECT ", cols!(), " FROM builds WHERE id = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))
+}
+
+/// The newest build of this derivation in the jobset, which a new
+/// evaluation reuses instead of making another (as Hydra does).
+pub async fn find_in_jobset(
+    ex: Ex<'_>,
+    jobset_id: i64,
+    job: &str,
+    drv_path: &str,
+) -> Result<Option<Build>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM builds WHERE jobset_id = $1 AND job = $2 AND drv_path = $3 ORDER BY id DESC LIMIT 1"
+    );
+    Ok(
+        run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).bind(drv_path).fetch_optional(&mut *c).await?),
+    )
+}
+
+pub async fn outputs(ex: Ex<'_>, build_id: i64) -> Result<Vec<Output>> {
+    Ok(
+        run!(ex, c => sqlx::query_as("SELECT build_id, name, path FROM build_outputs WHERE build_id = $1 ORDER BY name")
+        .bind(build_id).fetch_all(&mut *c).await?),
+    )
+}
+
+pub async fn set_started(ex: Ex<'_>, id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE builds SET start_time = COALESCE(start_time, $2) WHERE id = $1 AND finished = FALSE")
+        .bind(id).bind(now()).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Finishes a build once; returns false if it was already finished, so a
+/// result that arrives twice (after a restart, say) is recorded once.
+pub async fn finish(
+    ex: Ex<'_>,
+    id: i64,
+    status: BuildStatus,
+    is_cached: bool,
+    failed_step_id: Option<i64>,
+    error: Option<&str>,
+) -> Result<bool> {
+    let n = run!(ex, c => sqlx::query(
+        "UPDATE builds SET finished = TRUE, build_status = $2, is_cached = $3, failed_step_id = $4, error = $5,
+             stop_time = $6, start_time = COALESCE(start_time, $6) WHERE id = $1 AND finished = FALSE")
+        .bind(id).bind(status as i64).bind(is_cached).bind(failed_step_id).bind(error).bind(now())
+        .execute(&mut *c).await?.rows_affected());
+    Ok(n == 1)
+}
+
+pub async fn set_top_step(ex: Ex<'_>, id: i64, step_id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE builds SET top_step_id = $2 WHERE id = $1").bind(id).bind(step_id).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn unfinished(ex: Ex<'_>) -> Result<Vec<Build>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM builds WHERE finished = FALSE ORDER BY id"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+}
+
+pub async fn add_constituent(ex: Ex<'_>, aggregate_id: i64, constituent_id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "INSERT INTO aggregate_constituents (aggregate_id, constituent_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(aggregate_id).bind(constituent_id).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn constituents(ex: Ex<'_>, aggregate_id: i64) -> Result<Vec<i64>> {
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "SELECT constituent_id FROM aggregate_constituents WHERE aggregate_id = $1 ORDER BY constituent_id")
+        .bind(aggregate_id).fetch_all(&mut *c).await?))
+}

@@ -1,0 +1,162 @@
+//! The `jobsets` table: what to evaluate in a project (branch or pull
+//! request, flake attributes, systems) and when (interval, triggers).
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Jobset {
+    pub id: i64,
+    pub project_id: i64,
+    pub name: String,
+    /// `None`: the repository's default branch.
+    pub branch: Option<String>,
+    pub pr_number: Option<i64>,
+    pub flake_dir: String,
+    /// JSON array of attribute names (`["hydraJobs"]`).
+    pub attributes: String,
+    /// JSON array of systems to keep; empty keeps all.
+    pub systems: String,
+    pub check_interval: i64,
+    pub scheduling_shares: i64,
+    pub keep_evaluations: i64,
+    pub enabled: bool,
+    pub hidden: bool,
+    pub config_hash: String,
+    pub last_checked_at: Option<i64>,
+    pub trigger_at: Option<i64>,
+    pub force_eval: bool,
+    pub error: Option<String>,
+    pub error_at: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Jobset {
+    pub fn attribute_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.attributes).unwrap_or_default()
+    }
+    pub fn system_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.systems).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsetSpec {
+    pub name: String,
+    pub branch: Option<String>,
+    pub pr_number: Option<i64>,
+    pub flake_dir: String,
+    pub attributes: Vec<String>,
+    pub systems: Vec<String>,
+    pub check_interval: i64,
+    pub scheduling_shares: i64,
+    pub keep_evaluations: i64,
+    pub enabled: bool,
+    pub config_hash: String,
+}
+
+impl JobsetSpec {
+    /// Hydra's defaults: the default branch's `hydraJobs`, checked every
+    /// 300 s, 100 shares, 3 evaluations kept.
+    pub fn new(name: &str) -> Self {
+        JobsetSpec {
+            name: name.to_string(),
+            branch: None,
+            pr_number: None,
+            flake_dir: String::new(),
+            attributes: vec!["hydraJobs".to_string()],
+            systems: Vec::new(),
+            check_interval: 300,
+            scheduling_shares: 100,
+            keep_evaluations: 3,
+            enabled: true,
+            config_hash: String::new(),
+        }
+    }
+}
+
+macro_rules! cols {
+    () => {
+        "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
+         scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
+         force_eval, error, error_at, created_at"
+    };
+}
+
+pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jobset> {
+    let attrs = serde_json::to_string(&spec.attributes).expect("strings serialise");
+    let systems = serde_json::to_string(&spec.systems).expect("strings serialise");
+    let sql = concat!(
+        "INSERT INTO jobsets (project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval,
+             scheduling_shares, keep_evaluations, enabled, config_hash, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (project_id, name) DO UPDATE SET branch = excluded.branch, pr_number = excluded.pr_number,
+             flake_dir = excluded.flake_dir, attributes = excluded.attributes, systems = excluded.systems,
+             check_interval = excluded.check_interval, scheduling_shares = excluded.scheduling_shares,
+             keep_evaluations = excluded.keep_evaluations, enabled = excluded.enabled,
+             config_hash = excluded.config_hash
+         RETURNING ",
+        cols!()
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql)
+        .bind(project_id).bind(&spec.name).bind(&spec.branch).bind(spec.pr_number).bind(&spec.flake_dir)
+        .bind(&attrs).bind(&systems).bind(spec.check_interval).bind(spec.scheduling_shares)
+        .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now())
+        .fetch_one(&mut *c).await?))
+}
+
+pub async fn get(ex: Ex<'_>, project: &str, name: &str) -> Result<Option<Jobset>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM jobsets WHERE name = $2 AND project_id = (SELECT id FROM projects WHERE name = $1)"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(project).bind(name).fetch_optional(&mut *c).await?))
+}
+
+pub async fn get_by_id(ex: Ex<'_>, id: i64) -> Result<Option<Jobset>> {
+    let sql = concat!("SELECT ", cols!(), " FROM jobsets WHERE id = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))
+}
+
+pub async fn list_for_project(ex: Ex<'_>, project_id: i64) -> Result<Vec<Jobset>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM jobsets WHERE project_id = $1 ORDER BY name"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(project_id).fetch_all(&mut *c).await?))
+}
+
+/// Asks for an evaluation as soon as possible. Several requests before the
+/// evaluator gets to it collapse into one.
+pub async fn trigger(ex: Ex<'_>, id: i64, force: bool) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE jobsets SET trigger_at = COALESCE(trigger_at, $2), force_eval = (force_eval OR $3) WHERE id = $1")
+        .bind(id).bind(now()).bind(force).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Records that the jobset was checked: clears the trigger and sets or
+/// clears the jobset's error.
+pub async fn mark_checked(ex: Ex<'_>, id: i64, error: Option<&str>) -> Result<()> {
+    let t = now();
+    run!(ex, c => sqlx::query(
+        "UPDATE jobsets SET last_checked_at = $2, trigger_at = NULL, force_eval = FALSE, error = $3,
+             error_at = CASE WHEN $3 IS NULL THEN NULL ELSE $2 END WHERE id = $1")
+        .bind(id).bind(t).bind(error).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Enabled jobsets whose interval has passed or that were triggered, oldest first.
+pub async fn due(ex: Ex<'_>, at: i64) -> Result<Vec<Jobset>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM jobsets WHERE enabled = TRUE AND (trigger_at IS NOT NULL
+             OR (check_interval > 0 AND (last_checked_at IS NULL OR last_checked_at + check_interval <= $1)))
+         ORDER BY COALESCE(trigger_at, last_checked_at, 0), id"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(at).fetch_all(&mut *c).await?))
+}

@@ -1,0 +1,79 @@
+//! The `outbox` table: notifications (GitHub commit statuses) written in the
+//! same transaction as the state change that causes them, and delivered by
+//! a sender that may crash and resume. A newer message for the same target
+//! and context supersedes older undelivered ones.
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Message {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub context: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub superseded: bool,
+    pub last_error: Option<String>,
+}
+
+macro_rules! cols {
+    () => {
+        "id, kind, target, context, payload, created_at, attempts, next_attempt_at, delivered_at, superseded, last_error"
+    };
+}
+
+/// Queues a message, superseding pending ones for the same target and context.
+pub async fn enqueue(
+    mut ex: Ex<'_>,
+    kind: &str,
+    target: &str,
+    context: &str,
+    payload: &str,
+) -> Result<i64> {
+    let t = now();
+    run!(ex.re(), c => sqlx::query(
+        "UPDATE outbox SET superseded = TRUE
+         WHERE kind = $1 AND target = $2 AND context = $3 AND delivered_at IS NULL AND superseded = FALSE")
+        .bind(kind).bind(target).bind(context).execute(&mut *c).await?.rows_affected());
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "INSERT INTO outbox (kind, target, context, payload, created_at, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $5) RETURNING id")
+        .bind(kind).bind(target).bind(context).bind(payload).bind(t).fetch_one(&mut *c).await?))
+}
+
+/// Pending messages due at `at`, oldest first.
+pub async fn due(ex: Ex<'_>, at: i64, limit: i64) -> Result<Vec<Message>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM outbox WHERE delivered_at IS NULL AND superseded = FALSE AND next_attempt_at <= $1
+         ORDER BY next_attempt_at, id LIMIT $2"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(at).bind(limit).fetch_all(&mut *c).await?))
+}
+
+pub async fn mark_delivered(ex: Ex<'_>, id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE outbox SET delivered_at = $2, attempts = attempts + 1 WHERE id = $1")
+        .bind(id).bind(now()).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Records a failed attempt and when to try again.
+pub async fn mark_failed(ex: Ex<'_>, id: i64, error: &str, retry_at: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE id = $1")
+        .bind(id).bind(error).bind(retry_at).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Undelivered messages, for the status page and metrics.
+pub async fn backlog(ex: Ex<'_>) -> Result<i64> {
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND superseded = FALSE")
+        .fetch_one(&mut *c).await?))
+}

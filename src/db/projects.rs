@@ -1,0 +1,75 @@
+//! The `projects` table: a named git repository and how it is shown.
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Project {
+    pub id: i64,
+    pub name: String,
+    pub display_name: String,
+    pub description: String,
+    pub repo: String,
+    pub github_repo: Option<String>,
+    pub enabled: bool,
+    pub hidden: bool,
+    /// `config` (from kiln.toml) or `api`.
+    pub declared_in: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// What a caller sets; the rest is Kiln's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectSpec {
+    pub name: String,
+    pub display_name: String,
+    pub description: String,
+    pub repo: String,
+    pub github_repo: Option<String>,
+    pub enabled: bool,
+    pub hidden: bool,
+    pub declared_in: String,
+}
+
+macro_rules! cols {
+    () => {
+        "id, name, display_name, description, repo, github_repo, enabled, hidden, declared_in, created_at, updated_at"
+    };
+}
+
+/// Creates or updates the project named `spec.name`.
+pub async fn upsert(ex: Ex<'_>, spec: &ProjectSpec) -> Result<Project> {
+    let t = now();
+    let sql = concat!(
+        "INSERT INTO projects (name, display_name, description, repo, github_repo, enabled, hidden, declared_in, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+         ON CONFLICT (name) DO UPDATE SET display_name = excluded.display_name, description = excluded.description,
+             repo = excluded.repo, github_repo = excluded.github_repo, enabled = excluded.enabled,
+             hidden = excluded.hidden, declared_in = excluded.declared_in, updated_at = excluded.updated_at
+         RETURNING ",
+        cols!()
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql)
+        .bind(&spec.name).bind(&spec.display_name).bind(&spec.description).bind(&spec.repo)
+        .bind(&spec.github_repo).bind(spec.enabled).bind(spec.hidden).bind(&spec.declared_in).bind(t)
+        .fetch_one(&mut *c).await?))
+}
+
+pub async fn get(ex: Ex<'_>, name: &str) -> Result<Option<Project>> {
+    let sql = concat!("SELECT ", cols!(), " FROM projects WHERE name = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(name).fetch_optional(&mut *c).await?))
+}
+
+pub async fn list(ex: Ex<'_>) -> Result<Vec<Project>> {
+    let sql = concat!("SELECT ", cols!(), " FROM projects ORDER BY name");
+    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+}
+
+/// Deletes a project with its jobsets, evaluations and builds. Returns
+/// whether it existed.
+pub async fn delete(ex: Ex<'_>, name: &str) -> Result<bool> {
+    let n = run!(ex, c => sqlx::query("DELETE FROM projects WHERE name = $1").bind(name).execute(&mut *c).await?.rows_affected());
+    Ok(n > 0)
+}

@@ -1,0 +1,125 @@
+//! The `steps`, `step_deps` and `step_outputs` tables: one step per
+//! derivation, shared by every build that needs it, with the edges to the
+//! steps it depends on and the outputs it produced.
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Step {
+    pub id: i64,
+    pub drv_path: String,
+    pub system: String,
+    /// Space-separated `requiredSystemFeatures`.
+    pub required_features: String,
+    /// `waiting`, `runnable`, `running`, `succeeded` or `failed`.
+    pub state: String,
+    pub build_status: Option<i64>,
+    pub phase: Option<String>,
+    pub machine: Option<String>,
+    pub tries: i64,
+    pub next_try_at: Option<i64>,
+    pub timeout: Option<i64>,
+    pub max_silent: Option<i64>,
+    pub created_at: i64,
+    pub start_time: Option<i64>,
+    pub stop_time: Option<i64>,
+    pub error: Option<String>,
+    pub log_file: Option<String>,
+}
+
+macro_rules! cols {
+    () => {
+        "id, drv_path, system, required_features, state, build_status, phase, machine, tries, next_try_at, \
+         timeout, max_silent, created_at, start_time, stop_time, error, log_file"
+    };
+}
+
+/// Returns the step for `drv_path`, creating it in `state` if there is none;
+/// the flag says whether it was created. Concurrent callers get one step.
+pub async fn get_or_create(
+    mut ex: Ex<'_>,
+    drv_path: &str,
+    system: &str,
+    required_features: &str,
+    state: &str,
+) -> Result<(Step, bool)> {
+    let insert = concat!(
+        "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (drv_path) DO NOTHING RETURNING ",
+        cols!()
+    );
+    let created: Option<Step> = run!(ex.re(), c => sqlx::query_as(insert)
+        .bind(drv_path).bind(system).bind(required_features).bind(state).bind(now())
+        .fetch_optional(&mut *c).await?);
+    if let Some(s) = created {
+        return Ok((s, true));
+    }
+    let existing = get_by_drv(ex, drv_path).await?;
+    existing
+        .map(|s| (s, false))
+        .ok_or_else(|| super::DbError::NotFound(format!("step for {drv_path}")))
+}
+
+pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Step>> {
+    let sql = concat!("SELECT ", cols!(), " FROM steps WHERE id = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))
+}
+
+pub async fn get_by_drv(ex: Ex<'_>, drv_path: &str) -> Result<Option<Step>> {
+    let sql = concat!("SELECT ", cols!(), " FROM steps WHERE drv_path = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(drv_path).fetch_optional(&mut *c).await?))
+}
+
+pub async fn add_dep(ex: Ex<'_>, step_id: i64, dep_id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("INSERT INTO step_deps (step_id, dep_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(step_id).bind(dep_id).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn deps(ex: Ex<'_>, step_id: i64) -> Result<Vec<i64>> {
+    Ok(
+        run!(ex, c => sqlx::query_scalar("SELECT dep_id FROM step_deps WHERE step_id = $1 ORDER BY dep_id")
+        .bind(step_id).fetch_all(&mut *c).await?),
+    )
+}
+
+/// Steps that depend on `dep_id`.
+pub async fn dependents(ex: Ex<'_>, dep_id: i64) -> Result<Vec<i64>> {
+    Ok(
+        run!(ex, c => sqlx::query_scalar("SELECT step_id FROM step_deps WHERE dep_id = $1 ORDER BY step_id")
+        .bind(dep_id).fetch_all(&mut *c).await?),
+    )
+}
+
+/// Moves a step from one state to another; false if it was not in `from`
+/// (someone else moved it first).
+pub async fn transition(ex: Ex<'_>, id: i64, from: &str, to: &str) -> Result<bool> {
+    let n = run!(ex, c => sqlx::query("UPDATE steps SET state = $3 WHERE id = $1 AND state = $2")
+        .bind(id).bind(from).bind(to).execute(&mut *c).await?.rows_affected());
+    Ok(n == 1)
+}
+
+pub async fn set_output(ex: Ex<'_>, step_id: i64, name: &str, path: &str) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "INSERT INTO step_outputs (step_id, name, path) VALUES ($1, $2, $3)
+         ON CONFLICT (step_id, name) DO UPDATE SET path = excluded.path")
+        .bind(step_id).bind(name).bind(path).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn outputs(ex: Ex<'_>, step_id: i64) -> Result<Vec<(String, String)>> {
+    Ok(
+        run!(ex, c => sqlx::query_as("SELECT name, path FROM step_outputs WHERE step_id = $1 ORDER BY name")
+        .bind(step_id).fetch_all(&mut *c).await?),
+    )
+}
+
+/// Count of steps per state, for the queue summary.
+pub async fn count_by_state(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(
+        run!(ex, c => sqlx::query_as("SELECT state, COUNT(*) FROM steps GROUP BY state ORDER BY state")
+        .fetch_all(&mut *c).await?),
+    )
+}

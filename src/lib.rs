@@ -1,0 +1,13 @@
+//! Kiln: a continuous-integration build coordinator for Nix flakes.
+//!
+//! Data flows one way: trigger → fetch → eval → queue → builder → cache →
+//! notify, with the database (`db`) underneath. `nix` holds Nix's formats,
+//! `config` the configuration, `serve` wires the long-running server
+//! together and `web` its HTTP side.
+
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod nix;
+pub mod serve;
+pub mod web;

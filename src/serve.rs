@@ -1,0 +1,105 @@
+//! `kiln serve`: opens the state directory and database, makes sure the
+//! signing key and API tokens are in place, and runs the HTTP server until
+//! SIGTERM or Ctrl-C, then shuts down cleanly (in-flight requests finish,
+//! the database is closed).
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::info;
+
+use crate::config::{Config, ConfigError};
+use crate::db::{self, Db, DbError};
+use crate::web::{self, AppState};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the database named by the configuration and applies migrations.
+pub async fn open_db(config: &Config) -> Result<Db, ServeError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+        path: config.state_dir.display().to_string(),
+        source,
+    })?;
+    let db = Db::connect(&config.database_url()).await?;
+    let applied = db.migrate().await?;
+    if applied > 0 {
+        info!(applied, "database migrations applied");
+    }
+    Ok(db)
+}
+
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let db = open_db(&config).await?;
+    {
+        let tokens = config.api_tokens()?;
+        let mut c = db.conn().await?;
+        db::api_tokens::sync_from_files(c.ex(), &tokens).await?;
+        if tokens.is_empty() {
+            info!("no api_token_files configured: write endpoints refuse every request");
+        }
+    }
+    let key_file = config.cache_secret_key_file();
+    let (key, generated) = crate::cache::load_or_generate_key(&key_file, &config.cache.key_name)?;
+    if generated {
+        info!(file = %key_file.display(), "generated cache signing key");
+    }
+    info!(public_key = %key.public(), "cache signing key");
+
+    let state = AppState {
+        db: db.clone(),
+        config: Arc::new(config.clone()),
+        public_key: key.public(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    info!("listening on http://{addr}");
+    axum::serve(listener, web::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    info!("shutting down");
+    db.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

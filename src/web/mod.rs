@@ -1,0 +1,123 @@
+//! The HTTP side of `kiln serve`: routes, pages (askama templates from
+//! `templates/`), static files, and the JSON forms of pages. Handlers build
+//! a plain struct and render it; templates stay dumb.
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Json, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::db::{self, Db};
+use crate::nix::PublicKey;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub public_key: PublicKey,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/healthz", get(healthz))
+        .route("/static/style.css", get(style))
+        .with_state(state)
+}
+
+/// Whether the client asked for JSON (`Accept: application/json`).
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    database: bool,
+}
+
+/// Liveness and database reachability; 503 when the database is down.
+async fn healthz(State(s): State<AppState>) -> Response {
+    let database = s.db.ping().await;
+    let code = if database {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(Health {
+            status: if database { "ok" } else { "degraded" },
+            database,
+        }),
+    )
+        .into_response()
+}
+
+async fn style() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("../../static/style.css"),
+    )
+        .into_response()
+}
+
+#[derive(Template)]
+#[template(path = "home.html")]
+struct HomePage {
+    title: String,
+    public_key: String,
+    base_url: String,
+    projects: Vec<db::projects::Project>,
+}
+
+async fn home(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
+    let mut c = s.db.conn().await?;
+    let projects: Vec<_> = db::projects::list(c.ex())
+        .await?
+        .into_iter()
+        .filter(|p| !p.hidden)
+        .collect();
+    if wants_json(&headers) {
+        return Ok(Json(projects).into_response());
+    }
+    let page = HomePage {
+        title: "Kiln".into(),
+        public_key: s.public_key.to_string(),
+        base_url: s.config.base_url(),
+        projects,
+    };
+    Ok(Html(page.render()?).into_response())
+}
+
+/// Errors of handlers, mapped to HTTP in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("rendering: {0}")]
+    Render(#[from] askama::Error),
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        tracing::error!(error = %self, "request failed");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server log\n",
+        )
+            .into_response()
+    }
+}
