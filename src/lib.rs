@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod eval;
 pub mod nix;
 pub mod serve;
 pub mod web;

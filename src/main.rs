@@ -26,6 +26,24 @@ struct Cli {
 enum Command {
     /// Run the coordinator: web UI, API and binary cache.
     Serve,
+    /// Evaluate a flake attribute into jobs once and print them.
+    Eval {
+        /// One JSON object per job and line (nix-eval-jobs' fields).
+        #[arg(long)]
+        json: bool,
+        /// Evaluator processes (default: eval.workers).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Memory limit per evaluator process in MiB (default: eval.max_memory_mib).
+        #[arg(long, value_name = "MiB")]
+        max_memory: Option<u64>,
+        /// Keep only jobs for these systems (repeatable).
+        #[arg(long = "system", value_name = "SYSTEM")]
+        systems: Vec<String>,
+        /// FLAKE_REF#ATTR, e.g. .#hydraJobs; without #ATTR, hydraJobs if present, else checks.
+        #[arg(value_name = "FLAKE_REF#ATTR")]
+        installable: String,
+    },
     /// Manage the binary cache.
     Cache {
         #[command(subcommand)]
@@ -119,6 +137,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", key.public());
             Ok(())
         }
+        Command::Eval {
+            json,
+            workers,
+            max_memory,
+            systems,
+            installable,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(config.log_format);
+            let req = EvalArgs {
+                installable,
+                workers: workers.unwrap_or(config.eval.workers),
+                max_memory_mib: max_memory.unwrap_or(config.eval.max_memory_mib),
+                timeout_s: config.eval.timeout_s,
+                systems,
+            };
+            if req.workers == 0 {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "--workers must be at least 1"
+                )));
+            }
+            runtime()?.block_on(eval_command(req, json))
+        }
         Command::Db {
             command: DbCommand::Migrate,
         } => {
@@ -143,4 +184,80 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 })
         }
     }
+}
+
+struct EvalArgs {
+    installable: String,
+    workers: usize,
+    max_memory_mib: u64,
+    timeout_s: u64,
+    systems: Vec<String>,
+}
+
+async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
+    use kiln::eval;
+    use std::io::Write;
+    let (reference, attr) = match args.installable.rsplit_once('#') {
+        Some((r, a)) => (r.to_string(), Some(a.to_string())),
+        None => (args.installable.clone(), None),
+    };
+    let start = std::time::Instant::now();
+    let locked = eval::lock(&reference)
+        .await
+        .map_err(|e| Failure::Failed(e.into()))?;
+    let attr = match attr.filter(|a| !a.is_empty()) {
+        Some(a) => a,
+        None => eval::default_root(&locked.url)
+            .await
+            .map_err(|e| Failure::Failed(e.into()))?
+            .to_string(),
+    };
+    let req = eval::EvalRequest {
+        flake_ref: locked.url,
+        roots: vec![eval::Root::parse(&attr, false)],
+        systems: args.systems,
+        workers: args.workers,
+        max_memory_mib: args.max_memory_mib,
+        timeout: std::time::Duration::from_secs(args.timeout_s),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<eval::Job>();
+    let printer = tokio::spawn(async move {
+        let mut out = std::io::stdout();
+        while let Some(job) = rx.recv().await {
+            let line = if json {
+                serde_json::to_string(&job).expect("jobs serialise")
+            } else {
+                match (&job.error, &job.drv_path) {
+                    (Some(e), _) => format!(
+                        "{}\terror: {}",
+                        job.attr,
+                        e.lines().next().unwrap_or("").trim_start_matches("error: ")
+                    ),
+                    (None, Some(d)) => format!("{}\t{d}", job.attr),
+                    (None, None) => job.attr.clone(),
+                }
+            };
+            let _ = writeln!(out, "{line}");
+            // Jobs stream: flush each so a pipe sees them as they come.
+            let _ = out.flush();
+        }
+    });
+    let result = eval::evaluate(&req, tx).await;
+    let _ = printer.await;
+    let stats = result.map_err(|e| Failure::Failed(e.into()))?;
+    eprintln!(
+        "kiln: {} jobs, {} with errors, in {:.1} s with {} workers ({} nix processes)",
+        stats.jobs + stats.errors,
+        stats.errors,
+        start.elapsed().as_secs_f64(),
+        req.workers,
+        stats.processes
+    );
+    if stats.errors > 0 {
+        return Err(Failure::Failed(anyhow::anyhow!(
+            "{} jobs failed to evaluate",
+            stats.errors
+        )));
+    }
+    Ok(())
 }
