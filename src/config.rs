@@ -14,27 +14,16 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: invalid TOML: {message}")]
     Syntax { path: String, message: String },
     #[error("{origin}: key `{key}`: {reason}")]
-    Key {
-        origin: String,
-        key: String,
-        reason: String,
-    },
+    Key { origin: String, key: String, reason: String },
 }
 
 impl ConfigError {
     fn key(origin: &str, key: &str, reason: impl Into<String>) -> Self {
-        ConfigError::Key {
-            origin: origin.to_string(),
-            key: key.to_string(),
-            reason: reason.into(),
-        }
+        ConfigError::Key { origin: origin.to_string(), key: key.to_string(), reason: reason.into() }
     }
 }
 
@@ -234,16 +223,12 @@ impl Config {
         let (origin, mut table) = match path {
             Some(p) => {
                 let origin = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: origin.clone(), source })?;
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
                     path: origin.clone(),
-                    source,
+                    message: e.to_string(),
                 })?;
-                let table: toml::Table =
-                    text.parse()
-                        .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                            path: origin.clone(),
-                            message: e.to_string(),
-                        })?;
                 (origin, table)
             }
             None => ("built-in defaults".to_string(), toml::Table::new()),
@@ -252,17 +237,12 @@ impl Config {
 
         let overrides: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| {
-                k.starts_with("KILN_")
-                    && !NOT_KEYS.contains(&k.as_str())
-                    && !k.starts_with("KILN_TEST_")
-            })
+            .filter(|(k, _)| k.starts_with("KILN_") && !NOT_KEYS.contains(&k.as_str()) && !k.starts_with("KILN_TEST_"))
             .collect();
         for (var, value) in overrides {
             apply_override(&mut table, &var, &value)?;
         }
-        let config =
-            deserialize(&table).map_err(|(key, reason)| ConfigError::key(&origin, &key, reason))?;
+        let config = deserialize(&table).map_err(|(key, reason)| ConfigError::key(&origin, &key, reason))?;
         config.validate(&origin)?;
         Ok(config)
     }
@@ -271,59 +251,32 @@ impl Config {
         if let Some(u) = &self.base_url
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
-            return Err(ConfigError::key(
-                origin,
-                "base_url",
-                format!("{u:?} is not an http:// or https:// URL"),
-            ));
+            return Err(ConfigError::key(origin, "base_url", format!("{u:?} is not an http:// or https:// URL")));
         }
         if let Some(u) = &self.database_url
-            && !["sqlite:", "postgres://", "postgresql://"]
-                .iter()
-                .any(|p| u.starts_with(p))
+            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| u.starts_with(p))
         {
-            return Err(ConfigError::key(
-                origin,
-                "database_url",
-                "must start with sqlite:// or postgres://",
-            ));
+            return Err(ConfigError::key(origin, "database_url", "must start with sqlite:// or postgres://"));
         }
         if self.eval.workers == 0 {
-            return Err(ConfigError::key(
-                origin,
-                "eval.workers",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::key(origin, "eval.workers", "must be at least 1"));
         }
         if self.eval.max_concurrent == 0 {
-            return Err(ConfigError::key(
-                origin,
-                "eval.max_concurrent",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::key(origin, "eval.max_concurrent", "must be at least 1"));
         }
         if !(1..=19).contains(&self.cache.zstd_level) {
-            return Err(ConfigError::key(
-                origin,
-                "cache.zstd_level",
-                "must be between 1 and 19",
-            ));
+            return Err(ConfigError::key(origin, "cache.zstd_level", "must be between 1 and 19"));
         }
         if self.cache.key_name.is_empty() || self.cache.key_name.contains(':') {
-            return Err(ConfigError::key(
-                origin,
-                "cache.key_name",
-                "must be non-empty and contain no ':'",
-            ));
+            return Err(ConfigError::key(origin, "cache.key_name", "must be non-empty and contain no ':'"));
         }
         for f in &self.api_token_files {
             read_secret(f).map_err(|reason| ConfigError::key(origin, "api_token_files", reason))?;
         }
         if let Some(gh) = &self.github {
-            for (key, f) in [
-                ("github.token_file", &gh.token_file),
-                ("github.webhook_secret_file", &gh.webhook_secret_file),
-            ] {
+            for (key, f) in
+                [("github.token_file", &gh.token_file), ("github.webhook_secret_file", &gh.webhook_secret_file)]
+            {
                 if let Some(f) = f {
                     read_secret(f).map_err(|reason| ConfigError::key(origin, key, reason))?;
                 }
@@ -339,42 +292,27 @@ impl Config {
                 ));
             }
             if !seen.insert(&p.name) {
-                return Err(ConfigError::key(
-                    origin,
-                    "projects.name",
-                    format!("{:?} is declared twice", p.name),
-                ));
+                return Err(ConfigError::key(origin, "projects.name", format!("{:?} is declared twice", p.name)));
             }
         }
         Ok(())
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.state_dir.join("kiln.db").display()))
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.state_dir.join("kiln.db").display()))
     }
 
     pub fn base_url(&self) -> String {
-        self.base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
-            .trim_end_matches('/')
-            .to_string()
+        self.base_url.clone().unwrap_or_else(|| format!("http://{}", self.listen)).trim_end_matches('/').to_string()
     }
 
     /// The machines file in use, if any.
     pub fn machines_file(&self) -> Option<PathBuf> {
-        self.machines_file
-            .clone()
-            .or_else(|| Some(PathBuf::from("/etc/nix/machines")).filter(|p| p.exists()))
+        self.machines_file.clone().or_else(|| Some(PathBuf::from("/etc/nix/machines")).filter(|p| p.exists()))
     }
 
     pub fn cache_secret_key_file(&self) -> PathBuf {
-        self.cache
-            .secret_key_file
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("keys").join("cache.sec"))
+        self.cache.secret_key_file.clone().unwrap_or_else(|| self.state_dir.join("keys").join("cache.sec"))
     }
 
     /// The API tokens named by `api_token_files`, as (file name, token).
@@ -382,8 +320,7 @@ impl Config {
         self.api_token_files
             .iter()
             .map(|f| {
-                let t =
-                    read_secret(f).map_err(|r| ConfigError::key("config", "api_token_files", r))?;
+                let t = read_secret(f).map_err(|r| ConfigError::key("config", "api_token_files", r))?;
                 Ok((f.display().to_string(), t))
             })
             .collect()
@@ -394,16 +331,14 @@ impl Config {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 100
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !s.starts_with('.')
 }
 
 /// Reads a secret file: its first line, trimmed, which must not be empty.
 /// The error names the file but never its contents.
 pub fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
     let s = text.lines().next().unwrap_or("").trim().to_string();
     if s.is_empty() {
         return Err(format!("secret file {} is empty", path.display()));
@@ -415,11 +350,7 @@ fn deserialize(table: &toml::Table) -> Result<Config, (String, String)> {
     let value = toml::Value::Table(table.clone());
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." {
-            "(top level)".to_string()
-        } else {
-            path
-        };
+        let key = if path == "." { "(top level)".to_string() } else { path };
         (key, e.into_inner().to_string())
     })
 }
@@ -445,29 +376,18 @@ fn apply_override(table: &mut toml::Table, var: &str, value: &str) -> Result<(),
     }
     candidates.push(toml::Value::String(value.to_string()));
     candidates.push(toml::Value::Array(
-        value
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| toml::Value::String(s.into()))
-            .collect(),
+        value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
     ));
     let mut last_err = String::new();
     for cand in candidates {
         let mut t = table.clone();
         let target = match section {
             Some(s) => {
-                let entry = t
-                    .entry(s.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let entry = t.entry(s.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 match entry {
                     toml::Value::Table(inner) => inner,
                     _ => {
-                        return Err(ConfigError::key(
-                            var,
-                            &full_key,
-                            format!("`{s}` is not a table"),
-                        ));
+                        return Err(ConfigError::key(var, &full_key, format!("`{s}` is not a table")));
                     }
                 }
             }
@@ -493,10 +413,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kiln.toml");
         std::fs::write(&p, text).unwrap();
-        Config::load_from(
-            Some(&p),
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        Config::load_from(Some(&p), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
@@ -505,10 +422,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:3000");
         assert_eq!(c.base_url(), "http://127.0.0.1:3000");
         assert_eq!(c.database_url(), "sqlite://./kiln-state/kiln.db");
-        assert_eq!(
-            c.cache_secret_key_file(),
-            PathBuf::from("./kiln-state/keys/cache.sec")
-        );
+        assert_eq!(c.cache_secret_key_file(), PathBuf::from("./kiln-state/keys/cache.sec"));
         assert_eq!(c.eval.workers, 2);
         assert_eq!(c.cache.compression, Compression::Zstd);
     }
@@ -546,22 +460,8 @@ mod tests {
         let (a, b) = (d.path().join("a"), d.path().join("b"));
         std::fs::write(&a, "tok-a\n").unwrap();
         std::fs::write(&b, "tok-b").unwrap();
-        let c = load(
-            "",
-            &[(
-                "KILN_API_TOKEN_FILES",
-                &format!("{},{}", a.display(), b.display()),
-            )],
-        )
-        .unwrap();
-        assert_eq!(
-            c.api_tokens()
-                .unwrap()
-                .iter()
-                .map(|(_, t)| t.as_str())
-                .collect::<Vec<_>>(),
-            ["tok-a", "tok-b"]
-        );
+        let c = load("", &[("KILN_API_TOKEN_FILES", &format!("{},{}", a.display(), b.display()))]).unwrap();
+        assert_eq!(c.api_tokens().unwrap().iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["tok-a", "tok-b"]);
     }
 
     fn err(text: &str, env: &[(&str, &str)]) -> String {
@@ -575,29 +475,17 @@ mod tests {
         let e = err("[eval]\nworkerz = 3\n", &[]);
         assert!(e.contains("workerz"), "{e}");
         let e = err("[eval]\nworkers = \"many\"\n", &[]);
-        assert!(
-            e.contains("eval.workers") && e.contains("invalid type"),
-            "{e}"
-        );
+        assert!(e.contains("eval.workers") && e.contains("invalid type"), "{e}");
         let e = err("[eval]\nworkers = 0\n", &[]);
-        assert!(
-            e.contains("eval.workers") && e.contains("at least 1"),
-            "{e}"
-        );
+        assert!(e.contains("eval.workers") && e.contains("at least 1"), "{e}");
         let e = err("listen = [", &[]);
         assert!(e.contains("invalid TOML"), "{e}");
         let e = err("[cache]\ncompression = \"gzip\"\n", &[]);
         assert!(e.contains("cache.compression") && e.contains("gzip"), "{e}");
         let e = err("", &[("KILN_EVAL_WROKERS", "3")]);
-        assert!(
-            e.contains("KILN_EVAL_WROKERS") && e.contains("wrokers"),
-            "{e}"
-        );
+        assert!(e.contains("KILN_EVAL_WROKERS") && e.contains("wrokers"), "{e}");
         let e = err("", &[("KILN_EVAL_WORKERS", "lots")]);
-        assert!(
-            e.contains("KILN_EVAL_WORKERS") && e.contains("eval.workers"),
-            "{e}"
-        );
+        assert!(e.contains("KILN_EVAL_WORKERS") && e.contains("eval.workers"), "{e}");
         let e = err("database_url = \"mysql://x\"\n", &[]);
         assert!(e.contains("database_url"), "{e}");
         let e = err("[[projects]]\nname = \"a b\"\nrepo = \"/x\"\n", &[]);
@@ -607,10 +495,7 @@ mod tests {
     #[test]
     fn secrets_are_files_that_must_exist() {
         let e = err("api_token_files = [\"/nonexistent/token\"]\n", &[]);
-        assert!(
-            e.contains("api_token_files") && e.contains("/nonexistent/token"),
-            "{e}"
-        );
+        assert!(e.contains("api_token_files") && e.contains("/nonexistent/token"), "{e}");
         let e = err("[github]\ntoken_file = \"/nonexistent/gh\"\n", &[]);
         assert!(e.contains("github.token_file"), "{e}");
         // An inline secret is not a key at all.
@@ -627,10 +512,7 @@ mod tests {
         deserialize(&table).unwrap();
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for (k, v) in &defaults {
-            assert!(
-                text.contains(&format!("{k} =")) || text.contains(&format!("[{k}]")),
-                "{k} undocumented"
-            );
+            assert!(text.contains(&format!("{k} =")) || text.contains(&format!("[{k}]")), "{k} undocumented");
             if let toml::Value::Table(t) = v {
                 for k2 in t.keys() {
                     assert!(text.contains(&format!("{k2} =")), "{k}.{k2} undocumented");

@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use kiln::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "A continuous-integration build coordinator for Nix flakes"
-)]
+#[command(name = "kiln", version, about = "A continuous-integration build coordinator for Nix flakes")]
 struct Cli {
     /// Configuration file (default: $KILN_CONFIG, else ./kiln.toml, else built-in defaults).
     #[arg(long, global = true, value_name = "FILE")]
@@ -107,8 +103,10 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -122,28 +120,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Cache {
-            command:
-                CacheCommand::Keygen {
-                    name,
-                    secret,
-                    public,
-                },
-        } => {
-            let key =
-                kiln::nix::SigningKey::generate(&name).map_err(|e| Failure::Usage(e.into()))?;
-            key.write_files(&secret, &public)
-                .map_err(|e| Failure::Failed(e.into()))?;
+        Command::Cache { command: CacheCommand::Keygen { name, secret, public } } => {
+            let key = kiln::nix::SigningKey::generate(&name).map_err(|e| Failure::Usage(e.into()))?;
+            key.write_files(&secret, &public).map_err(|e| Failure::Failed(e.into()))?;
             println!("{}", key.public());
             Ok(())
         }
-        Command::Eval {
-            json,
-            workers,
-            max_memory,
-            systems,
-            installable,
-        } => {
+        Command::Eval { json, workers, max_memory, systems, installable } => {
             let config = Config::load(cli.config.as_deref())?;
             init_logging(config.log_format);
             let req = EvalArgs {
@@ -154,21 +137,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 systems,
             };
             if req.workers == 0 {
-                return Err(Failure::Usage(anyhow::anyhow!(
-                    "--workers must be at least 1"
-                )));
+                return Err(Failure::Usage(anyhow::anyhow!("--workers must be at least 1")));
             }
             runtime()?.block_on(eval_command(req, json))
         }
-        Command::Db {
-            command: DbCommand::Migrate,
-        } => {
+        Command::Db { command: DbCommand::Migrate } => {
             let config = Config::load(cli.config.as_deref())?;
             init_logging(config.log_format);
             runtime()?.block_on(async {
-                let db = kiln::serve::open_db(&config)
-                    .await
-                    .map_err(|e| Failure::Failed(e.into()))?;
+                let db = kiln::serve::open_db(&config).await.map_err(|e| Failure::Failed(e.into()))?;
                 db.close().await;
                 Ok(())
             })
@@ -176,12 +153,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref())?;
             init_logging(config.log_format);
-            runtime()?
-                .block_on(kiln::serve::run(config))
-                .map_err(|e| match e {
-                    kiln::serve::ServeError::Config(c) => Failure::Usage(c.into()),
-                    e => Failure::Failed(e.into()),
-                })
+            runtime()?.block_on(kiln::serve::run(config)).map_err(|e| match e {
+                kiln::serve::ServeError::Config(c) => Failure::Usage(c.into()),
+                e => Failure::Failed(e.into()),
+            })
         }
     }
 }
@@ -202,15 +177,10 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
         None => (args.installable.clone(), None),
     };
     let start = std::time::Instant::now();
-    let locked = eval::lock(&reference)
-        .await
-        .map_err(|e| Failure::Failed(e.into()))?;
+    let locked = eval::lock(&reference).await.map_err(|e| Failure::Failed(e.into()))?;
     let attr = match attr.filter(|a| !a.is_empty()) {
         Some(a) => a,
-        None => eval::default_root(&locked.url)
-            .await
-            .map_err(|e| Failure::Failed(e.into()))?
-            .to_string(),
+        None => eval::default_root(&locked.url).await.map_err(|e| Failure::Failed(e.into()))?.to_string(),
     };
     let req = eval::EvalRequest {
         flake_ref: locked.url,
@@ -228,11 +198,9 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
                 serde_json::to_string(&job).expect("jobs serialise")
             } else {
                 match (&job.error, &job.drv_path) {
-                    (Some(e), _) => format!(
-                        "{}\terror: {}",
-                        job.attr,
-                        e.lines().next().unwrap_or("").trim_start_matches("error: ")
-                    ),
+                    (Some(e), _) => {
+                        format!("{}\terror: {}", job.attr, e.lines().next().unwrap_or("").trim_start_matches("error: "))
+                    }
                     (None, Some(d)) => format!("{}\t{d}", job.attr),
                     (None, None) => job.attr.clone(),
                 }
@@ -254,10 +222,7 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
         stats.processes
     );
     if stats.errors > 0 {
-        return Err(Failure::Failed(anyhow::anyhow!(
-            "{} jobs failed to evaluate",
-            stats.errors
-        )));
+        return Err(Failure::Failed(anyhow::anyhow!("{} jobs failed to evaluate", stats.errors)));
     }
     Ok(())
 }

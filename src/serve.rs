@@ -10,15 +10,13 @@ use tracing::info;
 
 use crate::config::{Config, ConfigError};
 use crate::db::{self, Db, DbError};
+use crate::trigger::Evaluator;
 use crate::web::{self, AppState};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error("cannot create state directory {path}: {source}")]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
+    StateDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -26,20 +24,15 @@ pub enum ServeError {
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Opens the database named by the configuration and applies migrations.
 pub async fn open_db(config: &Config) -> Result<Db, ServeError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
-        path: config.state_dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|source| ServeError::StateDir { path: config.state_dir.display().to_string(), source })?;
     let db = Db::connect(&config.database_url()).await?;
     let applied = db.migrate().await?;
     if applied > 0 {
@@ -65,23 +58,33 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     }
     info!(public_key = %key.public(), "cache signing key");
 
-    let state = AppState {
-        db: db.clone(),
-        config: Arc::new(config.clone()),
-        public_key: key.public(),
+    let config = Arc::new(config);
+    let evaluator = Evaluator::new(db.clone(), config.clone());
+    evaluator.sync_config_projects().await?;
+
+    // One stop signal for every part: the HTTP server drains, the
+    // evaluator stops starting evaluations.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
+    let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
+
+    let state = AppState { db: db.clone(), config: config.clone(), public_key: key.public(), evaluator };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen.to_string(),
-            source,
-        })?;
+        .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
     let addr = listener.local_addr()?;
     info!("listening on http://{addr}");
-    axum::serve(listener, web::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    info!("shutting down");
+    let server = axum::serve(listener, web::router(state)).with_graceful_shutdown(stopped(stop_rx));
+    let signal = async {
+        shutdown_signal().await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    };
+    let (served, _) = tokio::join!(server.into_future(), signal);
+    served?;
+    let _ = eval_task.await;
     db.close().await;
     Ok(())
 }

@@ -39,15 +39,8 @@ fn keygen_writes_nix_format_private_and_never_overwrites() {
         .arg(&pk)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::metadata(&sk).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&sk).unwrap().permissions().mode() & 0o777, 0o600);
     let secret = std::fs::read_to_string(&sk).unwrap();
     let public = std::fs::read_to_string(&pk).unwrap();
     assert!(secret.starts_with("ci.example.org-1:") && public.starts_with("ci.example.org-1:"));
@@ -57,24 +50,12 @@ fn keygen_writes_nix_format_private_and_never_overwrites() {
     // A real Nix signs with the key Kiln made, and checks with its public half.
     let (top, _) = {
         let e = d.path().join("e.nix");
-        std::fs::write(
-            &e,
-            drv_expr("keygen-check", &format!("echo {} > $out", unique("k"))),
-        )
-        .unwrap();
+        std::fs::write(&e, drv_expr("keygen-check", &format!("echo {} > $out", unique("k")))).unwrap();
         let drv = nix("nix-instantiate", &[e.to_str().unwrap()]);
         (nix("nix-store", &["-r", drv.trim()]).trim().to_string(), ())
     };
     let cache = d.path().join("c");
-    nix(
-        "nix",
-        &[
-            "copy",
-            "--to",
-            &format!("file://{}?secret-key={}", cache.display(), sk.display()),
-            &top,
-        ],
-    );
+    nix("nix", &["copy", "--to", &format!("file://{}?secret-key={}", cache.display(), sk.display()), &top]);
     let verify = nix_cmd("nix")
         .args([
             "store",
@@ -89,11 +70,7 @@ fn keygen_writes_nix_format_private_and_never_overwrites() {
         ])
         .output()
         .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 
     let again = kiln_cmd()
         .args(["cache", "keygen", "other", "--secret"])
@@ -108,17 +85,9 @@ fn keygen_writes_nix_format_private_and_never_overwrites() {
 }
 
 fn get(url: &str) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let r = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap();
+        let r = reqwest::Client::new().get(url).timeout(Duration::from_secs(10)).send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     })
 }
@@ -136,55 +105,28 @@ fn serve_on_defaults_answers_healthz_and_stops_cleanly_on_sigterm() {
     let (code, home) = get(&format!("{}/", kiln.url));
     assert_eq!(code, 200);
     let state = kiln.dir.path().join("kiln-state");
-    assert!(
-        state.join("kiln.db").exists(),
-        "SQLite database in the state directory"
-    );
+    assert!(state.join("kiln.db").exists(), "SQLite database in the state directory");
     let sec = state.join("keys/cache.sec");
-    assert_eq!(
-        std::fs::metadata(&sec).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&sec).unwrap().permissions().mode() & 0o777, 0o600);
     let public = std::fs::read_to_string(state.join("keys/cache.pub")).unwrap();
     assert!(public.starts_with("kiln-1:"));
-    assert!(
-        home.contains(&public),
-        "the home page shows the cache's public key"
-    );
-    assert!(
-        !kiln.log().contains(
-            std::fs::read_to_string(&sec)
-                .unwrap()
-                .split(':')
-                .nth(1)
-                .unwrap()
-        )
-    );
+    assert!(home.contains(&public), "the home page shows the cache's public key");
+    assert!(!kiln.log().contains(std::fs::read_to_string(&sec).unwrap().split(':').nth(1).unwrap()));
 
     let status = kiln.terminate();
-    assert!(
-        status.success(),
-        "exit after SIGTERM: {status}\n{}",
-        kiln.log()
-    );
+    assert!(status.success(), "exit after SIGTERM: {status}\n{}", kiln.log());
     assert!(kiln.log().contains("shutting down"));
 
     // Started again, it keeps its key and database.
     let dir = std::mem::replace(&mut kiln.dir, tempfile::tempdir().unwrap());
     let mut again = Kiln::start_in(dir, &[]);
-    assert_eq!(
-        std::fs::read_to_string(again.dir.path().join("kiln-state/keys/cache.pub")).unwrap(),
-        public
-    );
+    assert_eq!(std::fs::read_to_string(again.dir.path().join("kiln-state/keys/cache.pub")).unwrap(), public);
     assert!(again.terminate().success());
 }
 
 #[test]
 fn serve_on_postgres_via_environment() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let pg = rt.block_on(PgDatabase::create());
     let mut kiln = Kiln::start("", &[("KILN_DATABASE_URL", &pg.url)]);
     let (code, body) = get(&format!("{}/healthz", kiln.url));
@@ -198,27 +140,15 @@ fn serve_on_postgres_via_environment() {
         .current_dir(kiln.dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop(kiln);
 }
 
 #[test]
 fn db_migrate_creates_the_sqlite_database() {
     let d = tempfile::tempdir().unwrap();
-    let out = kiln_cmd()
-        .args(["db", "migrate"])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = kiln_cmd().args(["db", "migrate"]).current_dir(d.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(d.path().join("kiln-state/kiln.db").exists());
     assert!(String::from_utf8_lossy(&out.stderr).contains("migrations applied"));
 }
@@ -232,48 +162,25 @@ fn config_error(config: &str, env: &[(&str, &str)]) -> String {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "bad config exits 2: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(2), "bad config exits 2: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn malformed_config_exits_2_naming_file_key_and_reason() {
     let e = config_error("listen = \"127.0.0.1:0\"\nlisten_addr = 1\n", &[]);
-    assert!(
-        e.contains("kiln.toml") && e.contains("listen_addr") && e.contains("unknown field"),
-        "{e}"
-    );
+    assert!(e.contains("kiln.toml") && e.contains("listen_addr") && e.contains("unknown field"), "{e}");
     let e = config_error("[eval]\nworkers = \"two\"\n", &[]);
-    assert!(
-        e.contains("eval.workers") && e.contains("invalid type"),
-        "{e}"
-    );
+    assert!(e.contains("eval.workers") && e.contains("invalid type"), "{e}");
     let e = config_error("listen = \n", &[]);
     assert!(e.contains("kiln.toml") && e.contains("invalid TOML"), "{e}");
     let e = config_error("api_token_files = [\"/nonexistent/kiln-token\"]\n", &[]);
-    assert!(
-        e.contains("api_token_files") && e.contains("/nonexistent/kiln-token"),
-        "{e}"
-    );
+    assert!(e.contains("api_token_files") && e.contains("/nonexistent/kiln-token"), "{e}");
     let e = config_error("", &[("KILN_EVAL_WORKERS", "-1")]);
-    assert!(
-        e.contains("KILN_EVAL_WORKERS") && e.contains("eval.workers"),
-        "{e}"
-    );
+    assert!(e.contains("KILN_EVAL_WORKERS") && e.contains("eval.workers"), "{e}");
     let e = config_error("", &[("KILN_NO_SUCH_KEY", "1")]);
-    assert!(
-        e.contains("KILN_NO_SUCH_KEY") && e.contains("no_such_key"),
-        "{e}"
-    );
-    let out = kiln_cmd()
-        .args(["serve", "--config", "/nonexistent/kiln.toml"])
-        .output()
-        .unwrap();
+    assert!(e.contains("KILN_NO_SUCH_KEY") && e.contains("no_such_key"), "{e}");
+    let out = kiln_cmd().args(["serve", "--config", "/nonexistent/kiln.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/kiln.toml"));
 }
@@ -283,15 +190,8 @@ fn a_port_in_use_is_a_clear_error() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let d = tempfile::tempdir().unwrap();
-    let out = kiln_cmd()
-        .arg("serve")
-        .env("KILN_LISTEN", format!("127.0.0.1:{port}"))
-        .current_dir(d.path())
-        .output()
-        .unwrap();
+    let out =
+        kiln_cmd().arg("serve").env("KILN_LISTEN", format!("127.0.0.1:{port}")).current_dir(d.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains(&format!("cannot listen on 127.0.0.1:{port}"))
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on 127.0.0.1:{port}")));
 }

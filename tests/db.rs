@@ -25,12 +25,8 @@ fn project(name: &str) -> ProjectSpec {
 
 async fn jobset(db: &Db, project_name: &str, jobset: &str) -> (i64, i64) {
     let mut c = db.conn().await.unwrap();
-    let p = projects::upsert(c.ex(), &project(project_name))
-        .await
-        .unwrap();
-    let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new(jobset))
-        .await
-        .unwrap();
+    let p = projects::upsert(c.ex(), &project(project_name)).await.unwrap();
+    let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new(jobset)).await.unwrap();
     (p.id, j.id)
 }
 
@@ -44,10 +40,7 @@ fn new_build(jobset_id: i64, job: &str, drv: &str) -> NewBuild {
         timeout: 36000,
         max_silent: 7200,
         priority: 100,
-        outputs: vec![
-            ("out".into(), format!("{drv}-out")),
-            ("dev".into(), format!("{drv}-dev")),
-        ],
+        outputs: vec![("out".into(), format!("{drv}-out")), ("dev".into(), format!("{drv}-dev"))],
         ..Default::default()
     }
 }
@@ -74,10 +67,7 @@ async fn fresh_database_gets_every_migration() {
         db.close().await;
     }
     assert!(d.path().join("sub/dir/kiln.db").exists());
-    assert!(matches!(
-        Db::connect("mysql://x").await,
-        Err(DbError::BadUrl(_))
-    ));
+    assert!(matches!(Db::connect("mysql://x").await, Err(DbError::BadUrl(_))));
 }
 
 #[tokio::test]
@@ -91,22 +81,11 @@ async fn projects_upsert_list_delete() {
         changed.description = "changed".into();
         changed.hidden = true;
         let a2 = projects::upsert(c.ex(), &changed).await.unwrap();
-        assert_eq!(
-            (a2.id, a2.description.as_str(), a2.hidden),
-            (a.id, "changed", true)
-        );
+        assert_eq!((a2.id, a2.description.as_str(), a2.hidden), (a.id, "changed", true));
         projects::upsert(c.ex(), &project("beta")).await.unwrap();
-        let names: Vec<_> = projects::list(c.ex())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
+        let names: Vec<_> = projects::list(c.ex()).await.unwrap().into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["alpha", "beta"]);
-        assert_eq!(
-            projects::get(c.ex(), "beta").await.unwrap().unwrap().repo,
-            "file:///srv/beta"
-        );
+        assert_eq!(projects::get(c.ex(), "beta").await.unwrap().unwrap().repo, "file:///srv/beta");
         assert!(projects::get(c.ex(), "gamma").await.unwrap().is_none());
         assert!(projects::delete(c.ex(), "beta").await.unwrap());
         assert!(!projects::delete(c.ex(), "beta").await.unwrap());
@@ -126,26 +105,13 @@ async fn jobsets_triggers_coalesce_and_due_respects_interval() {
         let prs = jobsets::upsert(c.ex(), pid, &spec).await.unwrap();
         assert_eq!(prs.attribute_list(), ["checks", "packages"]);
         assert_eq!(prs.system_list(), ["x86_64-linux"]);
-        assert_eq!(
-            jobsets::list_for_project(c.ex(), pid).await.unwrap().len(),
-            2
-        );
-        assert_eq!(
-            jobsets::get(c.ex(), "p", "main").await.unwrap().unwrap().id,
-            jid
-        );
+        assert_eq!(jobsets::list_for_project(c.ex(), pid).await.unwrap().len(), 2);
+        assert_eq!(jobsets::get(c.ex(), "p", "main").await.unwrap().unwrap().id, jid);
 
         // Never checked: main is due; prs has no interval and is not.
-        let due: Vec<_> = jobsets::due(c.ex(), now())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.name)
-            .collect();
+        let due: Vec<_> = jobsets::due(c.ex(), now()).await.unwrap().into_iter().map(|j| j.name).collect();
         assert_eq!(due, ["main"]);
-        jobsets::mark_checked(c.ex(), jid, Some("fetch failed"))
-            .await
-            .unwrap();
+        jobsets::mark_checked(c.ex(), jid, Some("fetch failed")).await.unwrap();
         let main = jobsets::get_by_id(c.ex(), jid).await.unwrap().unwrap();
         assert_eq!(main.error.as_deref(), Some("fetch failed"));
         assert!(main.error_at.is_some());
@@ -154,11 +120,7 @@ async fn jobsets_triggers_coalesce_and_due_respects_interval() {
 
         // Two triggers collapse into one request; force sticks.
         jobsets::trigger(c.ex(), prs.id, false).await.unwrap();
-        let first = jobsets::get_by_id(c.ex(), prs.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .trigger_at;
+        let first = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap().trigger_at;
         jobsets::trigger(c.ex(), prs.id, true).await.unwrap();
         let prs2 = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap();
         assert_eq!(prs2.trigger_at, first);
@@ -191,21 +153,10 @@ async fn evaluations_members_and_builds() {
         .await
         .unwrap();
         assert_eq!(ev.status, "running");
-        let b = builds::create(
-            tx.ex(),
-            &new_build(jid, "hello", "/nix/store/aaa-hello.drv"),
-        )
-        .await
-        .unwrap();
+        let b = builds::create(tx.ex(), &new_build(jid, "hello", "/nix/store/aaa-hello.drv")).await.unwrap();
         evaluations::add_member(
             tx.ex(),
-            &Member {
-                eval_id: ev.id,
-                job: "hello".into(),
-                build_id: Some(b.id),
-                is_new: true,
-                error: None,
-            },
+            &Member { eval_id: ev.id, job: "hello".into(), build_id: Some(b.id), is_new: true, error: None },
         )
         .await
         .unwrap();
@@ -225,13 +176,7 @@ async fn evaluations_members_and_builds() {
             tx.ex(),
             ev.id,
             1234,
-            &Outcome {
-                lock_hash: Some("sha256-x"),
-                jobs: 2,
-                error_jobs: 1,
-                new_builds: 1,
-                ..Default::default()
-            },
+            &Outcome { lock_hash: Some("sha256-x"), jobs: 2, error_jobs: 1, new_builds: 1, ..Default::default() },
         )
         .await
         .unwrap();
@@ -239,54 +184,24 @@ async fn evaluations_members_and_builds() {
 
         let mut c = db.conn().await.unwrap();
         let ev2 = evaluations::get(c.ex(), ev.id).await.unwrap().unwrap();
-        assert_eq!(
-            (
-                ev2.status.as_str(),
-                ev2.jobs,
-                ev2.error_jobs,
-                ev2.duration_ms
-            ),
-            ("succeeded", 2, 1, Some(1234))
-        );
+        assert_eq!((ev2.status.as_str(), ev2.jobs, ev2.error_jobs, ev2.duration_ms), ("succeeded", 2, 1, Some(1234)));
         let members = evaluations::members(c.ex(), ev.id).await.unwrap();
-        assert_eq!(
-            members.iter().map(|m| m.job.as_str()).collect::<Vec<_>>(),
-            ["broken", "hello"]
-        );
+        assert_eq!(members.iter().map(|m| m.job.as_str()).collect::<Vec<_>>(), ["broken", "hello"]);
         assert_eq!(members[0].error.as_deref(), Some("error: boom"));
         assert_eq!(evaluations::latest(c.ex(), jid, 10).await.unwrap().len(), 1);
 
         // The same job and derivation is found for reuse by the next evaluation.
-        let found = builds::find_in_jobset(c.ex(), jid, "hello", "/nix/store/aaa-hello.drv")
-            .await
-            .unwrap()
-            .unwrap();
+        let found = builds::find_in_jobset(c.ex(), jid, "hello", "/nix/store/aaa-hello.drv").await.unwrap().unwrap();
         assert_eq!(found.id, b.id);
-        assert!(
-            builds::find_in_jobset(c.ex(), jid, "hello", "/nix/store/bbb-hello.drv")
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(builds::find_in_jobset(c.ex(), jid, "hello", "/nix/store/bbb-hello.drv").await.unwrap().is_none());
         let outs = builds::outputs(c.ex(), b.id).await.unwrap();
-        assert_eq!(
-            outs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
-            ["dev", "out"]
-        );
+        assert_eq!(outs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["dev", "out"]);
 
         // A build finishes exactly once.
         assert_eq!(builds::unfinished(c.ex()).await.unwrap().len(), 1);
         builds::set_started(c.ex(), b.id).await.unwrap();
-        assert!(
-            builds::finish(c.ex(), b.id, BuildStatus::Succeeded, false, None, None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            !builds::finish(c.ex(), b.id, BuildStatus::Failed, false, None, Some("late"))
-                .await
-                .unwrap()
-        );
+        assert!(builds::finish(c.ex(), b.id, BuildStatus::Succeeded, false, None, None).await.unwrap());
+        assert!(!builds::finish(c.ex(), b.id, BuildStatus::Failed, false, None, Some("late")).await.unwrap());
         let done = builds::get(c.ex(), b.id).await.unwrap().unwrap();
         assert!(done.finished);
         assert_eq!(done.status(), Some(BuildStatus::Succeeded));
@@ -294,21 +209,13 @@ async fn evaluations_members_and_builds() {
         assert!(builds::unfinished(c.ex()).await.unwrap().is_empty());
 
         // Aggregates.
-        let agg = builds::create(
-            c.ex(),
-            &NewBuild {
-                is_aggregate: true,
-                ..new_build(jid, "all", "/nix/store/ccc-all.drv")
-            },
-        )
-        .await
-        .unwrap();
+        let agg =
+            builds::create(c.ex(), &NewBuild { is_aggregate: true, ..new_build(jid, "all", "/nix/store/ccc-all.drv") })
+                .await
+                .unwrap();
         builds::add_constituent(c.ex(), agg.id, b.id).await.unwrap();
         builds::add_constituent(c.ex(), agg.id, b.id).await.unwrap();
-        assert_eq!(
-            builds::constituents(c.ex(), agg.id).await.unwrap(),
-            vec![b.id]
-        );
+        assert_eq!(builds::constituents(c.ex(), agg.id).await.unwrap(), vec![b.id]);
     })
     .await;
 }
@@ -319,9 +226,7 @@ async fn a_rolled_back_transaction_leaves_nothing() {
         let (_, jid) = jobset(&db, "p", "main").await;
         {
             let mut tx = db.begin().await.unwrap();
-            builds::create(tx.ex(), &new_build(jid, "x", "/nix/store/x.drv"))
-                .await
-                .unwrap();
+            builds::create(tx.ex(), &new_build(jid, "x", "/nix/store/x.drv")).await.unwrap();
             // dropped without commit
         }
         let mut c = db.conn().await.unwrap();
@@ -335,9 +240,7 @@ async fn deleting_a_project_removes_its_jobsets_evaluations_and_builds() {
     each_backend(|db| async move {
         let (_, jid) = jobset(&db, "gone", "main").await;
         let mut c = db.conn().await.unwrap();
-        let b = builds::create(c.ex(), &new_build(jid, "x", "/nix/store/x.drv"))
-            .await
-            .unwrap();
+        let b = builds::create(c.ex(), &new_build(jid, "x", "/nix/store/x.drv")).await.unwrap();
         assert!(projects::delete(c.ex(), "gone").await.unwrap());
         assert!(jobsets::get_by_id(c.ex(), jid).await.unwrap().is_none());
         assert!(builds::get(c.ex(), b.id).await.unwrap().is_none());
@@ -353,15 +256,9 @@ async fn steps_are_shared_one_per_derivation_even_under_concurrency() {
             let db = db.clone();
             tasks.push(tokio::spawn(async move {
                 let mut tx = db.begin().await.unwrap();
-                let r = steps::get_or_create(
-                    tx.ex(),
-                    "/nix/store/shared.drv",
-                    "x86_64-linux",
-                    "",
-                    "waiting",
-                )
-                .await
-                .unwrap();
+                let r = steps::get_or_create(tx.ex(), "/nix/store/shared.drv", "x86_64-linux", "", "waiting")
+                    .await
+                    .unwrap();
                 tx.commit().await.unwrap();
                 r
             }));
@@ -377,53 +274,23 @@ async fn steps_are_shared_one_per_derivation_even_under_concurrency() {
         let shared = *ids.iter().next().unwrap();
 
         let mut c = db.conn().await.unwrap();
-        let (top, _) = steps::get_or_create(
-            c.ex(),
-            "/nix/store/top.drv",
-            "x86_64-linux",
-            "kvm",
-            "waiting",
-        )
-        .await
-        .unwrap();
+        let (top, _) =
+            steps::get_or_create(c.ex(), "/nix/store/top.drv", "x86_64-linux", "kvm", "waiting").await.unwrap();
         steps::add_dep(c.ex(), top.id, shared).await.unwrap();
         steps::add_dep(c.ex(), top.id, shared).await.unwrap();
         assert_eq!(steps::deps(c.ex(), top.id).await.unwrap(), vec![shared]);
-        assert_eq!(
-            steps::dependents(c.ex(), shared).await.unwrap(),
-            vec![top.id]
-        );
+        assert_eq!(steps::dependents(c.ex(), shared).await.unwrap(), vec![top.id]);
 
-        assert!(
-            steps::transition(c.ex(), shared, "waiting", "runnable")
-                .await
-                .unwrap()
-        );
-        assert!(
-            !steps::transition(c.ex(), shared, "waiting", "running")
-                .await
-                .unwrap()
-        );
-        steps::set_output(c.ex(), shared, "out", "/nix/store/shared-out")
-            .await
-            .unwrap();
+        assert!(steps::transition(c.ex(), shared, "waiting", "runnable").await.unwrap());
+        assert!(!steps::transition(c.ex(), shared, "waiting", "running").await.unwrap());
+        steps::set_output(c.ex(), shared, "out", "/nix/store/shared-out").await.unwrap();
         assert_eq!(
             steps::outputs(c.ex(), shared).await.unwrap(),
             vec![("out".to_string(), "/nix/store/shared-out".to_string())]
         );
         let counts = steps::count_by_state(c.ex()).await.unwrap();
-        assert_eq!(
-            counts,
-            vec![("runnable".to_string(), 1), ("waiting".to_string(), 1)]
-        );
-        assert_eq!(
-            steps::get(c.ex(), top.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .required_features,
-            "kvm"
-        );
+        assert_eq!(counts, vec![("runnable".to_string(), 1), ("waiting".to_string(), 1)]);
+        assert_eq!(steps::get(c.ex(), top.id).await.unwrap().unwrap().required_features, "kvm");
     })
     .await;
 }
@@ -432,27 +299,15 @@ async fn steps_are_shared_one_per_derivation_even_under_concurrency() {
 async fn machines_remember_failures_and_pauses() {
     each_backend(|db| async move {
         let mut c = db.conn().await.unwrap();
-        assert_eq!(
-            machines::record_failure(c.ex(), "ssh://b1", "eof", None)
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            machines::record_failure(c.ex(), "ssh://b1", "eof again", Some(now() + 60))
-                .await
-                .unwrap(),
-            2
-        );
+        assert_eq!(machines::record_failure(c.ex(), "ssh://b1", "eof", None).await.unwrap(), 1);
+        assert_eq!(machines::record_failure(c.ex(), "ssh://b1", "eof again", Some(now() + 60)).await.unwrap(), 2);
         let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
         assert_eq!(m.last_error.as_deref(), Some("eof again"));
         assert!(m.paused_until.is_some());
         machines::record_success(c.ex(), "ssh://b1").await.unwrap();
         let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
         assert_eq!((m.consecutive_failures, m.steps_done), (0, 1));
-        machines::set_enabled(c.ex(), "ssh://b1", false)
-            .await
-            .unwrap();
+        machines::set_enabled(c.ex(), "ssh://b1", false).await.unwrap();
         let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
         assert!(!m.enabled && m.paused_until.is_none());
         assert_eq!(machines::list(c.ex()).await.unwrap().len(), 1);
@@ -480,37 +335,13 @@ async fn cache_paths_first_insert_wins() {
             created_at: now(),
         };
         assert!(cache_paths::insert(c.ex(), &p).await.unwrap());
-        assert!(
-            !cache_paths::insert(
-                c.ex(),
-                &cache_paths::CachePath {
-                    nar_size: 999,
-                    ..p.clone()
-                }
-            )
-            .await
-            .unwrap()
-        );
-        assert_eq!(
-            cache_paths::get(c.ex(), &p.hash_part)
-                .await
-                .unwrap()
-                .unwrap(),
-            p
-        );
+        assert!(!cache_paths::insert(c.ex(), &cache_paths::CachePath { nar_size: 999, ..p.clone() }).await.unwrap());
+        assert_eq!(cache_paths::get(c.ex(), &p.hash_part).await.unwrap().unwrap(), p);
         assert!(cache_paths::contains(c.ex(), &p.hash_part).await.unwrap());
-        assert!(
-            cache_paths::nar_file_in_use(c.ex(), "nar/09kx.nar.zst")
-                .await
-                .unwrap()
-        );
+        assert!(cache_paths::nar_file_in_use(c.ex(), "nar/09kx.nar.zst").await.unwrap());
         assert!(cache_paths::delete(c.ex(), &p.hash_part).await.unwrap());
         assert!(!cache_paths::contains(c.ex(), &p.hash_part).await.unwrap());
-        assert!(
-            !cache_paths::nar_file_in_use(c.ex(), "nar/09kx.nar.zst")
-                .await
-                .unwrap()
-        );
+        assert!(!cache_paths::nar_file_in_use(c.ex(), "nar/09kx.nar.zst").await.unwrap());
     })
     .await;
 }
@@ -519,56 +350,22 @@ async fn cache_paths_first_insert_wins() {
 async fn outbox_supersedes_and_retries() {
     each_backend(|db| async move {
         let mut c = db.conn().await.unwrap();
-        let first = outbox::enqueue(
-            c.ex(),
-            "github_status",
-            "o/r@abc",
-            "kiln/main",
-            r#"{"state":"pending"}"#,
-        )
-        .await
-        .unwrap();
-        let other = outbox::enqueue(
-            c.ex(),
-            "github_status",
-            "o/r@abc",
-            "kiln/main/hello",
-            r#"{"state":"pending"}"#,
-        )
-        .await
-        .unwrap();
-        let latest = outbox::enqueue(
-            c.ex(),
-            "github_status",
-            "o/r@abc",
-            "kiln/main",
-            r#"{"state":"success"}"#,
-        )
-        .await
-        .unwrap();
-        let due: Vec<_> = outbox::due(c.ex(), now(), 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(
-            due,
-            vec![other, latest],
-            "the superseded pending status {first} is not sent"
-        );
-        assert_eq!(outbox::backlog(c.ex()).await.unwrap(), 2);
-        outbox::mark_failed(c.ex(), other, "HTTP 502", now() + 60)
+        let first =
+            outbox::enqueue(c.ex(), "github_status", "o/r@abc", "kiln/main", r#"{"state":"pending"}"#).await.unwrap();
+        let other = outbox::enqueue(c.ex(), "github_status", "o/r@abc", "kiln/main/hello", r#"{"state":"pending"}"#)
             .await
             .unwrap();
+        let latest =
+            outbox::enqueue(c.ex(), "github_status", "o/r@abc", "kiln/main", r#"{"state":"success"}"#).await.unwrap();
+        let due: Vec<_> = outbox::due(c.ex(), now(), 10).await.unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(due, vec![other, latest], "the superseded pending status {first} is not sent");
+        assert_eq!(outbox::backlog(c.ex()).await.unwrap(), 2);
+        outbox::mark_failed(c.ex(), other, "HTTP 502", now() + 60).await.unwrap();
         outbox::mark_delivered(c.ex(), latest).await.unwrap();
         assert!(outbox::due(c.ex(), now(), 10).await.unwrap().is_empty());
         let later = outbox::due(c.ex(), now() + 61, 10).await.unwrap();
         assert_eq!(later.len(), 1);
-        assert_eq!(
-            (later[0].attempts, later[0].last_error.as_deref()),
-            (1, Some("HTTP 502"))
-        );
+        assert_eq!((later[0].attempts, later[0].last_error.as_deref()), (1, Some("HTTP 502")));
         assert_eq!(outbox::backlog(c.ex()).await.unwrap(), 1);
     })
     .await;
@@ -578,44 +375,18 @@ async fn outbox_supersedes_and_retries() {
 async fn api_tokens_are_stored_hashed_and_synced_from_files() {
     each_backend(|db| async move {
         let mut c = db.conn().await.unwrap();
-        api_tokens::sync_from_files(
-            c.ex(),
-            &[
-                ("a".into(), "secret-a".into()),
-                ("b".into(), "secret-b".into()),
-            ],
-        )
-        .await
-        .unwrap();
-        let t = api_tokens::check(c.ex(), "secret-a")
+        api_tokens::sync_from_files(c.ex(), &[("a".into(), "secret-a".into()), ("b".into(), "secret-b".into())])
             .await
-            .unwrap()
             .unwrap();
+        let t = api_tokens::check(c.ex(), "secret-a").await.unwrap().unwrap();
         assert_eq!(t.name, "a");
         assert_ne!(t.token_sha256, "secret-a");
         assert!(api_tokens::check(c.ex(), "nope").await.unwrap().is_none());
         // Removing a token file revokes it.
-        api_tokens::sync_from_files(c.ex(), &[("b".into(), "secret-b".into())])
-            .await
-            .unwrap();
-        assert!(
-            api_tokens::check(c.ex(), "secret-a")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let b = api_tokens::check(c.ex(), "secret-b")
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            api_tokens::check(c.ex(), "secret-b")
-                .await
-                .unwrap()
-                .unwrap()
-                .last_used_at
-                >= b.last_used_at
-        );
+        api_tokens::sync_from_files(c.ex(), &[("b".into(), "secret-b".into())]).await.unwrap();
+        assert!(api_tokens::check(c.ex(), "secret-a").await.unwrap().is_none());
+        let b = api_tokens::check(c.ex(), "secret-b").await.unwrap().unwrap();
+        assert!(api_tokens::check(c.ex(), "secret-b").await.unwrap().unwrap().last_used_at >= b.last_used_at);
     })
     .await;
 }

@@ -14,15 +14,9 @@ fn nix_builds_remotely_on_each_harness_builder() {
     for (i, b) in [&b1, &b2].into_iter().enumerate() {
         let d = tempfile::tempdir().unwrap();
         let marker = unique("remote");
-        std::fs::write(
-            d.path().join("e.nix"),
-            drv_expr(&format!("remote-{i}"), &format!("echo {marker} > $out")),
-        )
-        .unwrap();
-        let drv = nix(
-            "nix-instantiate",
-            &[d.path().join("e.nix").to_str().unwrap()],
-        );
+        std::fs::write(d.path().join("e.nix"), drv_expr(&format!("remote-{i}"), &format!("echo {marker} > $out")))
+            .unwrap();
+        let drv = nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]);
         let out = nix_cmd("nix-store")
             .args(["-r", drv.trim(), "-j0", "--builders", &b.machines_line])
             .env("NIX_SSHOPTS", sshd.nix_sshopts())
@@ -52,11 +46,7 @@ fn the_serve_protocol_handshake_answers_over_ssh() {
     let mut child = std::process::Command::new("ssh")
         .args(sshd.nix_sshopts().split_whitespace())
         .arg("root@127.0.0.1")
-        .arg(format!(
-            "{} --serve --write --store 'local?root={}'",
-            b.wrapper.display(),
-            b.root.display()
-        ))
+        .arg(format!("{} --serve --write --store 'local?root={}'", b.wrapper.display(), b.root.display()))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -77,24 +67,15 @@ fn the_serve_protocol_handshake_answers_over_ssh() {
 #[test]
 fn fixture_flakes_evaluate_with_real_nix() {
     let flake = Flake::new(
-        &format!(
-            "{{ outputs = {{ self }}: {{ hydraJobs.hello = {}; }}; }}",
-            drv_expr("hello", "echo hello > $out")
-        ),
+        &format!("{{ outputs = {{ self }}: {{ hydraJobs.hello = {}; }}; }}", drv_expr("hello", "echo hello > $out")),
         &[],
     );
     let drv = flake.eval_raw("hydraJobs.hello.drvPath");
-    assert!(
-        drv.starts_with("/nix/store/") && drv.ends_with("-hello.drv"),
-        "{drv}"
-    );
+    assert!(drv.starts_with("/nix/store/") && drv.ends_with("-hello.drv"), "{drv}");
     // A new commit is seen by the next evaluation.
     flake.write(
         "flake.nix",
-        &format!(
-            "{{ outputs = {{ self }}: {{ hydraJobs.hello = {}; }}; }}",
-            drv_expr("hello", "echo changed > $out")
-        ),
+        &format!("{{ outputs = {{ self }}: {{ hydraJobs.hello = {}; }}; }}", drv_expr("hello", "echo changed > $out")),
     );
     flake.commit("change");
     assert_ne!(flake.eval_raw("hydraJobs.hello.drvPath"), drv);

@@ -19,10 +19,7 @@ fn every_nix_file_parses() {
             }
         }
     }
-    assert!(
-        files.len() >= 3,
-        "flake.nix and the NixOS module: {files:?}"
-    );
+    assert!(files.len() >= 3, "flake.nix and the NixOS module: {files:?}");
     for f in files {
         support::nix("nix-instantiate", &["--parse", f.to_str().unwrap()]);
     }

@@ -15,11 +15,7 @@ fn make_tree(root: &Path) {
     std::fs::create_dir_all(root.join("share/doc/deep/deeper")).unwrap();
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
     std::fs::write(root.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
-    std::fs::set_permissions(
-        root.join("bin/tool"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("share/doc/README"), "read me\n").unwrap();
     std::fs::write(root.join("share/doc/deep/deeper/exactly8"), "12345678").unwrap();
     std::fs::write(root.join("empty"), "").unwrap();
@@ -72,13 +68,7 @@ async fn nix_restores_our_nar_of_a_single_file_and_symlink() {
     for name in ["f", "l"] {
         let mut ours = Vec::new();
         nar::dump_path(&d.path().join(name), &mut ours).unwrap();
-        assert_eq!(
-            ours,
-            nix_bytes(
-                "nix-store",
-                &["--dump", d.path().join(name).to_str().unwrap()]
-            )
-        );
+        assert_eq!(ours, nix_bytes("nix-store", &["--dump", d.path().join(name).to_str().unwrap()]));
     }
 }
 
@@ -131,56 +121,32 @@ fn every_drv_nix_writes_parses_and_reserialises_identically() {
     let flake = Flake::new(FIXTURE, &[("src.txt", "source text\n")]);
     let names = ["dep", "multi", "escapes", "withDeps", "fixed", "fixedRec"];
     let mut seen = std::collections::BTreeSet::new();
-    let mut queue: Vec<String> = names
-        .iter()
-        .map(|n| flake.eval_raw(&format!("hydraJobs.{n}.drvPath")))
-        .collect();
+    let mut queue: Vec<String> = names.iter().map(|n| flake.eval_raw(&format!("hydraJobs.{n}.drvPath"))).collect();
     while let Some(path) = queue.pop() {
         if !seen.insert(path.clone()) {
             continue;
         }
         let bytes = std::fs::read(&path).unwrap();
         let drv = Derivation::parse(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert_eq!(
-            drv.to_aterm().as_bytes(),
-            &bytes[..],
-            "{path} does not round-trip"
-        );
+        assert_eq!(drv.to_aterm().as_bytes(), &bytes[..], "{path} does not round-trip");
         // Our store path computation agrees with Nix: a .drv is a text file
         // whose references are its input sources and input derivations.
-        let refs: Vec<StorePath> = drv
-            .input_srcs
-            .iter()
-            .cloned()
-            .chain(drv.input_drvs.iter().map(|(p, _)| p.clone()))
-            .collect();
+        let refs: Vec<StorePath> =
+            drv.input_srcs.iter().cloned().chain(drv.input_drvs.iter().map(|(p, _)| p.clone())).collect();
         let sp = StorePath::parse(&path).unwrap();
-        assert_eq!(
-            StorePath::make_text(sp.name(), &bytes, &refs).unwrap(),
-            sp,
-            "path of {path}"
-        );
+        assert_eq!(StorePath::make_text(sp.name(), &bytes, &refs).unwrap(), sp, "path of {path}");
         queue.extend(drv.input_drvs.iter().map(|(p, _)| p.to_string()));
     }
     assert!(seen.len() >= names.len());
-    let escapes =
-        Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.escapes.drvPath")).unwrap())
-            .unwrap();
+    let escapes = Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.escapes.drvPath")).unwrap()).unwrap();
     assert_eq!(escapes.required_features(), vec!["big-parallel"]);
-    let multi =
-        Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.multi.drvPath")).unwrap())
-            .unwrap();
-    let outs: Vec<_> = multi
-        .output_paths()
-        .map(|(n, p)| (n.to_string(), p.unwrap().to_string()))
-        .collect();
+    let multi = Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.multi.drvPath")).unwrap()).unwrap();
+    let outs: Vec<_> = multi.output_paths().map(|(n, p)| (n.to_string(), p.unwrap().to_string())).collect();
     assert_eq!(outs.len(), 3);
     for (n, p) in outs {
         assert_eq!(flake.eval_raw(&format!("hydraJobs.multi.{n}.outPath")), p);
     }
-    let fixed =
-        Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.fixed.drvPath")).unwrap())
-            .unwrap();
+    let fixed = Derivation::parse(&std::fs::read(flake.eval_raw("hydraJobs.fixed.drvPath")).unwrap()).unwrap();
     assert!(fixed.is_fixed_output());
 }
 
@@ -193,16 +159,10 @@ fn build_closure() -> (String, Vec<String>) {
         drv_expr("leaf-b", "echo b > $out")
     );
     std::fs::write(d.path().join("e.nix"), expr).unwrap();
-    let drv = nix(
-        "nix-instantiate",
-        &[d.path().join("e.nix").to_str().unwrap()],
-    );
+    let drv = nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]);
     let out = nix("nix-store", &["-r", drv.trim()]);
     let top = out.trim().to_string();
-    let closure = nix("nix-store", &["-qR", &top])
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let closure = nix("nix-store", &["-qR", &top]).lines().map(str::to_string).collect();
     (top, closure)
 }
 
@@ -213,15 +173,7 @@ fn narinfo_written_by_nix_copy_roundtrips() {
     for compression in ["xz", "zstd", "none"] {
         let d = tempfile::tempdir().unwrap();
         let d = d.path().to_str().unwrap();
-        nix(
-            "nix",
-            &[
-                "copy",
-                "--to",
-                &format!("file://{d}/c?compression={compression}"),
-                &top,
-            ],
-        );
+        nix("nix", &["copy", "--to", &format!("file://{d}/c?compression={compression}"), &top]);
         let mut n = 0;
         for e in std::fs::read_dir(format!("{d}/c")).unwrap() {
             let p = e.unwrap().path();
@@ -248,29 +200,16 @@ fn narinfo_written_by_nix_copy_roundtrips() {
     let dir = d.path().to_str().unwrap();
     nix("nix", &["copy", "--to", &format!("file://{dir}"), &top]);
     let top_sp = StorePath::parse(&top).unwrap();
-    let info = NarInfo::parse(
-        &std::fs::read_to_string(format!("{dir}/{}.narinfo", top_sp.hash_part())).unwrap(),
-    )
-    .unwrap();
+    let info =
+        NarInfo::parse(&std::fs::read_to_string(format!("{dir}/{}.narinfo", top_sp.hash_part())).unwrap()).unwrap();
     assert_eq!(info.references.len(), 2, "top refers to both leaves");
 }
 
 fn keypair_from_nix(dir: &Path, name: &str) -> (String, String) {
     let sk = dir.join(format!("{name}.sec"));
     let pk = dir.join(format!("{name}.pub"));
-    nix(
-        "nix-store",
-        &[
-            "--generate-binary-cache-key",
-            name,
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-    );
-    (
-        std::fs::read_to_string(sk).unwrap(),
-        std::fs::read_to_string(pk).unwrap(),
-    )
+    nix("nix-store", &["--generate-binary-cache-key", name, sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    (std::fs::read_to_string(sk).unwrap(), std::fs::read_to_string(pk).unwrap())
 }
 
 #[test]
@@ -287,23 +226,14 @@ fn keys_from_nix_load_and_nix_signatures_verify() {
         &[
             "copy",
             "--to",
-            &format!(
-                "file://{}?secret-key={}",
-                cache.display(),
-                d.path().join("nixkey-1.sec").display()
-            ),
+            &format!("file://{}?secret-key={}", cache.display(), d.path().join("nixkey-1.sec").display()),
             &top,
         ],
     );
     let sp = StorePath::parse(&top).unwrap();
-    let info = NarInfo::parse(
-        &std::fs::read_to_string(cache.join(format!("{}.narinfo", sp.hash_part()))).unwrap(),
-    )
-    .unwrap();
-    assert!(
-        info.verify(std::slice::from_ref(&pk)),
-        "Nix's signature verifies with our code"
-    );
+    let info =
+        NarInfo::parse(&std::fs::read_to_string(cache.join(format!("{}.narinfo", sp.hash_part()))).unwrap()).unwrap();
+    assert!(info.verify(std::slice::from_ref(&pk)), "Nix's signature verifies with our code");
     // ed25519 is deterministic: signing the same fingerprint gives Nix's signature.
     let mut ours = info.clone();
     ours.sigs.clear();
@@ -339,78 +269,35 @@ fn narinfo_signed_by_kiln_is_trusted_by_nix_and_wrong_key_is_refused() {
         .arg(&public)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let key = SigningKey::load(&sec).unwrap();
     let pk = std::fs::read_to_string(&public).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pk);
 
     let (top, closure) = build_closure();
     let cache = d.path().join("cache");
-    nix(
-        "nix",
-        &["copy", "--to", &format!("file://{}", cache.display()), &top],
-    );
+    nix("nix", &["copy", "--to", &format!("file://{}", cache.display()), &top]);
     resign_cache(&cache, &key);
     let from = format!("file://{}", cache.display());
 
     // Nix checks our signatures as a substituter would.
     let client = d.path().join("client");
     let to = format!("local?root={}", client.display());
-    nix(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--option",
-            "trusted-public-keys",
-            pk.trim(),
-            &top,
-        ],
-    );
+    nix("nix", &["copy", "--from", &from, "--to", &to, "--option", "trusted-public-keys", pk.trim(), &top]);
     for p in &closure {
-        assert!(
-            client.join(p.trim_start_matches('/')).exists(),
-            "{p} substituted"
-        );
+        assert!(client.join(p.trim_start_matches('/')).exists(), "{p} substituted");
     }
     let verify = nix_cmd("nix")
-        .args([
-            "store",
-            "verify",
-            "--store",
-            &from,
-            "--trusted-public-keys",
-            pk.trim(),
-            "--sigs-needed",
-            "1",
-            &top,
-        ])
+        .args(["store", "verify", "--store", &from, "--trusted-public-keys", pk.trim(), "--sigs-needed", "1", &top])
         .output()
         .unwrap();
-    assert!(
-        verify.status.success(),
-        "nix store verify: {}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert!(verify.status.success(), "nix store verify: {}", String::from_utf8_lossy(&verify.stderr));
 
     // With another key trusted, Nix refuses.
     let (_, other_pk) = keypair_from_nix(d.path(), "kiln-test-1-other");
     let client2 = d.path().join("client2");
     let out = nix_cmd("nix")
-        .args([
-            "copy",
-            "--from",
-            &from,
-            "--to",
-            &format!("local?root={}", client2.display()),
-        ])
+        .args(["copy", "--from", &from, "--to", &format!("local?root={}", client2.display())])
         .args(["--option", "trusted-public-keys", other_pk.trim(), &top])
         .output()
         .unwrap();

@@ -14,10 +14,7 @@ pub enum CacheError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("cannot create {path}: {source}")]
-    Dir {
-        path: String,
-        source: std::io::Error,
-    },
+    Dir { path: String, source: std::io::Error },
 }
 
 /// Where the public half of a generated key goes: beside the secret.
@@ -32,10 +29,7 @@ pub fn load_or_generate_key(secret: &Path, name: &str) -> Result<(SigningKey, bo
         return Ok((SigningKey::load(secret)?, false));
     }
     if let Some(dir) = secret.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| CacheError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| CacheError::Dir { path: dir.display().to_string(), source })?;
         use std::os::unix::fs::PermissionsExt;
         // Only tighten a directory Kiln made for its keys.
         if dir.ends_with("keys") {

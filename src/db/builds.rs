@@ -160,27 +160,18 @@ pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Build>> {
 
 /// The newest build of this derivation in the jobset, which a new
 /// evaluation reuses instead of making another (as Hydra does).
-pub async fn find_in_jobset(
-    ex: Ex<'_>,
-    jobset_id: i64,
-    job: &str,
-    drv_path: &str,
-) -> Result<Option<Build>> {
+pub async fn find_in_jobset(ex: Ex<'_>, jobset_id: i64, job: &str, drv_path: &str) -> Result<Option<Build>> {
     let sql = concat!(
         "SELECT ",
         cols!(),
         " FROM builds WHERE jobset_id = $1 AND job = $2 AND drv_path = $3 ORDER BY id DESC LIMIT 1"
     );
-    Ok(
-        run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).bind(drv_path).fetch_optional(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).bind(drv_path).fetch_optional(&mut *c).await?))
 }
 
 pub async fn outputs(ex: Ex<'_>, build_id: i64) -> Result<Vec<Output>> {
-    Ok(
-        run!(ex, c => sqlx::query_as("SELECT build_id, name, path FROM build_outputs WHERE build_id = $1 ORDER BY name")
-        .bind(build_id).fetch_all(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_as("SELECT build_id, name, path FROM build_outputs WHERE build_id = $1 ORDER BY name")
+        .bind(build_id).fetch_all(&mut *c).await?))
 }
 
 pub async fn set_started(ex: Ex<'_>, id: i64) -> Result<()> {
@@ -213,11 +204,7 @@ pub async fn set_top_step(ex: Ex<'_>, id: i64, step_id: i64) -> Result<()> {
 }
 
 pub async fn unfinished(ex: Ex<'_>) -> Result<Vec<Build>> {
-    let sql = concat!(
-        "SELECT ",
-        cols!(),
-        " FROM builds WHERE finished = FALSE ORDER BY id"
-    );
+    let sql = concat!("SELECT ", cols!(), " FROM builds WHERE finished = FALSE ORDER BY id");
     Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
 }
 

@@ -51,11 +51,9 @@ pub async fn get(ex: Ex<'_>, hash_part: &str) -> Result<Option<CachePath>> {
 }
 
 pub async fn contains(ex: Ex<'_>, hash_part: &str) -> Result<bool> {
-    Ok(
-        run!(ex, c => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM cache_paths WHERE hash_part = $1")
+    Ok(run!(ex, c => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM cache_paths WHERE hash_part = $1")
         .bind(hash_part).fetch_one(&mut *c).await?)
-            > 0,
-    )
+        > 0)
 }
 
 pub async fn delete(ex: Ex<'_>, hash_part: &str) -> Result<bool> {
@@ -66,9 +64,7 @@ pub async fn delete(ex: Ex<'_>, hash_part: &str) -> Result<bool> {
 
 /// True if some path still points at this NAR file.
 pub async fn nar_file_in_use(ex: Ex<'_>, nar_file: &str) -> Result<bool> {
-    Ok(
-        run!(ex, c => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM cache_paths WHERE nar_file = $1")
+    Ok(run!(ex, c => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM cache_paths WHERE nar_file = $1")
         .bind(nar_file).fetch_one(&mut *c).await?)
-            > 0,
-    )
+        > 0)
 }

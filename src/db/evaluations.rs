@@ -27,6 +27,12 @@ pub struct Evaluation {
     pub forced: bool,
     pub error: Option<String>,
     pub stderr: Option<String>,
+    /// The evaluation this one is compared with.
+    pub prev_eval_id: Option<i64>,
+    pub jobs_new: i64,
+    pub jobs_removed: i64,
+    pub jobs_changed: i64,
+    pub errors_new: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -58,12 +64,28 @@ pub struct Outcome<'a> {
     pub new_builds: i64,
     pub error: Option<&'a str>,
     pub stderr: Option<&'a str>,
+    pub diff: Diff,
+}
+
+/// How an evaluation differs from the previous one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Diff {
+    pub prev_eval_id: Option<i64>,
+    /// Jobs that were not in the previous evaluation.
+    pub new: Vec<String>,
+    /// Jobs of the previous evaluation that are gone.
+    pub removed: Vec<String>,
+    /// Jobs whose derivation changed.
+    pub changed: Vec<String>,
+    /// Jobs that fail to evaluate now and did not before.
+    pub new_errors: Vec<String>,
 }
 
 macro_rules! cols {
     () => {
         "id, jobset_id, status, commit_sha, git_ref, flake_ref, lock_hash, config_hash, started_at, finished_at, \
-         duration_ms, workers, jobs, error_jobs, new_builds, forced, error, stderr"
+         duration_ms, workers, jobs, error_jobs, new_builds, forced, error, stderr, prev_eval_id, jobs_new, \
+         jobs_removed, jobs_changed, errors_new"
     };
 }
 
@@ -81,16 +103,15 @@ pub async fn create(ex: Ex<'_>, e: &NewEvaluation<'_>) -> Result<Evaluation> {
 
 /// Marks an evaluation finished: `failed` when `o.error` is set.
 pub async fn finish(ex: Ex<'_>, id: i64, duration_ms: i64, o: &Outcome<'_>) -> Result<()> {
-    let status = if o.error.is_some() {
-        "failed"
-    } else {
-        "succeeded"
-    };
+    let status = if o.error.is_some() { "failed" } else { "succeeded" };
     run!(ex, c => sqlx::query(
         "UPDATE evaluations SET status = $2, finished_at = $3, duration_ms = $4, lock_hash = $5, jobs = $6,
-             error_jobs = $7, new_builds = $8, error = $9, stderr = $10 WHERE id = $1")
+             error_jobs = $7, new_builds = $8, error = $9, stderr = $10, prev_eval_id = $11, jobs_new = $12,
+             jobs_removed = $13, jobs_changed = $14, errors_new = $15 WHERE id = $1")
         .bind(id).bind(status).bind(now()).bind(duration_ms).bind(o.lock_hash).bind(o.jobs)
-        .bind(o.error_jobs).bind(o.new_builds).bind(o.error).bind(o.stderr)
+        .bind(o.error_jobs).bind(o.new_builds).bind(o.error).bind(o.stderr).bind(o.diff.prev_eval_id)
+        .bind(o.diff.new.len() as i64).bind(o.diff.removed.len() as i64).bind(o.diff.changed.len() as i64)
+        .bind(o.diff.new_errors.len() as i64)
         .execute(&mut *c).await?.rows_affected());
     Ok(())
 }
@@ -102,11 +123,7 @@ pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Evaluation>> {
 
 /// The newest evaluations of a jobset, newest first.
 pub async fn latest(ex: Ex<'_>, jobset_id: i64, limit: i64) -> Result<Vec<Evaluation>> {
-    let sql = concat!(
-        "SELECT ",
-        cols!(),
-        " FROM evaluations WHERE jobset_id = $1 ORDER BY id DESC LIMIT $2"
-    );
+    let sql = concat!("SELECT ", cols!(), " FROM evaluations WHERE jobset_id = $1 ORDER BY id DESC LIMIT $2");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(limit).fetch_all(&mut *c).await?))
 }
 
@@ -123,4 +140,97 @@ pub async fn members(ex: Ex<'_>, eval_id: i64) -> Result<Vec<Member>> {
     Ok(run!(ex, c => sqlx::query_as(
         "SELECT eval_id, job, build_id, is_new, error FROM eval_members WHERE eval_id = $1 ORDER BY job")
         .bind(eval_id).fetch_all(&mut *c).await?))
+}
+
+/// Progress of a running evaluation: jobs found so far.
+pub async fn set_progress(ex: Ex<'_>, id: i64, jobs: i64, error_jobs: i64, new_builds: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE evaluations SET jobs = $2, error_jobs = $3, new_builds = $4 WHERE id = $1 AND status = 'running'")
+        .bind(id).bind(jobs).bind(error_jobs).bind(new_builds).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// The newest succeeded evaluation of the jobset before `before_id`.
+pub async fn previous_succeeded(ex: Ex<'_>, jobset_id: i64, before_id: i64) -> Result<Option<Evaluation>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM evaluations WHERE jobset_id = $1 AND id < $2 AND status = 'succeeded' ORDER BY id DESC LIMIT 1"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(before_id).fetch_optional(&mut *c).await?))
+}
+
+/// A member as the diff sees it: job, derivation (none for errors), error.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MemberState {
+    pub job: String,
+    pub drv_path: Option<String>,
+    pub error: Option<String>,
+}
+
+pub async fn member_states(ex: Ex<'_>, eval_id: i64) -> Result<Vec<MemberState>> {
+    Ok(run!(ex, c => sqlx::query_as(
+        "SELECT m.job, b.drv_path, m.error FROM eval_members m LEFT JOIN builds b ON b.id = m.build_id
+         WHERE m.eval_id = $1 ORDER BY m.job")
+        .bind(eval_id).fetch_all(&mut *c).await?))
+}
+
+/// Compares two member lists.
+pub fn diff(prev_eval_id: Option<i64>, prev: &[MemberState], cur: &[MemberState]) -> Diff {
+    use std::collections::HashMap;
+    let p: HashMap<&str, &MemberState> = prev.iter().map(|m| (m.job.as_str(), m)).collect();
+    let c: HashMap<&str, &MemberState> = cur.iter().map(|m| (m.job.as_str(), m)).collect();
+    let mut d = Diff { prev_eval_id, ..Default::default() };
+    for m in cur {
+        match p.get(m.job.as_str()) {
+            None => d.new.push(m.job.clone()),
+            Some(old) => {
+                if m.error.is_none() && old.error.is_none() && m.drv_path != old.drv_path {
+                    d.changed.push(m.job.clone());
+                }
+                if m.error.is_some() && old.error.is_none() {
+                    d.new_errors.push(m.job.clone());
+                }
+            }
+        }
+        if m.error.is_some() && !p.contains_key(m.job.as_str()) {
+            d.new_errors.push(m.job.clone());
+        }
+    }
+    for m in prev {
+        if !c.contains_key(m.job.as_str()) {
+            d.removed.push(m.job.clone());
+        }
+    }
+    d
+}
+
+/// Deletes finished evaluations of the jobset beyond the newest `keep`
+/// (their members go with them; builds stay as the job's history).
+pub async fn prune(mut ex: Ex<'_>, jobset_id: i64, keep: i64) -> Result<u64> {
+    let ids: Vec<i64> = run!(ex.re(), c => sqlx::query_scalar(
+        "SELECT id FROM evaluations WHERE jobset_id = $1 AND status <> 'running' ORDER BY id DESC")
+        .bind(jobset_id).fetch_all(&mut *c).await?);
+    let mut n = 0;
+    for id in ids.into_iter().skip(keep.max(0) as usize) {
+        n += run!(ex.re(), c => sqlx::query("DELETE FROM evaluations WHERE id = $1").bind(id).execute(&mut *c).await?.rows_affected());
+    }
+    Ok(n)
+}
+
+/// The evaluation running for a jobset, if any.
+pub async fn running(ex: Ex<'_>, jobset_id: i64) -> Result<Option<Evaluation>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM evaluations WHERE jobset_id = $1 AND status = 'running' ORDER BY id DESC LIMIT 1"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).fetch_optional(&mut *c).await?))
+}
+
+/// Marks evaluations left running by a previous process as failed.
+pub async fn fail_interrupted(ex: Ex<'_>) -> Result<u64> {
+    Ok(run!(ex, c => sqlx::query(
+        "UPDATE evaluations SET status = 'failed', finished_at = $1, error = 'interrupted: Kiln stopped during the evaluation'
+         WHERE status = 'running'")
+        .bind(now()).execute(&mut *c).await?.rows_affected()))
 }

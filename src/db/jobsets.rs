@@ -30,6 +30,8 @@ pub struct Jobset {
     pub error: Option<String>,
     pub error_at: Option<i64>,
     pub created_at: i64,
+    /// A template for per-pull-request jobsets; never evaluated itself.
+    pub pull_requests: bool,
 }
 
 impl Jobset {
@@ -53,6 +55,7 @@ pub struct JobsetSpec {
     pub scheduling_shares: i64,
     pub keep_evaluations: i64,
     pub enabled: bool,
+    pub pull_requests: bool,
     pub config_hash: String,
 }
 
@@ -71,6 +74,7 @@ impl JobsetSpec {
             scheduling_shares: 100,
             keep_evaluations: 3,
             enabled: true,
+            pull_requests: false,
             config_hash: String::new(),
         }
     }
@@ -80,7 +84,7 @@ macro_rules! cols {
     () => {
         "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
          scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
-         force_eval, error, error_at, created_at"
+         force_eval, error, error_at, created_at, pull_requests"
     };
 }
 
@@ -89,20 +93,20 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
     let systems = serde_json::to_string(&spec.systems).expect("strings serialise");
     let sql = concat!(
         "INSERT INTO jobsets (project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval,
-             scheduling_shares, keep_evaluations, enabled, config_hash, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             scheduling_shares, keep_evaluations, enabled, config_hash, created_at, pull_requests)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (project_id, name) DO UPDATE SET branch = excluded.branch, pr_number = excluded.pr_number,
              flake_dir = excluded.flake_dir, attributes = excluded.attributes, systems = excluded.systems,
              check_interval = excluded.check_interval, scheduling_shares = excluded.scheduling_shares,
              keep_evaluations = excluded.keep_evaluations, enabled = excluded.enabled,
-             config_hash = excluded.config_hash
+             config_hash = excluded.config_hash, pull_requests = excluded.pull_requests
          RETURNING ",
         cols!()
     );
     Ok(run!(ex, c => sqlx::query_as(sql)
         .bind(project_id).bind(&spec.name).bind(&spec.branch).bind(spec.pr_number).bind(&spec.flake_dir)
         .bind(&attrs).bind(&systems).bind(spec.check_interval).bind(spec.scheduling_shares)
-        .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now())
+        .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now()).bind(spec.pull_requests)
         .fetch_one(&mut *c).await?))
 }
 
@@ -121,11 +125,7 @@ pub async fn get_by_id(ex: Ex<'_>, id: i64) -> Result<Option<Jobset>> {
 }
 
 pub async fn list_for_project(ex: Ex<'_>, project_id: i64) -> Result<Vec<Jobset>> {
-    let sql = concat!(
-        "SELECT ",
-        cols!(),
-        " FROM jobsets WHERE project_id = $1 ORDER BY name"
-    );
+    let sql = concat!("SELECT ", cols!(), " FROM jobsets WHERE project_id = $1 ORDER BY name");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(project_id).fetch_all(&mut *c).await?))
 }
 
@@ -154,9 +154,27 @@ pub async fn due(ex: Ex<'_>, at: i64) -> Result<Vec<Jobset>> {
     let sql = concat!(
         "SELECT ",
         cols!(),
-        " FROM jobsets WHERE enabled = TRUE AND (trigger_at IS NOT NULL
+        " FROM jobsets WHERE enabled = TRUE AND pull_requests = FALSE AND (trigger_at IS NOT NULL
              OR (check_interval > 0 AND (last_checked_at IS NULL OR last_checked_at + check_interval <= $1)))
          ORDER BY COALESCE(trigger_at, last_checked_at, 0), id"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(at).fetch_all(&mut *c).await?))
+}
+
+/// Disables the project's jobsets (other than per-PR ones) that the
+/// repository no longer declares; their history stays.
+pub async fn disable_undeclared(mut ex: Ex<'_>, project_id: i64, declared: &[String]) -> Result<u64> {
+    let mut n = 0;
+    for j in list_for_project(ex.re(), project_id).await? {
+        if j.pr_number.is_none() && j.enabled && !declared.contains(&j.name) {
+            n += run!(ex.re(), c => sqlx::query("UPDATE jobsets SET enabled = FALSE WHERE id = $1")
+                .bind(j.id).execute(&mut *c).await?.rows_affected());
+        }
+    }
+    Ok(n)
+}
+
+pub async fn set_enabled(ex: Ex<'_>, id: i64, enabled: bool) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE jobsets SET enabled = $2 WHERE id = $1").bind(id).bind(enabled).execute(&mut *c).await?.rows_affected());
+    Ok(())
 }

@@ -46,12 +46,7 @@ pub async fn record_success(ex: Ex<'_>, name: &str) -> Result<()> {
 
 /// A machine fault (connection lost, protocol error). Pauses the machine
 /// until `pause_until` when given. Returns the failure streak.
-pub async fn record_failure(
-    ex: Ex<'_>,
-    name: &str,
-    error: &str,
-    pause_until: Option<i64>,
-) -> Result<i64> {
+pub async fn record_failure(ex: Ex<'_>, name: &str, error: &str, pause_until: Option<i64>) -> Result<i64> {
     Ok(run!(ex, c => sqlx::query_scalar(
         "INSERT INTO machines (name, consecutive_failures, last_failure_at, last_error, paused_until, updated_at)
          VALUES ($1, 1, $2, $3, $4, $2)

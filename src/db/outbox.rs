@@ -29,13 +29,7 @@ macro_rules! cols {
 }
 
 /// Queues a message, superseding pending ones for the same target and context.
-pub async fn enqueue(
-    mut ex: Ex<'_>,
-    kind: &str,
-    target: &str,
-    context: &str,
-    payload: &str,
-) -> Result<i64> {
+pub async fn enqueue(mut ex: Ex<'_>, kind: &str, target: &str, context: &str, payload: &str) -> Result<i64> {
     let t = now();
     run!(ex.re(), c => sqlx::query(
         "UPDATE outbox SET superseded = TRUE

@@ -18,6 +18,9 @@ pub struct Project {
     pub declared_in: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Why the last fetch or `.kiln.toml` read failed, if it did.
+    pub error: Option<String>,
+    pub last_synced_at: Option<i64>,
 }
 
 /// What a caller sets; the rest is Kiln's.
@@ -35,7 +38,8 @@ pub struct ProjectSpec {
 
 macro_rules! cols {
     () => {
-        "id, name, display_name, description, repo, github_repo, enabled, hidden, declared_in, created_at, updated_at"
+        "id, name, display_name, description, repo, github_repo, enabled, hidden, declared_in, created_at, updated_at, \
+         error, last_synced_at"
     };
 }
 
@@ -72,4 +76,29 @@ pub async fn list(ex: Ex<'_>) -> Result<Vec<Project>> {
 pub async fn delete(ex: Ex<'_>, name: &str) -> Result<bool> {
     let n = run!(ex, c => sqlx::query("DELETE FROM projects WHERE name = $1").bind(name).execute(&mut *c).await?.rows_affected());
     Ok(n > 0)
+}
+
+pub async fn get_by_id(ex: Ex<'_>, id: i64) -> Result<Option<Project>> {
+    let sql = concat!("SELECT ", cols!(), " FROM projects WHERE id = $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))
+}
+
+/// Records the outcome of reading the project's repository.
+pub async fn set_synced(ex: Ex<'_>, id: i64, error: Option<&str>) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE projects SET last_synced_at = $2, error = $3 WHERE id = $1")
+        .bind(id).bind(now()).bind(error).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Enabled projects never read, or without jobsets and last read before
+/// `older_than` (a repository that could not be fetched is tried again).
+pub async fn needing_sync(ex: Ex<'_>, older_than: i64) -> Result<Vec<Project>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM projects p WHERE enabled = TRUE AND (last_synced_at IS NULL
+             OR (last_synced_at < $1 AND NOT EXISTS (SELECT 1 FROM jobsets j WHERE j.project_id = p.id)))
+         ORDER BY id"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(older_than).fetch_all(&mut *c).await?))
 }

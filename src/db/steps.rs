@@ -57,9 +57,7 @@ pub async fn get_or_create(
         return Ok((s, true));
     }
     let existing = get_by_drv(ex, drv_path).await?;
-    existing
-        .map(|s| (s, false))
-        .ok_or_else(|| super::DbError::NotFound(format!("step for {drv_path}")))
+    existing.map(|s| (s, false)).ok_or_else(|| super::DbError::NotFound(format!("step for {drv_path}")))
 }
 
 pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Step>> {
@@ -79,18 +77,14 @@ pub async fn add_dep(ex: Ex<'_>, step_id: i64, dep_id: i64) -> Result<()> {
 }
 
 pub async fn deps(ex: Ex<'_>, step_id: i64) -> Result<Vec<i64>> {
-    Ok(
-        run!(ex, c => sqlx::query_scalar("SELECT dep_id FROM step_deps WHERE step_id = $1 ORDER BY dep_id")
-        .bind(step_id).fetch_all(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT dep_id FROM step_deps WHERE step_id = $1 ORDER BY dep_id")
+        .bind(step_id).fetch_all(&mut *c).await?))
 }
 
 /// Steps that depend on `dep_id`.
 pub async fn dependents(ex: Ex<'_>, dep_id: i64) -> Result<Vec<i64>> {
-    Ok(
-        run!(ex, c => sqlx::query_scalar("SELECT step_id FROM step_deps WHERE dep_id = $1 ORDER BY step_id")
-        .bind(dep_id).fetch_all(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT step_id FROM step_deps WHERE dep_id = $1 ORDER BY step_id")
+        .bind(dep_id).fetch_all(&mut *c).await?))
 }
 
 /// Moves a step from one state to another; false if it was not in `from`
@@ -110,16 +104,12 @@ pub async fn set_output(ex: Ex<'_>, step_id: i64, name: &str, path: &str) -> Res
 }
 
 pub async fn outputs(ex: Ex<'_>, step_id: i64) -> Result<Vec<(String, String)>> {
-    Ok(
-        run!(ex, c => sqlx::query_as("SELECT name, path FROM step_outputs WHERE step_id = $1 ORDER BY name")
-        .bind(step_id).fetch_all(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_as("SELECT name, path FROM step_outputs WHERE step_id = $1 ORDER BY name")
+        .bind(step_id).fetch_all(&mut *c).await?))
 }
 
 /// Count of steps per state, for the queue summary.
 pub async fn count_by_state(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
-    Ok(
-        run!(ex, c => sqlx::query_as("SELECT state, COUNT(*) FROM steps GROUP BY state ORDER BY state")
-        .fetch_all(&mut *c).await?),
-    )
+    Ok(run!(ex, c => sqlx::query_as("SELECT state, COUNT(*) FROM steps GROUP BY state ORDER BY state")
+        .fetch_all(&mut *c).await?))
 }

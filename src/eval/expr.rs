@@ -69,15 +69,10 @@ fn nix_units(units: &[Unit]) -> String {
             o,
             " {{ p = {}; only = {}; f = {}; t = {}; d = {}; }}",
             nix_list(&u.path),
-            u.only
-                .as_ref()
-                .map(|l| nix_list(l))
-                .unwrap_or_else(|| "null".into()),
+            u.only.as_ref().map(|l| nix_list(l)).unwrap_or_else(|| "null".into()),
             u.from,
             u.to,
-            u.depth
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "null".into()),
+            u.depth.map(|d| d.to_string()).unwrap_or_else(|| "null".into()),
         );
     }
     o.push_str(" ]");
@@ -155,21 +150,12 @@ pub fn walk(flake_ref: &str, root: &[String], nonce: &str, catch: bool, units: &
 
 /// Walks the root attribute itself when it is a single derivation.
 pub fn walk_root(flake_ref: &str, root: &[String], nonce: &str) -> String {
-    format!(
-        "{}\n  walkValue [ ] 0 root\n",
-        prelude(flake_ref, root, nonce, false)
-    )
+    format!("{}\n  walkValue [ ] 0 root\n", prelude(flake_ref, root, nonce, false))
 }
 
 /// Describes the value at `path`: `{ kind = "drv" | "set" | "other"; n; }`.
 /// Without `tryEval`, so a broken value fails the process with its error.
-pub fn classify(
-    flake_ref: &str,
-    root: &[String],
-    nonce: &str,
-    path: &[String],
-    only: Option<&[String]>,
-) -> String {
+pub fn classify(flake_ref: &str, root: &[String], nonce: &str, path: &[String], only: Option<&[String]>) -> String {
     let only = only.map(nix_list).unwrap_or_else(|| "null".into());
     format!(
         "{}\n  let v = getPath root {}; in if isDrv v then {{ kind = \"drv\"; }} else if b.isAttrs v then {{ kind = \"set\"; n = b.length (namesOf {{ only = {only}; }} v); }} else {{ kind = \"other\"; }}\n",
@@ -180,13 +166,7 @@ pub fn classify(
 
 /// Names the `index`th child of the unit's set (traced first, so a failure
 /// while classifying it is still attributed to it), then classifies it.
-pub fn classify_child(
-    flake_ref: &str,
-    root: &[String],
-    nonce: &str,
-    unit: &Unit,
-    index: usize,
-) -> String {
+pub fn classify_child(flake_ref: &str, root: &[String], nonce: &str, unit: &Unit, index: usize) -> String {
     format!(
         "{}\n  let u = b.head {units}; v = getPath root u.p; n = b.elemAt (namesOf u v) {index}; c = v.${{n}}; in\n  b.seq (b.trace (nonce + b.toJSON {{ name = n; }}) 0) (if isDrv c then {{ kind = \"drv\"; name = n; }} else if b.isAttrs c then {{ kind = \"set\"; name = n; n = b.length (b.attrNames c); }} else {{ kind = \"other\"; name = n; }})\n",
         prelude(flake_ref, root, nonce, false),

@@ -94,17 +94,9 @@ impl Job {
 pub fn attr_name(path: &[String]) -> String {
     path.iter()
         .map(|c| {
-            let plain = c
-                .chars()
-                .next()
-                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "_'-".contains(ch));
-            if plain {
-                c.clone()
-            } else {
-                serde_json::to_string(c).expect("strings serialise")
-            }
+            let plain = c.chars().next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                && c.chars().all(|ch| ch.is_ascii_alphanumeric() || "_'-".contains(ch));
+            if plain { c.clone() } else { serde_json::to_string(c).expect("strings serialise") }
         })
         .collect::<Vec<_>>()
         .join(".")
@@ -131,10 +123,7 @@ pub struct Root {
 
 impl Root {
     pub fn parse(attr: &str, prefix: bool) -> Root {
-        Root {
-            path: split_attr(attr),
-            prefix,
-        }
+        Root { path: split_attr(attr), prefix }
     }
 
     fn depth(&self) -> Option<u32> {
@@ -198,70 +187,37 @@ pub struct Locked {
 /// Pins a flake reference (`.`, `path:…`, `git+file://…`) with
 /// `nix flake metadata`, so every worker evaluates the same source.
 pub async fn lock(reference: &str) -> Result<Locked, EvalError> {
-    let out = crate::nix::command::output(
-        "nix",
-        [
-            "flake",
-            "metadata",
-            "--json",
-            "--no-write-lock-file",
-            reference,
-        ],
-    )
-    .await
-    .map_err(|e| EvalError::Lock {
-        reference: reference.to_string(),
-        message: lock_message(&e),
-    })?;
+    let out = crate::nix::command::output("nix", ["flake", "metadata", "--json", "--no-write-lock-file", reference])
+        .await
+        .map_err(|e| EvalError::Lock { reference: reference.to_string(), message: lock_message(&e) })?;
     #[derive(Deserialize)]
     struct Meta {
         url: String,
         locked: Option<serde_json::Value>,
     }
-    let m: Meta = serde_json::from_slice(&out).map_err(|e| EvalError::Lock {
-        reference: reference.to_string(),
-        message: e.to_string(),
-    })?;
-    let nar_hash = m.locked.and_then(|l| {
-        l.get("narHash")
-            .and_then(|h| h.as_str().map(str::to_string))
-    });
-    Ok(Locked {
-        url: m.url,
-        nar_hash,
-    })
+    let m: Meta = serde_json::from_slice(&out)
+        .map_err(|e| EvalError::Lock { reference: reference.to_string(), message: e.to_string() })?;
+    let nar_hash = m.locked.and_then(|l| l.get("narHash").and_then(|h| h.as_str().map(str::to_string)));
+    Ok(Locked { url: m.url, nar_hash })
 }
 
 fn lock_message(e: &crate::nix::command::NixCommandError) -> String {
     match e {
-        crate::nix::command::NixCommandError::Failed { stderr, .. } => {
-            worker::error_message(stderr)
-        }
+        crate::nix::command::NixCommandError::Failed { stderr, .. } => worker::error_message(stderr),
         other => other.to_string(),
     }
 }
 
 /// The jobset default: `hydraJobs` if the flake has it, else `checks`.
 pub async fn default_root(flake_ref: &str) -> Result<&'static str, EvalError> {
-    let e = format!(
-        "(builtins.getFlake {}).outputs ? hydraJobs",
-        expr::nix_string(flake_ref)
-    );
-    let out = worker::run(&e, "-", &Limits { max_memory_mib: 0 }, |_| {})
-        .await
-        .map_err(|f| EvalError::Failed(f.message))?;
-    Ok(if out.starts_with(b"true") {
-        "hydraJobs"
-    } else {
-        "checks"
-    })
+    let e = format!("(builtins.getFlake {}).outputs ? hydraJobs", expr::nix_string(flake_ref));
+    let out =
+        worker::run(&e, "-", &Limits { max_memory_mib: 0 }, |_| {}).await.map_err(|f| EvalError::Failed(f.message))?;
+    Ok(if out.starts_with(b"true") { "hydraJobs" } else { "checks" })
 }
 
 /// Evaluates every root, sending jobs to `tx` as they are found.
-pub async fn evaluate(
-    req: &EvalRequest,
-    tx: mpsc::UnboundedSender<Job>,
-) -> Result<EvalStats, EvalError> {
+pub async fn evaluate(req: &EvalRequest, tx: mpsc::UnboundedSender<Job>) -> Result<EvalStats, EvalError> {
     let span = info_span!("eval", flake = %req.flake_ref);
     let fut = async {
         let pool = Pool::new(req, tx);
@@ -328,10 +284,7 @@ impl<'a> Pool<'a> {
             req,
             tx,
             nonce: format!("KILN-{}:", crate::nix::hash::to_hex(&n)),
-            queue: Mutex::new(Queue {
-                tasks: VecDeque::new(),
-                running: 0,
-            }),
+            queue: Mutex::new(Queue { tasks: VecDeque::new(), running: 0 }),
             wake: Notify::new(),
             seen: Mutex::new(HashSet::new()),
             explaining: Mutex::new(HashSet::new()),
@@ -342,9 +295,7 @@ impl<'a> Pool<'a> {
     }
 
     fn limits(&self) -> Limits {
-        Limits {
-            max_memory_mib: self.req.max_memory_mib,
-        }
+        Limits { max_memory_mib: self.req.max_memory_mib }
     }
 
     async fn nix(&self, expr: &str, mut on: impl FnMut(Traced)) -> Result<Vec<u8>, Failure> {
@@ -363,26 +314,16 @@ impl<'a> Pool<'a> {
             .then(|| self.req.systems.clone())
     }
 
-    async fn classify(
-        &self,
-        root: &Root,
-        path: &[String],
-        only: Option<&[String]>,
-    ) -> Result<Kind, Failure> {
+    async fn classify(&self, root: &Root, path: &[String], only: Option<&[String]>) -> Result<Kind, Failure> {
         let e = expr::classify(&self.req.flake_ref, &root.path, &self.nonce, path, only);
         let out = self.nix(&e, |_| {}).await?;
-        serde_json::from_slice(&out).map_err(|e| Failure {
-            message: format!("unexpected evaluator output: {e}"),
-            out_of_memory: false,
-        })
+        serde_json::from_slice(&out)
+            .map_err(|e| Failure { message: format!("unexpected evaluator output: {e}"), out_of_memory: false })
     }
 
     async fn plan_root(&self, i: usize, root: &Root) -> Result<(), EvalError> {
         let only = self.only_for(root);
-        let kind = self
-            .classify(root, &[], only.as_deref())
-            .await
-            .map_err(|f| EvalError::Failed(f.message))?;
+        let kind = self.classify(root, &[], only.as_deref()).await.map_err(|f| EvalError::Failed(f.message))?;
         let mut units = match kind {
             Kind { kind, .. } if kind == "drv" => {
                 let e = expr::walk_root(&self.req.flake_ref, &root.path, &self.nonce);
@@ -396,16 +337,8 @@ impl<'a> Pool<'a> {
                 }
                 return Ok(());
             }
-            Kind {
-                kind, n: Some(n), ..
-            } if kind == "set" => {
-                vec![Unit {
-                    path: vec![],
-                    only,
-                    from: 0,
-                    to: n,
-                    depth: root.depth().map(|d| d.saturating_sub(1)),
-                }]
+            Kind { kind, n: Some(n), .. } if kind == "set" => {
+                vec![Unit { path: vec![], only, from: 0, to: n, depth: root.depth().map(|d| d.saturating_sub(1)) }]
             }
             _ => {
                 return Err(EvalError::Failed(format!(
@@ -422,30 +355,18 @@ impl<'a> Pool<'a> {
             if self.req.workers <= 1 || total >= target {
                 break;
             }
-            let Some(pos) = units
-                .iter()
-                .position(|u| u.len() == 1 && u.depth != Some(0))
-            else {
+            let Some(pos) = units.iter().position(|u| u.len() == 1 && u.depth != Some(0)) else {
                 break;
             };
             let u = units[pos].clone();
             let e = expr::classify_child(&self.req.flake_ref, &root.path, &self.nonce, &u, u.from);
             match self.nix(&e, |_| {}).await {
                 Ok(out) => match serde_json::from_slice::<Kind>(&out) {
-                    Ok(Kind {
-                        kind,
-                        n: Some(n),
-                        name: Some(name),
-                    }) if kind == "set" => {
+                    Ok(Kind { kind, n: Some(n), name: Some(name) }) if kind == "set" => {
                         let mut path = u.path.clone();
                         path.push(name);
-                        units[pos] = Unit {
-                            path,
-                            only: None,
-                            from: 0,
-                            to: n,
-                            depth: u.depth.map(|d| d.saturating_sub(1)),
-                        };
+                        units[pos] =
+                            Unit { path, only: None, from: 0, to: n, depth: u.depth.map(|d| d.saturating_sub(1)) };
                     }
                     _ => break,
                 },
@@ -517,13 +438,7 @@ impl<'a> Pool<'a> {
     async fn run_task(&self, task: Task) -> Vec<Task> {
         match task {
             Task::Walk { root, units } => {
-                let e = expr::walk(
-                    &self.req.flake_ref,
-                    &self.root(root).path,
-                    &self.nonce,
-                    true,
-                    &units,
-                );
+                let e = expr::walk(&self.req.flake_ref, &self.root(root).path, &self.nonce, true, &units);
                 match self
                     .nix(&e, |t| {
                         if let Traced::Job(j) = t {
@@ -540,26 +455,17 @@ impl<'a> Pool<'a> {
                             let (a, b) = halve(&units);
                             vec![Task::Walk { root, units: a }, Task::Walk { root, units: b }]
                         } else if let Some(u) = units.into_iter().find(|u| u.len() == 1) {
-                            vec![Task::Child {
-                                root,
-                                unit: u,
-                                failure: f.message,
-                            }]
+                            vec![Task::Child { root, unit: u, failure: f.message }]
                         } else {
                             vec![]
                         }
                     }
                 }
             }
-            Task::Child {
-                root,
-                unit,
-                failure,
-            } => {
+            Task::Child { root, unit, failure } => {
                 let r = self.root(root).path.clone();
                 let mut name = None;
-                let e =
-                    expr::classify_child(&self.req.flake_ref, &r, &self.nonce, &unit, unit.from);
+                let e = expr::classify_child(&self.req.flake_ref, &r, &self.nonce, &unit, unit.from);
                 let out = self
                     .nix(&e, |t| {
                         if let Traced::Name(n) = t {
@@ -582,11 +488,7 @@ impl<'a> Pool<'a> {
                         vec![]
                     }
                     Ok(out) => match serde_json::from_slice::<Kind>(&out) {
-                        Ok(Kind {
-                            kind,
-                            n: Some(n),
-                            name: Some(name),
-                        }) if kind == "set" && unit.depth != Some(0) => {
+                        Ok(Kind { kind, n: Some(n), name: Some(name) }) if kind == "set" && unit.depth != Some(0) => {
                             vec![Task::Walk {
                                 root,
                                 units: vec![Unit {
@@ -598,9 +500,7 @@ impl<'a> Pool<'a> {
                                 }],
                             }]
                         }
-                        Ok(Kind {
-                            name: Some(name), ..
-                        }) => {
+                        Ok(Kind { name: Some(name), .. }) => {
                             self.emit(root, Job::error(child_path(&name), failure));
                             vec![]
                         }
@@ -613,20 +513,9 @@ impl<'a> Pool<'a> {
             }
             Task::Explain { root, path } => {
                 let (last, parent) = path.split_last().expect("a job has a name");
-                let unit = Unit {
-                    path: parent.to_vec(),
-                    only: Some(vec![last.clone()]),
-                    from: 0,
-                    to: 1,
-                    depth: Some(0),
-                };
-                let e = expr::walk(
-                    &self.req.flake_ref,
-                    &self.root(root).path,
-                    &self.nonce,
-                    false,
-                    &unit_vec(unit),
-                );
+                let unit =
+                    Unit { path: parent.to_vec(), only: Some(vec![last.clone()]), from: 0, to: 1, depth: Some(0) };
+                let e = expr::walk(&self.req.flake_ref, &self.root(root).path, &self.nonce, false, &unit_vec(unit));
                 let mut found = false;
                 let r = self
                     .nix(&e, |t| {
@@ -664,23 +553,13 @@ impl<'a> Pool<'a> {
                 return;
             }
             if self.explaining.lock().expect("explaining").insert(key) {
-                self.queue
-                    .lock()
-                    .expect("queue")
-                    .tasks
-                    .push_back(Task::Explain {
-                        root,
-                        path: raw.attr_path,
-                    });
+                self.queue.lock().expect("queue").tasks.push_back(Task::Explain { root, path: raw.attr_path });
                 self.wake.notify_waiters();
             }
             return;
         }
         if raw.bad_utf8 {
-            self.emit(
-                root,
-                Job::error(raw.attr_path, "job name is not valid UTF-8".into()),
-            );
+            self.emit(root, Job::error(raw.attr_path, "job name is not valid UTF-8".into()));
             return;
         }
         if !self.req.systems.is_empty()
@@ -688,10 +567,7 @@ impl<'a> Pool<'a> {
             && !self.req.systems.contains(sys)
         {
             self.stats.lock().expect("stats").filtered += 1;
-            self.seen
-                .lock()
-                .expect("seen")
-                .insert((root, raw.attr_path));
+            self.seen.lock().expect("seen").insert((root, raw.attr_path));
             return;
         }
         let job = Job {
@@ -719,12 +595,7 @@ impl<'a> Pool<'a> {
     /// Sends a job once: a retried slice may report it again, and the first
     /// report (job or error) wins.
     fn emit(&self, root: usize, mut job: Job) {
-        if !self
-            .seen
-            .lock()
-            .expect("seen")
-            .insert((root, job.attr_path.clone()))
-        {
+        if !self.seen.lock().expect("seen").insert((root, job.attr_path.clone())) {
             return;
         }
         let r = self.root(root);
@@ -748,18 +619,11 @@ impl<'a> Pool<'a> {
             job.attr = short;
         }
         if let (None, Some(drv)) = (&job.error, &job.drv_path) {
-            self.found
-                .lock()
-                .expect("found")
-                .insert(job.attr.clone(), drv.clone());
+            self.found.lock().expect("found").insert(job.attr.clone(), drv.clone());
         }
         {
             let mut s = self.stats.lock().expect("stats");
-            if job.error.is_some() {
-                s.errors += 1
-            } else {
-                s.jobs += 1
-            }
+            if job.error.is_some() { s.errors += 1 } else { s.jobs += 1 }
         }
         // A receiver that went away wants no more jobs; the evaluation ends anyway.
         let _ = self.tx.send(job);
@@ -783,10 +647,7 @@ impl<'a> Pool<'a> {
                 }
             }
             let root = 0;
-            self.seen
-                .lock()
-                .expect("seen")
-                .remove(&(root, job.attr_path.clone()));
+            self.seen.lock().expect("seen").remove(&(root, job.attr_path.clone()));
             if missing.is_empty() {
                 job.constituents = Some(drvs);
                 self.emit(root, job);
@@ -795,10 +656,7 @@ impl<'a> Pool<'a> {
                     root,
                     Job::error(
                         job.attr_path,
-                        format!(
-                            "aggregate refers to jobs that do not exist: {}",
-                            missing.join(", ")
-                        ),
+                        format!("aggregate refers to jobs that do not exist: {}", missing.join(", ")),
                     ),
                 );
             }
@@ -815,11 +673,7 @@ fn shorten(s: &str) -> String {
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!(
-        "{}…{}",
-        &s[..end],
-        &crate::nix::Hash::sha256(s.as_bytes()).to_hex()[..12]
-    )
+    format!("{}…{}", &s[..end], &crate::nix::Hash::sha256(s.as_bytes()).to_hex()[..12])
 }
 
 #[derive(Debug, Deserialize)]
@@ -843,11 +697,7 @@ fn split_units(units: &[Unit], target: usize) -> Vec<Vec<Unit>> {
         let mut from = u.from;
         while from < u.to {
             let take = (per - cur_len).min(u.to - from);
-            cur.push(Unit {
-                from,
-                to: from + take,
-                ..u.clone()
-            });
+            cur.push(Unit { from, to: from + take, ..u.clone() });
             from += take;
             cur_len += take;
             if cur_len == per {
@@ -888,39 +738,21 @@ mod tests {
     #[test]
     fn attr_names_quote_odd_components() {
         let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            attr_name(&p(&["hello", "x86_64-linux"])),
-            "hello.x86_64-linux"
-        );
+        assert_eq!(attr_name(&p(&["hello", "x86_64-linux"])), "hello.x86_64-linux");
         assert_eq!(attr_name(&p(&["a.b", "1x", ""])), "\"a.b\".\"1x\".\"\"");
-        assert_eq!(
-            split_attr("checks.x86_64-linux.\"a.b\""),
-            p(&["checks", "x86_64-linux", "a.b"])
-        );
+        assert_eq!(split_attr("checks.x86_64-linux.\"a.b\""), p(&["checks", "x86_64-linux", "a.b"]));
         assert_eq!(split_attr("hydraJobs"), p(&["hydraJobs"]));
     }
 
     #[test]
     fn slices_split_evenly_and_completely() {
-        let u = |from, to| Unit {
-            path: vec![],
-            only: None,
-            from,
-            to,
-            depth: None,
-        };
+        let u = |from, to| Unit { path: vec![], only: None, from, to, depth: None };
         let chunks = split_units(&[u(0, 10), u(0, 3)], 4);
         assert_eq!(chunks.len(), 4);
         let total: usize = chunks.iter().flatten().map(Unit::len).sum();
         assert_eq!(total, 13);
         let (a, b) = halve(&[u(0, 5)]);
-        assert_eq!(
-            (
-                a.iter().map(Unit::len).sum::<usize>(),
-                b.iter().map(Unit::len).sum::<usize>()
-            ),
-            (3, 2)
-        );
+        assert_eq!((a.iter().map(Unit::len).sum::<usize>(), b.iter().map(Unit::len).sum::<usize>()), (3, 2));
         assert_eq!(Root::parse("checks", false).depth(), Some(2));
         assert_eq!(Root::parse("checks.x86_64-linux", false).depth(), Some(1));
         assert_eq!(Root::parse("hydraJobs", false).depth(), None);

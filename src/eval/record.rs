@@ -1,1 +1,184 @@
-//! Placeholder replaced below.
+//! Recording an evaluation: jobs arrive from the evaluator as a stream and
+//! are written in small transactions as they come (so the queue can start
+//! on them while the evaluation runs): one member per job, and one build per
+//! job that is new. A job whose derivation already has a build in this
+//! jobset reuses it, as Hydra does. At the end the evaluation learns its
+//! diff against the previous one, and old evaluations are pruned.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::Job;
+use crate::db::builds::{self, NewBuild};
+use crate::db::evaluations::{self, Diff, Member, Outcome};
+use crate::db::{Db, DbError};
+
+/// Jobs written per transaction, and the longest a job waits to be written.
+const BATCH: usize = 200;
+const FLUSH_AFTER: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    pub jobs: i64,
+    pub errors: i64,
+    pub new_builds: i64,
+    /// Builds created by this evaluation, for the queue.
+    pub build_ids: Vec<i64>,
+}
+
+/// Writes every job from `rx` as a member of evaluation `eval_id`.
+pub async fn record_stream(
+    db: &Db,
+    jobset_id: i64,
+    eval_id: i64,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) -> Result<Recorded, DbError> {
+    let mut r = Recorded::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    // Aggregates are linked once every job of the evaluation is known.
+    let mut by_drv: HashMap<String, i64> = HashMap::new();
+    let mut aggregates: Vec<(i64, Vec<String>)> = Vec::new();
+    let mut deadline = None::<Instant>;
+    loop {
+        let next = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), rx.recv()).await,
+            None => Ok(rx.recv().await),
+        };
+        let done = match next {
+            Ok(Some(job)) => {
+                deadline.get_or_insert_with(|| Instant::now() + FLUSH_AFTER);
+                batch.push(job);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false, // flush time
+        };
+        if !batch.is_empty() && (done || batch.len() >= BATCH || deadline.is_some_and(|d| Instant::now() >= d)) {
+            write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates).await?;
+            deadline = None;
+            let mut c = db.conn().await?;
+            evaluations::set_progress(c.ex(), eval_id, r.jobs, r.errors, r.new_builds).await?;
+        }
+        if done {
+            break;
+        }
+    }
+    if !aggregates.is_empty() {
+        let mut tx = db.begin().await?;
+        for (agg, drvs) in aggregates {
+            for d in drvs {
+                if let Some(&id) = by_drv.get(&d) {
+                    builds::add_constituent(tx.ex(), agg, id).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+    }
+    Ok(r)
+}
+
+async fn write_batch(
+    db: &Db,
+    jobset_id: i64,
+    eval_id: i64,
+    batch: &mut Vec<Job>,
+    r: &mut Recorded,
+    by_drv: &mut HashMap<String, i64>,
+    aggregates: &mut Vec<(i64, Vec<String>)>,
+) -> Result<(), DbError> {
+    let mut tx = db.begin().await?;
+    for job in batch.drain(..) {
+        let (build_id, is_new) = match (&job.error, &job.drv_path) {
+            (None, Some(drv)) => {
+                let existing = builds::find_in_jobset(tx.ex(), jobset_id, &job.attr, drv).await?;
+                let (id, new) = match existing {
+                    Some(b) => (b.id, false),
+                    None => {
+                        let b = builds::create(tx.ex(), &new_build(jobset_id, &job)).await?;
+                        r.new_builds += 1;
+                        r.build_ids.push(b.id);
+                        (b.id, true)
+                    }
+                };
+                by_drv.insert(drv.clone(), id);
+                if let Some(c) = &job.constituents {
+                    aggregates.push((id, c.clone()));
+                }
+                r.jobs += 1;
+                (Some(id), new)
+            }
+            _ => {
+                r.errors += 1;
+                (None, false)
+            }
+        };
+        let error = match (&job.error, &job.drv_path) {
+            (Some(e), _) => Some(e.clone()),
+            (None, None) => Some("the evaluator returned no derivation for this job".to_string()),
+            _ => None,
+        };
+        evaluations::add_member(tx.ex(), &Member { eval_id, job: job.attr.clone(), build_id, is_new, error }).await?;
+    }
+    tx.commit().await
+}
+
+fn new_build(jobset_id: i64, job: &Job) -> NewBuild {
+    NewBuild {
+        jobset_id,
+        job: job.attr.clone(),
+        drv_path: job.drv_path.clone().unwrap_or_default(),
+        nix_name: job.name.clone().unwrap_or_default(),
+        system: job.system.clone().unwrap_or_default(),
+        description: job.meta_str("description"),
+        license: job.meta_str("license"),
+        maintainers: job.meta_str("maintainers"),
+        homepage: job.meta_str("homepage"),
+        // Hydra's defaults: 10 h timeout, 2 h without output.
+        timeout: job.meta_int("timeout").unwrap_or(36000),
+        max_silent: job.meta_int("maxSilent").unwrap_or(7200),
+        priority: job.meta_int("schedulingPriority").unwrap_or(100),
+        is_aggregate: job.constituents.is_some(),
+        outputs: job.outputs.clone().unwrap_or_default().into_iter().collect(),
+    }
+}
+
+/// Finishes a recorded evaluation: its diff against the previous succeeded
+/// evaluation, its counts, and pruning beyond `keep`.
+pub async fn finish(
+    db: &Db,
+    jobset_id: i64,
+    eval_id: i64,
+    duration_ms: i64,
+    lock_hash: Option<&str>,
+    recorded: &Recorded,
+    keep: i64,
+) -> Result<Diff, DbError> {
+    let mut tx = db.begin().await?;
+    let prev = evaluations::previous_succeeded(tx.ex(), jobset_id, eval_id).await?;
+    let cur = evaluations::member_states(tx.ex(), eval_id).await?;
+    let old = match &prev {
+        Some(p) => evaluations::member_states(tx.ex(), p.id).await?,
+        None => Vec::new(),
+    };
+    let diff = evaluations::diff(prev.as_ref().map(|p| p.id), &old, &cur);
+    evaluations::finish(
+        tx.ex(),
+        eval_id,
+        duration_ms,
+        &Outcome {
+            lock_hash,
+            jobs: recorded.jobs + recorded.errors,
+            error_jobs: recorded.errors,
+            new_builds: recorded.new_builds,
+            error: None,
+            stderr: None,
+            diff: diff.clone(),
+        },
+    )
+    .await?;
+    evaluations::prune(tx.ex(), jobset_id, keep).await?;
+    tx.commit().await?;
+    Ok(diff)
+}

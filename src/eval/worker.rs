@@ -59,27 +59,16 @@ pub async fn run(
     mut on_trace: impl FnMut(Traced),
 ) -> Result<Vec<u8>, Failure> {
     let mut cmd = nix_command("nix");
-    cmd.args([
-        "eval",
-        "--json",
-        "--option",
-        "pure-eval",
-        "true",
-        "--expr",
-        expr,
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["eval", "--json", "--option", "pure-eval", "true", "--expr", expr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let limit = limits.max_memory_mib.saturating_mul(1024 * 1024);
     if limit > 0 {
         // SAFETY: setrlimit is async-signal-safe and touches only this
         // (forked, not yet exec'd) process.
         unsafe {
             cmd.pre_exec(move || {
-                let rl = libc::rlimit {
-                    rlim_cur: limit as libc::rlim_t,
-                    rlim_max: limit as libc::rlim_t,
-                };
+                let rl = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
                 if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -87,10 +76,14 @@ pub async fn run(
             });
         }
     }
+    // Stopped by the guard below instead: SIGKILL would leave the builders
+    // of import-from-derivation running.
+    cmd.kill_on_drop(false);
     let mut child = cmd.spawn().map_err(|e| Failure {
         message: format!("cannot run nix: {e} (is Nix installed and on PATH?)"),
         out_of_memory: false,
     })?;
+    let mut guard = StopOnDrop(child.id());
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let out_task = tokio::spawn(async move {
@@ -118,10 +111,9 @@ pub async fn run(
             None => other.push(&line),
         }
     }
-    let status = child.wait().await.map_err(|e| Failure {
-        message: format!("waiting for nix: {e}"),
-        out_of_memory: false,
-    })?;
+    let status =
+        child.wait().await.map_err(|e| Failure { message: format!("waiting for nix: {e}"), out_of_memory: false })?;
+    guard.0 = None;
     let out = out_task.await.unwrap_or_default();
     if status.success() {
         return Ok(out);
@@ -137,15 +129,36 @@ pub async fn run(
         };
     }
     if out_of_memory {
-        message = format!(
-            "evaluation exceeded the memory limit of {} MiB: {message}",
-            limits.max_memory_mib
-        );
+        message = format!("evaluation exceeded the memory limit of {} MiB: {message}", limits.max_memory_mib);
     }
-    Err(Failure {
-        message,
-        out_of_memory,
-    })
+    Err(Failure { message, out_of_memory })
+}
+
+/// Stops a worker that is abandoned (evaluation timed out or cancelled):
+/// SIGINT lets Nix stop its builders and clean up; SIGKILL follows if it
+/// has not exited within a few seconds.
+struct StopOnDrop(Option<u32>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let Some(pid) = self.0 else { return };
+        let pid = pid as libc::pid_t;
+        // SAFETY: plain signal sends to our own child.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        std::thread::spawn(move || {
+            for _ in 0..50 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let mut status = 0;
+                // Reaps it if it exited; non-zero means it is gone.
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0 {
+                    return;
+                }
+            }
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut status = 0;
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        });
+    }
 }
 
 #[derive(Deserialize)]
@@ -172,11 +185,7 @@ impl Tail {
         }
     }
     fn text(&self) -> String {
-        self.buf
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.buf.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -222,9 +231,6 @@ mod tests {
     #[test]
     fn error_message_is_nix_own_text() {
         let s = "warning: Git tree is dirty\n\u{1b}[31;1merror:\u{1b}[0m attribute 'x' missing\n\n       at flake.nix:1:1\n(use '--show-trace' to show detailed location information)\n";
-        assert_eq!(
-            error_message(s),
-            "error: attribute 'x' missing\n\n       at flake.nix:1:1"
-        );
+        assert_eq!(error_message(s), "error: attribute 'x' missing\n\n       at flake.nix:1:1");
     }
 }

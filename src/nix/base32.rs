@@ -29,11 +29,7 @@ pub fn encode(bytes: &[u8]) -> String {
         let i = b / 8;
         let j = b % 8;
         let lo = (bytes[i] as u16) >> j;
-        let hi = if i + 1 < bytes.len() {
-            (bytes[i + 1] as u16) << (8 - j)
-        } else {
-            0
-        };
+        let hi = if i + 1 < bytes.len() { (bytes[i + 1] as u16) << (8 - j) } else { 0 };
         out.push(ALPHABET[((lo | hi) & 0x1f) as usize] as char);
     }
     out
@@ -47,10 +43,7 @@ fn digit(c: u8) -> Option<u8> {
 pub fn decode(s: &str, out_len: usize) -> Result<Vec<u8>, Base32Error> {
     let expected = encoded_len(out_len);
     if s.len() != expected {
-        return Err(Base32Error::BadLength {
-            got: s.len(),
-            expected,
-        });
+        return Err(Base32Error::BadLength { got: s.len(), expected });
     }
     let mut out = vec![0u8; out_len];
     let bytes = s.as_bytes();
@@ -85,14 +78,10 @@ mod tests {
     fn known_values() {
         // sha256("") as Nix prints it: `nix hash to-base32 sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=`
         let empty = [
-            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f,
-            0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b,
-            0x78, 0x52, 0xb8, 0x55,
+            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae,
+            0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
         ];
-        assert_eq!(
-            encode(&empty),
-            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
+        assert_eq!(encode(&empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
         assert_eq!(decode(&encode(&empty), 32).unwrap(), empty);
         assert_eq!(encode(&[]), "");
         assert_eq!(encode(&[0xff]), "7z");
@@ -100,13 +89,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(
-            decode("e", 1),
-            Err(Base32Error::BadLength {
-                got: 1,
-                expected: 2
-            })
-        );
+        assert_eq!(decode("e", 1), Err(Base32Error::BadLength { got: 1, expected: 2 }));
         assert_eq!(decode("0e", 1), Err(Base32Error::InvalidChar('e')));
         // "zz" sets bits above the 8th of a one-byte value.
         assert_eq!(decode("zz", 1), Err(Base32Error::NonZeroPadding));

@@ -11,16 +11,9 @@ use tokio::process::Command;
 #[derive(Debug, Error)]
 pub enum NixCommandError {
     #[error("cannot run {program}: {source} (is Nix installed and on PATH?)")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { command: String, status: String, stderr: String },
 }
 
 /// A `tokio` command for a Nix program (`nix`, `nix-store`, …) with
@@ -32,9 +25,7 @@ pub fn nix_command(program: &str) -> Command {
         conf.push('\n');
     }
     conf.push_str("extra-experimental-features = nix-command flakes");
-    cmd.env("NIX_CONFIG", conf)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.env("NIX_CONFIG", conf).stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
 
@@ -49,10 +40,7 @@ where
         .args(&args)
         .output()
         .await
-        .map_err(|source| NixCommandError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
+        .map_err(|source| NixCommandError::Spawn { program: program.to_string(), source })?;
     if !out.status.success() {
         let command = std::iter::once(program.to_string())
             .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))

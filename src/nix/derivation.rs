@@ -56,12 +56,7 @@ impl Derivation {
             p.lit(",")?;
             let hash = p.string()?;
             p.lit(")")?;
-            Ok(Output {
-                name,
-                path,
-                hash_algo,
-                hash,
-            })
+            Ok(Output { name, path, hash_algo, hash })
         })?;
         p.lit(",")?;
         let input_drvs = p.list(|p| {
@@ -93,15 +88,7 @@ impl Derivation {
         if p.pos != s.len() {
             return Err(DerivationError::Trailing(p.pos));
         }
-        Ok(Derivation {
-            outputs,
-            input_drvs,
-            input_srcs,
-            system,
-            builder,
-            args,
-            env,
-        })
+        Ok(Derivation { outputs, input_drvs, input_srcs, system, builder, args, env })
     }
 
     /// The ATerm text, byte for byte as Nix writes it.
@@ -148,18 +135,12 @@ impl Derivation {
     }
 
     pub fn env_get(&self, key: &str) -> Option<&str> {
-        self.env
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Output paths by name (those that are known in advance).
     pub fn output_paths(&self) -> impl Iterator<Item = (&str, Result<StorePath, StorePathError>)> {
-        self.outputs
-            .iter()
-            .filter(|o| !o.path.is_empty())
-            .map(|o| (o.name.as_str(), StorePath::parse(&o.path)))
+        self.outputs.iter().filter(|o| !o.path.is_empty()).map(|o| (o.name.as_str(), StorePath::parse(&o.path)))
     }
 
     /// Features a builder must support (`requiredSystemFeatures`).
@@ -181,10 +162,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err(&self, expected: &'static str) -> DerivationError {
-        DerivationError::Syntax {
-            pos: self.pos,
-            expected,
-        }
+        DerivationError::Syntax { pos: self.pos, expected }
     }
 
     fn lit(&mut self, l: &'static str) -> Result<(), DerivationError> {
@@ -215,10 +193,7 @@ impl Parser<'_> {
                 }
                 Some(b'\\') => {
                     out.push_str(&self.s[start..self.pos]);
-                    let c = self.s[self.pos + 1..]
-                        .chars()
-                        .next()
-                        .ok_or_else(|| self.err("an escaped character"))?;
+                    let c = self.s[self.pos + 1..].chars().next().ok_or_else(|| self.err("an escaped character"))?;
                     out.push(match c {
                         'n' => '\n',
                         'r' => '\r',

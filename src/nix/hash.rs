@@ -81,26 +81,17 @@ pub enum Encoding {
 impl Hash {
     pub fn new(algo: HashAlgo, bytes: Vec<u8>) -> Result<Self, HashError> {
         if bytes.len() != algo.size() {
-            return Err(HashError::BadLength {
-                hash: to_hex(&bytes),
-                algo: algo.name(),
-            });
+            return Err(HashError::BadLength { hash: to_hex(&bytes), algo: algo.name() });
         }
         Ok(Hash { algo, bytes })
     }
 
     pub fn sha256(data: &[u8]) -> Self {
-        Hash {
-            algo: HashAlgo::Sha256,
-            bytes: sha2::Sha256::digest(data).to_vec(),
-        }
+        Hash { algo: HashAlgo::Sha256, bytes: sha2::Sha256::digest(data).to_vec() }
     }
 
     pub fn sha256_from_digest(digest: [u8; 32]) -> Self {
-        Hash {
-            algo: HashAlgo::Sha256,
-            bytes: digest.to_vec(),
-        }
+        Hash { algo: HashAlgo::Sha256, bytes: digest.to_vec() }
     }
 
     pub fn algo(&self) -> HashAlgo {
@@ -118,13 +109,8 @@ impl Hash {
             Self::parse_bare(rest, algo)
         } else if let Some((algo, rest)) = s.split_once('-') {
             let algo = HashAlgo::from_name(algo)?;
-            let bytes = B64
-                .decode(rest)
-                .map_err(|_| HashError::BadEncoding(s.to_string()))?;
-            Hash::new(algo, bytes).map_err(|_| HashError::BadLength {
-                hash: s.to_string(),
-                algo: algo.name(),
-            })
+            let bytes = B64.decode(rest).map_err(|_| HashError::BadEncoding(s.to_string()))?;
+            Hash::new(algo, bytes).map_err(|_| HashError::BadLength { hash: s.to_string(), algo: algo.name() })
         } else {
             Err(HashError::NoAlgo(s.to_string()))
         }
@@ -142,10 +128,7 @@ impl Hash {
         } else if s.len() == size.div_ceil(3) * 4 {
             B64.decode(s).map_err(|_| bad())?
         } else {
-            return Err(HashError::BadLength {
-                hash: s.to_string(),
-                algo: algo.name(),
-            });
+            return Err(HashError::BadLength { hash: s.to_string(), algo: algo.name() });
         };
         Hash::new(algo, bytes)
     }
@@ -209,10 +192,7 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| Some(nib(p[0])? << 4 | nib(p[1])?))
-        .collect()
+    s.as_bytes().chunks(2).map(|p| Some(nib(p[0])? << 4 | nib(p[1])?)).collect()
 }
 
 /// A sha256 computed over a stream, for NARs and compressed files.
@@ -251,40 +231,20 @@ mod tests {
     fn all_forms_parse_to_the_same_hash() {
         let h = Hash::sha256(b"");
         assert_eq!(h.to_hex(), EMPTY_HEX);
-        for enc in [
-            Encoding::Base16,
-            Encoding::Base32,
-            Encoding::Base64,
-            Encoding::Sri,
-        ] {
+        for enc in [Encoding::Base16, Encoding::Base32, Encoding::Base64, Encoding::Sri] {
             assert_eq!(Hash::parse(&h.encode(enc)).unwrap(), h, "{enc:?}");
         }
-        assert_eq!(
-            h.encode(Encoding::Sri),
-            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
-        );
-        assert_eq!(
-            h.to_string(),
-            "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
+        assert_eq!(h.encode(Encoding::Sri), "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(h.to_string(), "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
     }
 
     #[test]
     fn bad_hashes_are_errors() {
-        assert!(matches!(
-            Hash::parse("sha256:abc"),
-            Err(HashError::BadLength { .. })
-        ));
-        assert!(matches!(
-            Hash::parse("blake9:abc"),
-            Err(HashError::UnknownAlgo(_))
-        ));
+        assert!(matches!(Hash::parse("sha256:abc"), Err(HashError::BadLength { .. })));
+        assert!(matches!(Hash::parse("blake9:abc"), Err(HashError::UnknownAlgo(_))));
         assert!(matches!(Hash::parse("abc"), Err(HashError::NoAlgo(_))));
         let bad32 = format!("sha256:{}", "e".repeat(52));
-        assert!(matches!(
-            Hash::parse(&bad32),
-            Err(HashError::BadEncoding(_))
-        ));
+        assert!(matches!(Hash::parse(&bad32), Err(HashError::BadEncoding(_))));
         assert!(Hash::parse_bare(&"g".repeat(40), HashAlgo::Sha1).is_err());
     }
 

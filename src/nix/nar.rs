@@ -49,21 +49,12 @@ pub enum NarError {
 /// the root node has an empty name.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    Directory {
-        name: &'a [u8],
-    },
+    Directory { name: &'a [u8] },
     DirectoryEnd,
-    File {
-        name: &'a [u8],
-        executable: bool,
-        size: u64,
-    },
+    File { name: &'a [u8], executable: bool, size: u64 },
     FileData(&'a [u8]),
     FileEnd,
-    Symlink {
-        name: &'a [u8],
-        target: &'a [u8],
-    },
+    Symlink { name: &'a [u8], target: &'a [u8] },
 }
 
 // ------------------------------------------------------------------ writer
@@ -116,15 +107,11 @@ fn dump_node<W: Write>(path: &Path, w: &mut W, depth: usize) -> io::Result<()> {
         write_pad(w, size)?;
     } else if ft.is_dir() {
         if depth >= MAX_DEPTH {
-            return Err(io::Error::other(format!(
-                "{} nests too deep",
-                path.display()
-            )));
+            return Err(io::Error::other(format!("{} nests too deep", path.display())));
         }
         write_str(w, b"directory")?;
-        let mut names: Vec<_> = std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
+        let mut names: Vec<_> =
+            std::fs::read_dir(path)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
             write_str(w, b"entry")?;
@@ -136,10 +123,7 @@ fn dump_node<W: Write>(path: &Path, w: &mut W, depth: usize) -> io::Result<()> {
             write_str(w, b")")?;
         }
     } else {
-        return Err(io::Error::other(format!(
-            "{} is not a file, directory or symlink",
-            path.display()
-        )));
+        return Err(io::Error::other(format!("{} is not a file, directory or symlink", path.display())));
     }
     write_str(w, b")")
 }
@@ -151,10 +135,7 @@ pub async fn dump_path_async<W: AsyncWrite + Unpin>(path: &Path, w: &mut W) -> i
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let path = path.to_owned();
     let walker = tokio::task::spawn_blocking(move || {
-        let mut cw = ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
-        };
+        let mut cw = ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) };
         dump_path(&path, &mut cw)?;
         cw.flush()
     });
@@ -281,11 +262,7 @@ impl NarParser {
 
     /// Feeds bytes; returns how many were consumed. Fewer than `data.len()`
     /// are consumed only when the NAR ended inside `data`.
-    pub fn feed(
-        &mut self,
-        data: &[u8],
-        sink: &mut impl FnMut(Event<'_>),
-    ) -> Result<usize, NarError> {
+    pub fn feed(&mut self, data: &[u8], sink: &mut impl FnMut(Event<'_>)) -> Result<usize, NarError> {
         let mut i = 0;
         loop {
             // A token whose padding is complete (or empty) ends before any
@@ -347,21 +324,13 @@ impl NarParser {
 
     /// Call at end of input: an unfinished NAR is truncated.
     pub fn finish(&self) -> Result<u64, NarError> {
-        if self.is_done() {
-            Ok(self.pos)
-        } else {
-            Err(NarError::Truncated(self.pos))
-        }
+        if self.is_done() { Ok(self.pos) } else { Err(NarError::Truncated(self.pos)) }
     }
 
     fn start_token(&mut self, len: u64, sink: &mut impl FnMut(Event<'_>)) -> Result<(), NarError> {
         let tok_pos = self.pos - 8;
         if self.want == Want::Contents {
-            sink(Event::File {
-                name: &self.entry_name,
-                executable: self.executable,
-                size: len,
-            });
+            sink(Event::File { name: &self.entry_name, executable: self.executable, size: len });
             self.pending_pad_for = len;
             if len == 0 {
                 self.begin_pad(0);
@@ -379,11 +348,7 @@ impl NarParser {
             return Err(if max == 16 {
                 self.unexpected_at(tok_pos)
             } else {
-                NarError::TooLong {
-                    pos: tok_pos,
-                    len,
-                    max,
-                }
+                NarError::TooLong { pos: tok_pos, len, max }
             });
         }
         self.small.clear();
@@ -396,9 +361,7 @@ impl NarParser {
     }
 
     fn begin_pad(&mut self, len: u64) {
-        self.lex = Lex::Pad {
-            left: ((8 - (len % 8)) % 8) as usize,
-        };
+        self.lex = Lex::Pad { left: ((8 - (len % 8)) % 8) as usize };
     }
 
     fn unexpected_at(&self, pos: u64) -> NarError {
@@ -426,11 +389,7 @@ impl NarParser {
 
     /// A node (file, symlink or directory) has ended.
     fn node_done(&mut self) {
-        self.want = if self.dirs.is_empty() {
-            Want::Done
-        } else {
-            Want::EntryClose
-        };
+        self.want = if self.dirs.is_empty() { Want::Done } else { Want::EntryClose };
     }
 
     fn end_token(&mut self, sink: &mut impl FnMut(Event<'_>)) -> Result<(), NarError> {
@@ -456,17 +415,13 @@ impl NarParser {
                     if self.dirs.len() >= MAX_DEPTH {
                         return Err(NarError::TooDeep);
                     }
-                    sink(Event::Directory {
-                        name: &self.entry_name,
-                    });
+                    sink(Event::Directory { name: &self.entry_name });
                     self.dirs.push(Dir { last_name: None });
                     self.want = Want::EntryOrClose;
                 }
                 _ => return bad(self),
             },
-            Want::ExecOrContents if t == b"executable" && !self.executable => {
-                self.want = Want::ExecEmpty
-            }
+            Want::ExecOrContents if t == b"executable" && !self.executable => self.want = Want::ExecEmpty,
             Want::ExecOrContents if t == b"contents" => self.want = Want::Contents,
             Want::ExecEmpty if t.is_empty() => {
                 self.executable = true;
@@ -480,15 +435,9 @@ impl NarParser {
             Want::SymlinkTarget if t == b"target" => self.want = Want::SymlinkTargetValue,
             Want::SymlinkTargetValue => {
                 if t.is_empty() || t.contains(&0) {
-                    return Err(NarError::Unexpected {
-                        pos: self.pos,
-                        expected: "a valid symlink target",
-                    });
+                    return Err(NarError::Unexpected { pos: self.pos, expected: "a valid symlink target" });
                 }
-                sink(Event::Symlink {
-                    name: &self.entry_name,
-                    target: t,
-                });
+                sink(Event::Symlink { name: &self.entry_name, target: t });
                 self.want = Want::NodeClose;
             }
             Want::NodeClose if t == b")" => self.node_done(),
@@ -528,10 +477,7 @@ impl NarParser {
 
 /// Reads one NAR from a buffered async reader without reading past its end,
 /// validating it and passing events to `sink`. Returns the NAR's size.
-pub async fn read_nar<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    mut sink: impl FnMut(Event<'_>),
-) -> Result<u64, NarError> {
+pub async fn read_nar<R: AsyncBufRead + Unpin>(r: &mut R, mut sink: impl FnMut(Event<'_>)) -> Result<u64, NarError> {
     let mut p = NarParser::new();
     while !p.is_done() {
         let buf = r.fill_buf().await?;
@@ -558,12 +504,7 @@ pub fn validate(bytes: &[u8]) -> Result<u64, NarError> {
 /// Unpacks a NAR stream into `dest` (which must not exist), as
 /// `nix-store --restore` does.
 pub async fn restore<R: AsyncBufRead + Unpin>(r: &mut R, dest: &Path) -> Result<u64, NarError> {
-    let mut state = Restore {
-        stack: vec![],
-        root: dest.to_owned(),
-        file: None,
-        err: None,
-    };
+    let mut state = Restore { stack: vec![], root: dest.to_owned(), file: None, err: None };
     let n = read_nar(r, |ev| {
         if state.err.is_none()
             && let Err(e) = state.on(ev)
@@ -605,14 +546,9 @@ impl Restore {
             Event::DirectoryEnd => {
                 self.stack.pop();
             }
-            Event::File {
-                name, executable, ..
-            } => {
+            Event::File { name, executable, .. } => {
                 let p = self.path_for(name);
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)?;
+                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&p)?;
                 let mode = if executable { 0o555 } else { 0o444 };
                 f.set_permissions(std::fs::Permissions::from_mode(mode))?;
                 self.file = Some(f);
@@ -621,10 +557,9 @@ impl Restore {
             Event::FileEnd => {
                 self.file = None;
             }
-            Event::Symlink { name, target } => std::os::unix::fs::symlink(
-                std::ffi::OsStr::from_bytes(target),
-                self.path_for(name),
-            )?,
+            Event::Symlink { name, target } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), self.path_for(name))?
+            }
         }
         Ok(())
     }
@@ -650,8 +585,7 @@ mod tests {
         std::fs::write(root.join("empty"), b"").unwrap();
         std::fs::write(root.join("sub/deeper/eight888"), b"12345678").unwrap();
         std::fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
-        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
         d
     }
@@ -726,8 +660,7 @@ mod tests {
         let mut toks: Vec<&[u8]> = vec![MAGIC, b"(", b"type", b"directory"];
         for n in names {
             toks.extend_from_slice(&[
-                b"entry", b"(", b"name", n, b"node", b"(", b"type", b"symlink", b"target", b"x",
-                b")", b")",
+                b"entry", b"(", b"name", n, b"node", b"(", b"type", b"symlink", b"target", b"x", b")", b")",
             ]);
         }
         toks.push(b")");
@@ -736,54 +669,26 @@ mod tests {
 
     #[test]
     fn bad_nars_are_typed_errors() {
-        assert!(matches!(
-            validate(&token(b"nix-archive-2")),
-            Err(NarError::BadMagic)
-        ));
+        assert!(matches!(validate(&token(b"nix-archive-2")), Err(NarError::BadMagic)));
         assert!(validate(&dir_with(&[b"a", b"b"])).is_ok());
-        assert!(matches!(
-            validate(&dir_with(&[b"b", b"a"])),
-            Err(NarError::NotSorted(_))
-        ));
-        assert!(matches!(
-            validate(&dir_with(&[b"a", b"a"])),
-            Err(NarError::NotSorted(_))
-        ));
+        assert!(matches!(validate(&dir_with(&[b"b", b"a"])), Err(NarError::NotSorted(_))));
+        assert!(matches!(validate(&dir_with(&[b"a", b"a"])), Err(NarError::NotSorted(_))));
         for name in [&b".."[..], b".", b"a/b", b"", b"a\0"] {
-            assert!(
-                matches!(validate(&dir_with(&[name])), Err(NarError::BadName(_))),
-                "{name:?}"
-            );
+            assert!(matches!(validate(&dir_with(&[name])), Err(NarError::BadName(_))), "{name:?}");
         }
         let long = vec![b'a'; 256];
-        assert!(matches!(
-            validate(&dir_with(&[&long])),
-            Err(NarError::TooLong { .. })
-        ));
+        assert!(matches!(validate(&dir_with(&[&long])), Err(NarError::TooLong { .. })));
         let good = dir_with(&[b"a"]);
-        assert!(matches!(
-            validate(&good[..good.len() - 3]),
-            Err(NarError::Truncated(_))
-        ));
+        assert!(matches!(validate(&good[..good.len() - 3]), Err(NarError::Truncated(_))));
         let mut bad_pad = good.clone();
         // The padding byte right after the 1-byte name "a" (magic 24 bytes, then tokens).
-        let at = good
-            .windows(9)
-            .position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b'a'])
-            .unwrap()
-            + 9;
+        let at = good.windows(9).position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b'a']).unwrap() + 9;
         bad_pad[at] = 1;
         assert!(matches!(validate(&bad_pad), Err(NarError::BadPadding(_))));
         let wrong_type = nar_from_tokens(&[MAGIC, b"(", b"type", b"fifo", b")"]);
-        assert!(matches!(
-            validate(&wrong_type),
-            Err(NarError::Unexpected { .. })
-        ));
+        assert!(matches!(validate(&wrong_type), Err(NarError::Unexpected { .. })));
         let huge_keyword = [&token(MAGIC)[..], &u64::MAX.to_le_bytes()].concat();
-        assert!(matches!(
-            validate(&huge_keyword),
-            Err(NarError::Unexpected { .. })
-        ));
+        assert!(matches!(validate(&huge_keyword), Err(NarError::Unexpected { .. })));
         let twice_exec = nar_from_tokens(&[
             MAGIC,
             b"(",
@@ -804,21 +709,9 @@ mod tests {
     fn depth_is_bounded() {
         let mut toks: Vec<&[u8]> = vec![MAGIC];
         for _ in 0..=MAX_DEPTH {
-            toks.extend_from_slice(&[
-                b"(",
-                b"type",
-                b"directory",
-                b"entry",
-                b"(",
-                b"name",
-                b"d",
-                b"node",
-            ]);
+            toks.extend_from_slice(&[b"(", b"type", b"directory", b"entry", b"(", b"name", b"d", b"node"]);
         }
-        assert!(matches!(
-            validate(&nar_from_tokens(&toks)),
-            Err(NarError::TooDeep)
-        ));
+        assert!(matches!(validate(&nar_from_tokens(&toks)), Err(NarError::TooDeep)));
     }
 
     proptest! {

@@ -59,10 +59,7 @@ impl NarInfo {
         let mut sigs = Vec::new();
         let mut ca = None;
         let num = |field: &'static str, v: &str| {
-            v.parse::<u64>().map_err(|e| NarInfoError::BadField {
-                field,
-                reason: e.to_string(),
-            })
+            v.parse::<u64>().map_err(|e| NarInfoError::BadField { field, reason: e.to_string() })
         };
         for (i, line) in text.lines().enumerate() {
             if line.is_empty() {
@@ -71,10 +68,7 @@ impl NarInfo {
             let (k, v) = line
                 .split_once(": ")
                 .or_else(|| line.strip_suffix(':').map(|k| (k, "")))
-                .ok_or_else(|| NarInfoError::BadLine {
-                    line: i + 1,
-                    text: line.chars().take(80).collect(),
-                })?;
+                .ok_or_else(|| NarInfoError::BadLine { line: i + 1, text: line.chars().take(80).collect() })?;
             match k {
                 "StorePath" => store_path = Some(StorePath::parse(v)?),
                 "URL" => url = Some(v.to_string()),
@@ -90,9 +84,7 @@ impl NarInfo {
                         .map(StorePath::from_base_name)
                         .collect::<Result<_, _>>()?
                 }
-                "Deriver" if v != "unknown-deriver" => {
-                    deriver = Some(StorePath::from_base_name(v)?)
-                }
+                "Deriver" if v != "unknown-deriver" => deriver = Some(StorePath::from_base_name(v)?),
                 "System" => system = Some(v.to_string()),
                 "Sig" => sigs.push(Signature::parse(v)?),
                 "CA" => ca = Some(v.to_string()),
@@ -100,22 +92,14 @@ impl NarInfo {
                 _ => {}
             }
         }
-        let url = url
-            .filter(|u| !u.is_empty())
-            .ok_or(NarInfoError::Missing("URL"))?;
+        let url = url.filter(|u| !u.is_empty()).ok_or(NarInfoError::Missing("URL"))?;
         let nar_hash: Hash = nar_hash.ok_or(NarInfoError::Missing("NarHash"))?;
         if nar_hash.algo() != HashAlgo::Sha256 {
-            return Err(NarInfoError::BadField {
-                field: "NarHash",
-                reason: "must be sha256".into(),
-            });
+            return Err(NarInfoError::BadField { field: "NarHash", reason: "must be sha256".into() });
         }
         let nar_size = nar_size.ok_or(NarInfoError::Missing("NarSize"))?;
         if nar_size == 0 {
-            return Err(NarInfoError::BadField {
-                field: "NarSize",
-                reason: "must not be 0".into(),
-            });
+            return Err(NarInfoError::BadField { field: "NarSize", reason: "must not be 0".into() });
         }
         Ok(NarInfo {
             store_path: store_path.ok_or(NarInfoError::Missing("StorePath"))?,
@@ -166,12 +150,7 @@ impl NarInfo {
 
     /// What Nix signs: `1;<path>;<narHash base32>;<narSize>;<sorted refs>`.
     pub fn fingerprint(&self) -> String {
-        fingerprint(
-            &self.store_path,
-            &self.nar_hash,
-            self.nar_size,
-            &self.references,
-        )
+        fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
     }
 
     /// Adds this key's signature, replacing an older one by the same key.
@@ -184,9 +163,7 @@ impl NarInfo {
     /// True when one of the signatures is valid under one of `keys`.
     pub fn verify(&self, keys: &[PublicKey]) -> bool {
         let fp = self.fingerprint();
-        self.sigs
-            .iter()
-            .any(|sig| keys.iter().any(|k| k.verify(fp.as_bytes(), sig)))
+        self.sigs.iter().any(|sig| keys.iter().any(|k| k.verify(fp.as_bytes(), sig)))
     }
 }
 
@@ -238,50 +215,17 @@ CA: fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h
 
     #[test]
     fn malformed_narinfo_is_an_error() {
-        let drop = |field: &str| {
-            SIGNED
-                .lines()
-                .filter(|l| !l.starts_with(field))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        assert!(matches!(
-            NarInfo::parse(&drop("StorePath")),
-            Err(NarInfoError::Missing("StorePath"))
-        ));
-        assert!(matches!(
-            NarInfo::parse(&drop("NarHash")),
-            Err(NarInfoError::Missing("NarHash"))
-        ));
-        assert!(matches!(
-            NarInfo::parse(&drop("URL")),
-            Err(NarInfoError::Missing("URL"))
-        ));
-        assert!(matches!(
-            NarInfo::parse(&drop("NarSize")),
-            Err(NarInfoError::Missing("NarSize"))
-        ));
+        let drop = |field: &str| SIGNED.lines().filter(|l| !l.starts_with(field)).collect::<Vec<_>>().join("\n");
+        assert!(matches!(NarInfo::parse(&drop("StorePath")), Err(NarInfoError::Missing("StorePath"))));
+        assert!(matches!(NarInfo::parse(&drop("NarHash")), Err(NarInfoError::Missing("NarHash"))));
+        assert!(matches!(NarInfo::parse(&drop("URL")), Err(NarInfoError::Missing("URL"))));
+        assert!(matches!(NarInfo::parse(&drop("NarSize")), Err(NarInfoError::Missing("NarSize"))));
         let bad_hash = SIGNED.replace("NarHash: sha256:1x", "NarHash: sha256:ex");
-        assert!(matches!(
-            NarInfo::parse(&bad_hash),
-            Err(NarInfoError::Hash(_))
-        ));
+        assert!(matches!(NarInfo::parse(&bad_hash), Err(NarInfoError::Hash(_))));
         let bad_size = SIGNED.replace("NarSize: 120", "NarSize: -1");
-        assert!(matches!(
-            NarInfo::parse(&bad_size),
-            Err(NarInfoError::BadField {
-                field: "NarSize",
-                ..
-            })
-        ));
-        assert!(matches!(
-            NarInfo::parse("garbage line"),
-            Err(NarInfoError::BadLine { line: 1, .. })
-        ));
+        assert!(matches!(NarInfo::parse(&bad_size), Err(NarInfoError::BadField { field: "NarSize", .. })));
+        assert!(matches!(NarInfo::parse("garbage line"), Err(NarInfoError::BadLine { line: 1, .. })));
         let bad_ref = SIGNED.replace("References: ", "References: ../../etc/passwd");
-        assert!(matches!(
-            NarInfo::parse(&bad_ref),
-            Err(NarInfoError::Path(_))
-        ));
+        assert!(matches!(NarInfo::parse(&bad_ref), Err(NarInfoError::Path(_))));
     }
 }

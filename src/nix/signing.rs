@@ -17,23 +17,13 @@ pub enum KeyError {
     #[error("key {0:?} is not of the form name:base64")]
     Format(String),
     #[error("key {name:?} has {got} bytes, expected {expected}")]
-    Length {
-        name: String,
-        got: usize,
-        expected: usize,
-    },
+    Length { name: String, got: usize, expected: usize },
     #[error("key {0:?}: the public half does not match the secret")]
     Mismatch(String),
     #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("cannot write key file {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("refusing to overwrite existing key file {0}")]
     Exists(String),
     #[error("no randomness available: {0}")]
@@ -42,15 +32,11 @@ pub enum KeyError {
 
 fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
     let s = s.trim();
-    let (name, b64) = s
-        .split_once(':')
-        .ok_or_else(|| KeyError::Format(redact(s)))?;
+    let (name, b64) = s.split_once(':').ok_or_else(|| KeyError::Format(redact(s)))?;
     if name.is_empty() {
         return Err(KeyError::Format(redact(s)));
     }
-    let bytes = B64
-        .decode(b64)
-        .map_err(|_| KeyError::Format(format!("{name}:…")))?;
+    let bytes = B64.decode(b64).map_err(|_| KeyError::Format(format!("{name}:…")))?;
     Ok((name, bytes))
 }
 
@@ -64,11 +50,7 @@ fn redact(s: &str) -> String {
 
 fn fixed<const N: usize>(name: &str, bytes: Vec<u8>) -> Result<[u8; N], KeyError> {
     let got = bytes.len();
-    bytes.try_into().map_err(|_| KeyError::Length {
-        name: name.to_string(),
-        got,
-        expected: N,
-    })
+    bytes.try_into().map_err(|_| KeyError::Length { name: name.to_string(), got, expected: N })
 }
 
 pub struct SigningKey {
@@ -89,28 +71,20 @@ impl SigningKey {
         }
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
-        Ok(SigningKey {
-            name: name.to_string(),
-            key: ed25519_dalek::SigningKey::from_bytes(&seed),
-        })
+        Ok(SigningKey { name: name.to_string(), key: ed25519_dalek::SigningKey::from_bytes(&seed) })
     }
 
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split(s)?;
         let kp: [u8; 64] = fixed(name, bytes)?;
-        let key = ed25519_dalek::SigningKey::from_keypair_bytes(&kp)
-            .map_err(|_| KeyError::Mismatch(name.to_string()))?;
-        Ok(SigningKey {
-            name: name.to_string(),
-            key,
-        })
+        let key =
+            ed25519_dalek::SigningKey::from_keypair_bytes(&kp).map_err(|_| KeyError::Mismatch(name.to_string()))?;
+        Ok(SigningKey { name: name.to_string(), key })
     }
 
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let s = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let s = std::fs::read_to_string(path)
+            .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
         Self::parse(&s)
     }
 
@@ -124,17 +98,11 @@ impl SigningKey {
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-        }
+        PublicKey { name: self.name.clone(), key: self.key.verifying_key() }
     }
 
     pub fn sign(&self, msg: &[u8]) -> Signature {
-        Signature {
-            name: self.name.clone(),
-            bytes: self.key.sign(msg).to_bytes(),
-        }
+        Signature { name: self.name.clone(), bytes: self.key.sign(msg).to_bytes() }
     }
 
     /// Writes the pair as `nix-store --generate-binary-cache-key` does (no
@@ -151,23 +119,13 @@ impl SigningKey {
             let path = p.display().to_string();
             move |source| KeyError::Write { path, source }
         };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(secret)
-            .map_err(werr(secret))?;
-        f.write_all(self.to_secret_string().as_bytes())
-            .map_err(werr(secret))?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(secret).map_err(werr(secret))?;
+        f.write_all(self.to_secret_string().as_bytes()).map_err(werr(secret))?;
         f.sync_all().map_err(werr(secret))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(public)
-            .map_err(werr(public))?;
-        f.write_all(self.public().to_string().as_bytes())
-            .map_err(werr(public))?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(public).map_err(werr(public))?;
+        f.write_all(self.public().to_string().as_bytes()).map_err(werr(public))?;
         f.sync_all().map_err(werr(public))?;
         Ok(())
     }
@@ -183,12 +141,8 @@ impl PublicKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split(s)?;
         let b: [u8; 32] = fixed(name, bytes)?;
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&b)
-            .map_err(|_| KeyError::Format(format!("{name}:…")))?;
-        Ok(PublicKey {
-            name: name.to_string(),
-            key,
-        })
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&b).map_err(|_| KeyError::Format(format!("{name}:…")))?;
+        Ok(PublicKey { name: name.to_string(), key })
     }
 
     pub fn name(&self) -> &str {
@@ -197,11 +151,7 @@ impl PublicKey {
 
     /// True when `sig` is by this key (same name) and is valid for `msg`.
     pub fn verify(&self, msg: &[u8], sig: &Signature) -> bool {
-        sig.name == self.name
-            && self
-                .key
-                .verify(msg, &ed25519_dalek::Signature::from_bytes(&sig.bytes))
-                .is_ok()
+        sig.name == self.name && self.key.verify(msg, &ed25519_dalek::Signature::from_bytes(&sig.bytes)).is_ok()
     }
 }
 
@@ -226,10 +176,7 @@ pub struct Signature {
 impl Signature {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split(s)?;
-        Ok(Signature {
-            name: name.to_string(),
-            bytes: fixed(name, bytes)?,
-        })
+        Ok(Signature { name: name.to_string(), bytes: fixed(name, bytes)? })
     }
 
     pub fn key_name(&self) -> &str {
@@ -279,31 +226,17 @@ mod tests {
 
     #[test]
     fn bad_keys_are_errors_without_secrets_in_them() {
-        assert!(matches!(
-            SigningKey::parse("nocolon"),
-            Err(KeyError::Format(_))
-        ));
-        assert!(matches!(
-            SigningKey::parse(":abc"),
-            Err(KeyError::Format(_))
-        ));
-        assert!(matches!(
-            PublicKey::parse(SK),
-            Err(KeyError::Length { got: 64, .. })
-        ));
-        let err = SigningKey::parse("k:!!!notbase64secret")
-            .unwrap_err()
-            .to_string();
+        assert!(matches!(SigningKey::parse("nocolon"), Err(KeyError::Format(_))));
+        assert!(matches!(SigningKey::parse(":abc"), Err(KeyError::Format(_))));
+        assert!(matches!(PublicKey::parse(SK), Err(KeyError::Length { got: 64, .. })));
+        let err = SigningKey::parse("k:!!!notbase64secret").unwrap_err().to_string();
         assert!(!err.contains("notbase64secret"), "{err}");
         // A keypair whose public half is someone else's.
         let a = SigningKey::generate("k").unwrap();
         let b = SigningKey::generate("k").unwrap();
         let mut kp = a.key.to_keypair_bytes();
         kp[32..].copy_from_slice(b.key.verifying_key().as_bytes());
-        assert!(matches!(
-            SigningKey::parse(&format!("k:{}", B64.encode(kp))),
-            Err(KeyError::Mismatch(_))
-        ));
+        assert!(matches!(SigningKey::parse(&format!("k:{}", B64.encode(kp))), Err(KeyError::Mismatch(_))));
         assert!(!format!("{a:?}").contains(&a.to_secret_string()[2..]));
     }
 
@@ -314,10 +247,7 @@ mod tests {
         let (s, p) = (d.path().join("sk"), d.path().join("pk"));
         let k = SigningKey::generate("cache-1").unwrap();
         k.write_files(&s, &p).unwrap();
-        assert_eq!(
-            std::fs::metadata(&s).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&s).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(SigningKey::load(&s).unwrap().public(), k.public());
         assert!(matches!(k.write_files(&s, &p), Err(KeyError::Exists(_))));
     }

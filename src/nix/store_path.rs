@@ -68,18 +68,12 @@ impl StorePath {
             return Err(StorePathError::BadHash(whole.to_string()));
         }
         check_name(name, whole)?;
-        Ok(StorePath {
-            hash: hash.to_string(),
-            name: name.to_string(),
-        })
+        Ok(StorePath { hash: hash.to_string(), name: name.to_string() })
     }
 
     pub fn from_parts(hash_bytes: &[u8; HASH_BYTES], name: &str) -> Result<Self, StorePathError> {
         check_name(name, name)?;
-        Ok(StorePath {
-            hash: base32::encode(hash_bytes),
-            name: name.to_string(),
-        })
+        Ok(StorePath { hash: base32::encode(hash_bytes), name: name.to_string() })
     }
 
     /// The 32-character hash part, which names the path's `.narinfo`.
@@ -102,26 +96,15 @@ impl StorePath {
 
     /// Nix's `makeStorePath`: sha256 of `type:sha256:<hex>:<storedir>:<name>`,
     /// folded to 20 bytes.
-    pub fn make(
-        path_type: &str,
-        inner_sha256: &[u8; 32],
-        name: &str,
-    ) -> Result<Self, StorePathError> {
-        let s = format!(
-            "{path_type}:sha256:{}:{STORE_DIR}:{name}",
-            to_hex(inner_sha256)
-        );
+    pub fn make(path_type: &str, inner_sha256: &[u8; 32], name: &str) -> Result<Self, StorePathError> {
+        let s = format!("{path_type}:sha256:{}:{STORE_DIR}:{name}", to_hex(inner_sha256));
         let h: [u8; 32] = sha2::Sha256::digest(s.as_bytes()).into();
         Self::from_parts(&compress_hash(&h), name)
     }
 
     /// The path Nix gives a text file added with `builtins.toFile` or as a
     /// `.drv`: type `text:<ref>:<ref>…`, hash of the contents.
-    pub fn make_text(
-        name: &str,
-        contents: &[u8],
-        references: &[StorePath],
-    ) -> Result<Self, StorePathError> {
+    pub fn make_text(name: &str, contents: &[u8], references: &[StorePath]) -> Result<Self, StorePathError> {
         let mut ty = String::from("text");
         let mut refs: Vec<String> = references.iter().map(|r| r.to_string()).collect();
         refs.sort();
@@ -157,14 +140,8 @@ fn check_name(name: &str, whole: &str) -> Result<(), StorePathError> {
     if name.starts_with('.') {
         return Err(StorePathError::LeadingPeriod(whole.to_string()));
     }
-    if let Some(ch) = name
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c)))
-    {
-        return Err(StorePathError::BadNameChar {
-            path: whole.to_string(),
-            ch,
-        });
+    if let Some(ch) = name.chars().find(|&c| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c))) {
+        return Err(StorePathError::BadNameChar { path: whole.to_string(), ch });
     }
     Ok(())
 }
@@ -226,27 +203,12 @@ mod tests {
         assert!(matches!(bad("/nix/storex/abc"), NotInStore(_)));
         assert!(matches!(bad("/nix/store/short-x"), BadHash(_)));
         // 'e' is not in the alphabet.
-        assert!(matches!(
-            bad(&format!("/nix/store/e{}-x", &h[1..])),
-            BadHash(_)
-        ));
+        assert!(matches!(bad(&format!("/nix/store/e{}-x", &h[1..])), BadHash(_)));
         assert!(matches!(bad(&format!("/nix/store/{h}-")), EmptyName(_)));
-        assert!(matches!(
-            bad(&format!("/nix/store/{h}-.x")),
-            LeadingPeriod(_)
-        ));
-        assert!(matches!(
-            bad(&format!("/nix/store/{h}-a/b")),
-            BadNameChar { ch: '/', .. }
-        ));
-        assert!(matches!(
-            bad(&format!("/nix/store/{h}-a b")),
-            BadNameChar { ch: ' ', .. }
-        ));
-        assert!(matches!(
-            bad(&format!("/nix/store/{h}-{}", "a".repeat(212))),
-            NameTooLong(_)
-        ));
+        assert!(matches!(bad(&format!("/nix/store/{h}-.x")), LeadingPeriod(_)));
+        assert!(matches!(bad(&format!("/nix/store/{h}-a/b")), BadNameChar { ch: '/', .. }));
+        assert!(matches!(bad(&format!("/nix/store/{h}-a b")), BadNameChar { ch: ' ', .. }));
+        assert!(matches!(bad(&format!("/nix/store/{h}-{}", "a".repeat(212))), NameTooLong(_)));
         assert!(StorePath::parse(&format!("/nix/store/{h}-{}", "a".repeat(211))).is_ok());
         assert!(StorePath::parse(&format!("/nix/store/{h}-a+b-c.d_e?f=g")).is_ok());
     }

@@ -15,28 +15,36 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::{self, Db};
 use crate::nix::PublicKey;
+use crate::trigger::Evaluator;
+
+pub mod api;
+pub mod auth;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
     pub config: Arc<Config>,
     pub public_key: PublicKey,
+    pub evaluator: Arc<Evaluator>,
 }
 
 pub fn router(state: AppState) -> Router {
+    use axum::routing::post;
     Router::new()
         .route("/", get(home))
         .route("/healthz", get(healthz))
+        .route("/project/{name}", get(api::get_project).put(api::put_project).delete(api::delete_project))
+        .route("/jobset/{project}/{jobset}", get(api::get_jobset))
+        .route("/jobset/{project}/{jobset}/evals", get(api::get_jobset_evals))
+        .route("/eval/{id}", get(api::get_eval))
+        .route("/api/push", post(api::push))
         .route("/static/style.css", get(style))
         .with_state(state)
 }
 
 /// Whether the client asked for JSON (`Accept: application/json`).
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"))
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"))
 }
 
 #[derive(Serialize)]
@@ -48,27 +56,13 @@ struct Health {
 /// Liveness and database reachability; 503 when the database is down.
 async fn healthz(State(s): State<AppState>) -> Response {
     let database = s.db.ping().await;
-    let code = if database {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        Json(Health {
-            status: if database { "ok" } else { "degraded" },
-            database,
-        }),
-    )
-        .into_response()
+    let code = if database { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(Health { status: if database { "ok" } else { "degraded" }, database })).into_response()
 }
 
 async fn style() -> Response {
     (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=3600"),
-        ],
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
         include_str!("../../static/style.css"),
     )
         .into_response()
@@ -85,11 +79,7 @@ struct HomePage {
 
 async fn home(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
     let mut c = s.db.conn().await?;
-    let projects: Vec<_> = db::projects::list(c.ex())
-        .await?
-        .into_iter()
-        .filter(|p| !p.hidden)
-        .collect();
+    let projects: Vec<_> = db::projects::list(c.ex()).await?.into_iter().filter(|p| !p.hidden).collect();
     if wants_json(&headers) {
         return Ok(Json(projects).into_response());
     }
@@ -109,15 +99,35 @@ pub enum WebError {
     Db(#[from] db::DbError),
     #[error("rendering: {0}")]
     Render(#[from] askama::Error),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("this needs a valid API token (Authorization: Bearer …)")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
 }
 
 impl IntoResponse for WebError {
     fn into_response(self) -> Response {
-        tracing::error!(error = %self, "request failed");
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error; see the server log\n",
-        )
-            .into_response()
+        let code = match &self {
+            WebError::NotFound(_) => StatusCode::NOT_FOUND,
+            WebError::Unauthorized => StatusCode::UNAUTHORIZED,
+            WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            WebError::Db(_) | WebError::Render(_) => {
+                tracing::error!(error = %self, "request failed");
+                let body = ErrorBody { error: "internal error; see the server log".into() };
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+            }
+        };
+        let mut r = (code, Json(ErrorBody { error: self.to_string() })).into_response();
+        if code == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }

@@ -26,8 +26,7 @@ use tempfile::TempDir;
 pub const SYSTEM: &str = "x86_64-linux";
 
 /// The Nix configuration every test process gets.
-pub const NIX_CONFIG: &str =
-    "experimental-features = nix-command flakes\nsubstituters =\nwarn-dirty = false\n";
+pub const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nsubstituters =\nwarn-dirty = false\n";
 
 /// A command for a Nix program with the test configuration.
 pub fn nix_cmd(program: &str) -> Command {
@@ -38,18 +37,16 @@ pub fn nix_cmd(program: &str) -> Command {
 
 /// Runs a Nix program; panics with its stderr if it fails.
 pub fn nix(program: &str, args: &[&str]) -> String {
-    let out = nix_cmd(program).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {program}: {e}; run scripts/test, which installs nix-bin")
-    });
+    let out = nix_cmd(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; run scripts/test, which installs nix-bin"));
     check(program, args, &out);
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 pub fn nix_bytes(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = nix_cmd(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = nix_cmd(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     check(program, args, &out);
     out.stdout
 }
@@ -77,32 +74,18 @@ pub fn run(program: &str, args: &[&str], dir: &Path) -> String {
 /// A unique name for databases, directories and the like.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{t}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{}_{t}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not start listening on port {port}"
-        );
+        assert!(Instant::now() < deadline, "{what} did not start listening on port {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -157,14 +140,7 @@ impl Flake {
 
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Kiln Test",
-            "-c",
-            "user.email=test@kiln.invalid",
-            "-c",
-            "commit.gpgsign=false",
-        ])
+        .args(["-c", "user.name=Kiln Test", "-c", "user.email=test@kiln.invalid", "-c", "commit.gpgsign=false"])
         .args(args)
         .current_dir(dir)
         .output()
@@ -204,35 +180,20 @@ impl TestDb {
         let url = format!("sqlite://{}", dir.path().join("kiln.db").display());
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
-        TestDb {
-            db,
-            url,
-            _dir: Some(dir),
-            pg_name: None,
-        }
+        TestDb { db, url, _dir: Some(dir), pg_name: None }
     }
 
     pub async fn postgres() -> TestDb {
         use sqlx::Connection;
         let admin = pg_admin_url();
         let name = unique("kiln_t");
-        let mut c = sqlx::PgConnection::connect(&admin)
-            .await
-            .expect("connect to KILN_TEST_PG_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
+        let mut c = sqlx::PgConnection::connect(&admin).await.expect("connect to KILN_TEST_PG_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut c).await.unwrap();
         c.close().await.unwrap();
         let url = replace_db_name(&admin, &name);
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
-        TestDb {
-            db,
-            url,
-            _dir: None,
-            pg_name: Some(name),
-        }
+        TestDb { db, url, _dir: None, pg_name: Some(name) }
     }
 }
 
@@ -247,17 +208,9 @@ impl PgDatabase {
         use sqlx::Connection;
         let admin = pg_admin_url();
         let name = unique("kiln_t");
-        let mut c = sqlx::PgConnection::connect(&admin)
-            .await
-            .expect("connect to KILN_TEST_PG_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-        PgDatabase {
-            url: replace_db_name(&admin, &name),
-            name,
-        }
+        let mut c = sqlx::PgConnection::connect(&admin).await.expect("connect to KILN_TEST_PG_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut c).await.unwrap();
+        PgDatabase { url: replace_db_name(&admin, &name), name }
     }
 }
 
@@ -287,18 +240,13 @@ fn drop_pg_database(name: &str) {
     let name = name.to_string();
     // Drop runs outside any runtime; a short-lived one does the cleanup.
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             use sqlx::Connection;
             if let Ok(mut c) = sqlx::PgConnection::connect(&pg_admin_url()).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut c)
-                .await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .execute(&mut c)
+                    .await;
             }
         })
     })
@@ -320,11 +268,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     for make in [0, 1] {
-        let t = if make == 0 {
-            TestDb::sqlite().await
-        } else {
-            TestDb::postgres().await
-        };
+        let t = if make == 0 { TestDb::sqlite().await } else { TestDb::postgres().await };
         body(t.db.clone()).await;
         t.db.close().await;
     }
@@ -355,11 +299,7 @@ impl Sshd {
                 .arg(d.join(key))
                 .output()
                 .expect("ssh-keygen (openssh-client) is installed");
-            assert!(
-                out.status.success(),
-                "ssh-keygen: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::fs::copy(d.join("userkey.pub"), d.join("authorized_keys")).unwrap();
         let port = free_port();
@@ -383,11 +323,7 @@ impl Sshd {
         let host_pub = std::fs::read_to_string(d.join("hostkey.pub")).unwrap();
         let mut parts = host_pub.split_whitespace();
         let (kt, kb) = (parts.next().unwrap(), parts.next().unwrap());
-        std::fs::write(
-            d.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {kt} {kb}\n"),
-        )
-        .unwrap();
+        std::fs::write(d.join("known_hosts"), format!("[127.0.0.1]:{port} {kt} {kb}\n")).unwrap();
         use base64::Engine;
         let host_key_b64 = base64::engine::general_purpose::STANDARD.encode(format!("{kt} {kb}"));
         Sshd {
@@ -453,16 +389,8 @@ impl Builder {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let query = format!(
-            "remote-store=local%3Froot%3D{}&remote-program={}",
-            root.display(),
-            wrapper.display()
-        );
-        let rest = format!(
-            "{SYSTEM} {} {max_jobs} 1 - - {}",
-            sshd.user_key.display(),
-            sshd.host_key_b64
-        );
+        let query = format!("remote-store=local%3Froot%3D{}&remote-program={}", root.display(), wrapper.display());
+        let rest = format!("{SYSTEM} {} {max_jobs} 1 - - {}", sshd.user_key.display(), sshd.host_key_b64);
         Builder {
             machines_line: format!("ssh://root@127.0.0.1?{query} {rest}"),
             machines_line_with_port: format!("ssh://root@127.0.0.1:{}?{query} {rest}", sshd.port),
@@ -504,17 +432,11 @@ impl Kiln {
 
     pub fn start_in(dir: TempDir, env: &[(&str, &str)]) -> Kiln {
         let mut cmd = kiln_cmd();
-        cmd.arg("serve")
-            .current_dir(dir.path())
-            .env("KILN_LISTEN", "127.0.0.1:0");
+        cmd.arg("serve").current_dir(dir.path()).env("KILN_LISTEN", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("kiln binary");
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("kiln binary");
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -536,12 +458,7 @@ impl Kiln {
                 panic!("kiln serve did not start:\n{}", log.lock().unwrap());
             }
         };
-        Kiln {
-            dir,
-            url,
-            child,
-            log,
-        }
+        Kiln { dir, url, child, log }
     }
 
     pub fn log(&self) -> String {
@@ -550,19 +467,13 @@ impl Kiln {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "kiln did not exit after SIGTERM:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "kiln did not exit after SIGTERM:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

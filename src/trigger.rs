@@ -1,0 +1,374 @@
+//! Triggers: decides when a jobset is evaluated and runs fetch → eval →
+//! record for it inside `kiln serve`. A jobset is due when its check
+//! interval has passed or when it was triggered (`POST /api/push`, later
+//! webhooks); triggers that arrive before the evaluator gets to the jobset
+//! collapse into one. Evaluations run at most `eval.max_concurrent` at a
+//! time, one per jobset, each with a timeout. Anything that goes wrong (an
+//! unreachable repository, a missing branch, a broken `.kiln.toml` or flake)
+//! becomes an error on the project, jobset or evaluation; the previous
+//! evaluation and configuration stay, and the server carries on.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::{Notify, Semaphore};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::Config;
+use crate::db::evaluations::{self, NewEvaluation, Outcome};
+use crate::db::jobsets::{self, Jobset};
+use crate::db::projects::{self, Project, ProjectSpec};
+use crate::db::{self, Db, DbError};
+use crate::eval::{self, EvalRequest, Root};
+use crate::fetch::{self, FetchError, Mirror, Mirrors};
+use crate::repo_config;
+
+#[derive(Debug, Error)]
+pub enum TriggerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    RepoConfig(#[from] repo_config::RepoConfigError),
+}
+
+/// What a check of a jobset did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Evaluated; the evaluation's id.
+    Evaluated(i64),
+    /// The evaluation failed as a whole; its id.
+    Failed(i64),
+    /// Same commit and configuration as the last evaluation.
+    Unchanged,
+    /// Disabled, removed, or an error before evaluating (on the jobset).
+    Skipped,
+}
+
+pub struct Evaluator {
+    db: Db,
+    config: Arc<Config>,
+    mirrors: Mirrors,
+    running: Mutex<HashSet<i64>>,
+    slots: Arc<Semaphore>,
+    wake: Notify,
+}
+
+/// How often due jobsets are looked for when nothing wakes the loop.
+const TICK: Duration = Duration::from_secs(1);
+/// A project whose repository could not be read is tried again after this.
+const RESYNC_S: i64 = 60;
+
+impl Evaluator {
+    pub fn new(db: Db, config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Evaluator {
+            mirrors: Mirrors::new(&config.state_dir, Duration::from_secs(config.eval.timeout_s.max(60))),
+            slots: Arc::new(Semaphore::new(config.eval.max_concurrent.max(1))),
+            db,
+            config,
+            running: Mutex::new(HashSet::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Wakes the loop now (after a trigger or a new project).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Creates or updates the projects declared in kiln.toml.
+    pub async fn sync_config_projects(&self) -> Result<(), DbError> {
+        let mut c = self.db.conn().await?;
+        for p in &self.config.projects {
+            projects::upsert(
+                c.ex(),
+                &ProjectSpec {
+                    name: p.name.clone(),
+                    display_name: p.display_name.clone().unwrap_or_default(),
+                    description: p.description.clone().unwrap_or_default(),
+                    repo: p.repo.clone(),
+                    github_repo: p.github.clone(),
+                    enabled: p.enabled,
+                    hidden: false,
+                    declared_in: "config".into(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `stop` resolves: reads new projects' repositories and
+    /// starts the evaluations that are due.
+    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        {
+            if let Ok(mut c) = self.db.conn().await {
+                match evaluations::fail_interrupted(c.ex()).await {
+                    Ok(n) if n > 0 => warn!(n, "evaluations interrupted by the last shutdown marked failed"),
+                    Err(e) => warn!(error = %e, "cannot mark interrupted evaluations"),
+                    _ => {}
+                }
+            }
+        }
+        tokio::pin!(stop);
+        loop {
+            if let Err(e) = self.clone().tick().await {
+                warn!(error = %e, "evaluation scheduler");
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = self.wake.notified() => {},
+                _ = tokio::time::sleep(TICK) => {},
+            }
+        }
+    }
+
+    async fn tick(self: Arc<Self>) -> Result<(), DbError> {
+        let (new_projects, due) = {
+            let mut c = self.db.conn().await?;
+            let p = projects::needing_sync(c.ex(), db::now() - RESYNC_S).await?;
+            let d = jobsets::due(c.ex(), db::now()).await?;
+            (p, d)
+        };
+        for p in new_projects {
+            if let Err(e) = self.sync_project(&p).await {
+                warn!(project = %p.name, error = %e, "cannot read the project's repository");
+            }
+        }
+        for j in due {
+            if !self.running.lock().expect("running").insert(j.id) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _slot = this.slots.clone().acquire_owned().await;
+                let id = j.id;
+                match this.check(id).await {
+                    Ok(_) => {}
+                    Err(e) => warn!(jobset = id, error = %e, "jobset check failed"),
+                }
+                this.running.lock().expect("running").remove(&id);
+            });
+        }
+        Ok(())
+    }
+
+    /// Fetches the project and brings its jobsets in line with the
+    /// repository's `.kiln.toml` (from the default branch). New jobsets are
+    /// triggered at once.
+    pub async fn sync_project(&self, p: &Project) -> Result<Mirror, TriggerError> {
+        let r = self.sync_project_inner(p).await;
+        let mut c = self.db.conn().await?;
+        match &r {
+            Ok(_) => projects::set_synced(c.ex(), p.id, None).await?,
+            Err(e) => projects::set_synced(c.ex(), p.id, Some(&e.to_string())).await?,
+        }
+        r
+    }
+
+    async fn sync_project_inner(&self, p: &Project) -> Result<Mirror, TriggerError> {
+        let mirror = self.mirrors.fetch(&p.name, &p.repo).await?;
+        let head = self.mirrors.rev(&mirror, &mirror.default_branch).await?;
+        let decls = match self.mirrors.read_file(&mirror, &head, repo_config::FILE).await? {
+            Some(bytes) => repo_config::parse(&String::from_utf8_lossy(&bytes))?,
+            None => repo_config::defaults(),
+        };
+        let mut tx = self.db.begin().await?;
+        let existing: HashSet<String> =
+            jobsets::list_for_project(tx.ex(), p.id).await?.into_iter().map(|j| j.name).collect();
+        for spec in &decls {
+            let j = jobsets::upsert(tx.ex(), p.id, spec).await?;
+            if !existing.contains(&spec.name) && spec.enabled && !spec.pull_requests {
+                jobsets::trigger(tx.ex(), j.id, false).await?;
+            }
+        }
+        let names: Vec<String> = decls.iter().map(|d| d.name.clone()).collect();
+        jobsets::disable_undeclared(tx.ex(), p.id, &names).await?;
+        tx.commit().await?;
+        Ok(mirror)
+    }
+
+    /// Checks one jobset now: fetch, read configuration, evaluate if the
+    /// commit or configuration changed (or the trigger forces it), record.
+    pub async fn check(&self, jobset_id: i64) -> Result<Checked, TriggerError> {
+        let (jobset, project) = {
+            let mut c = self.db.conn().await?;
+            let Some(j) = jobsets::get_by_id(c.ex(), jobset_id).await? else { return Ok(Checked::Skipped) };
+            let Some(p) = projects::get_by_id(c.ex(), j.project_id).await? else { return Ok(Checked::Skipped) };
+            (j, p)
+        };
+        let span = info_span!("check", project = %project.name, jobset = %jobset.name);
+        async {
+            if !project.enabled {
+                self.mark(jobset.id, None).await?;
+                return Ok(Checked::Skipped);
+            }
+            let mirror = match self.sync_project(&project).await {
+                Ok(m) => m,
+                Err(TriggerError::Db(e)) => return Err(e.into()),
+                Err(e) => {
+                    self.mark(jobset.id, Some(&e.to_string())).await?;
+                    return Ok(Checked::Skipped);
+                }
+            };
+            // The configuration may just have changed.
+            let jobset = {
+                let mut c = self.db.conn().await?;
+                match jobsets::get_by_id(c.ex(), jobset.id).await? {
+                    Some(j) if j.enabled && !j.pull_requests => j,
+                    _ => return Ok(Checked::Skipped),
+                }
+            };
+            let branch = jobset.branch.clone().unwrap_or_else(|| mirror.default_branch.clone());
+            let rev = match self.mirrors.rev(&mirror, &branch).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.mark(jobset.id, Some(&e.to_string())).await?;
+                    return Ok(Checked::Skipped);
+                }
+            };
+            let last = {
+                let mut c = self.db.conn().await?;
+                evaluations::latest(c.ex(), jobset.id, 1).await?.into_iter().next()
+            };
+            if !jobset.force_eval
+                && let Some(l) = &last
+                && l.commit_sha == rev
+                && l.config_hash == jobset.config_hash
+            {
+                self.mark(jobset.id, None).await?;
+                return Ok(Checked::Unchanged);
+            }
+            let flake_ref = fetch::flake_ref(&mirror, &branch, &rev, &jobset.flake_dir);
+            self.evaluate(&jobset, &branch, &rev, &flake_ref).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn mark(&self, jobset_id: i64, error: Option<&str>) -> Result<(), DbError> {
+        let mut c = self.db.conn().await?;
+        jobsets::mark_checked(c.ex(), jobset_id, error).await
+    }
+
+    async fn evaluate(
+        &self,
+        jobset: &Jobset,
+        branch: &str,
+        rev: &str,
+        flake_ref: &str,
+    ) -> Result<Checked, TriggerError> {
+        let start = Instant::now();
+        let workers = self.config.eval.workers;
+        let ev = {
+            let mut c = self.db.conn().await?;
+            evaluations::create(
+                c.ex(),
+                &NewEvaluation {
+                    jobset_id: jobset.id,
+                    commit_sha: rev,
+                    git_ref: &format!("refs/heads/{branch}"),
+                    flake_ref,
+                    config_hash: &jobset.config_hash,
+                    workers: workers as i64,
+                    forced: jobset.force_eval,
+                },
+            )
+            .await?
+        };
+        info!(eval = ev.id, rev, "evaluating");
+        let timeout = Duration::from_secs(self.config.eval.timeout_s);
+        let result = tokio::time::timeout(timeout, self.run_eval(jobset, ev.id, flake_ref, start)).await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(EvalFailure::Db(e))) => Some(e.to_string()),
+            Ok(Err(EvalFailure::Eval(e))) => Some(e.to_string()),
+            Err(_) => Some(eval::EvalError::Timeout(timeout.as_secs()).to_string()),
+        };
+        match failure {
+            None => {
+                self.mark(jobset.id, None).await?;
+                Ok(Checked::Evaluated(ev.id))
+            }
+            Some(message) => {
+                let summary = message.lines().next().unwrap_or("evaluation failed").to_string();
+                let mut c = self.db.conn().await?;
+                evaluations::finish(
+                    c.ex(),
+                    ev.id,
+                    eval::millis_since(start),
+                    &Outcome { error: Some(&summary), stderr: Some(&message), ..Default::default() },
+                )
+                .await?;
+                jobsets::mark_checked(c.ex(), jobset.id, Some(&format!("evaluation {} failed: {summary}", ev.id)))
+                    .await?;
+                warn!(eval = ev.id, error = %summary, "evaluation failed");
+                Ok(Checked::Failed(ev.id))
+            }
+        }
+    }
+
+    async fn run_eval(
+        &self,
+        jobset: &Jobset,
+        eval_id: i64,
+        flake_ref: &str,
+        start: Instant,
+    ) -> Result<(), EvalFailure> {
+        let locked = eval::lock(flake_ref).await?;
+        let attributes = jobset.attribute_list();
+        let roots = if attributes.is_empty() {
+            vec![Root::parse(eval::default_root(flake_ref).await?, false)]
+        } else {
+            let prefix = attributes.len() > 1;
+            attributes.iter().map(|a| Root::parse(a, prefix)).collect()
+        };
+        let req = EvalRequest {
+            flake_ref: flake_ref.to_string(),
+            roots,
+            systems: jobset.system_list(),
+            workers: self.config.eval.workers,
+            max_memory_mib: self.config.eval.max_memory_mib,
+            timeout: Duration::from_secs(self.config.eval.timeout_s),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let db = self.db.clone();
+        let jobset_id = jobset.id;
+        let recorder = tokio::spawn(async move { eval::record::record_stream(&db, jobset_id, eval_id, rx).await });
+        let stats = eval::evaluate(&req, tx).await;
+        let recorded = recorder.await.map_err(|e| EvalFailure::Db(DbError::Invalid(e.to_string())))??;
+        stats?;
+        let diff = eval::record::finish(
+            &self.db,
+            jobset.id,
+            eval_id,
+            eval::millis_since(start),
+            locked.nar_hash.as_deref(),
+            &recorded,
+            jobset.keep_evaluations,
+        )
+        .await?;
+        info!(
+            eval = eval_id,
+            jobs = recorded.jobs,
+            errors = recorded.errors,
+            new_builds = recorded.new_builds,
+            new = diff.new.len(),
+            removed = diff.removed.len(),
+            changed = diff.changed.len(),
+            "evaluation finished"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Error)]
+enum EvalFailure {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
+}
