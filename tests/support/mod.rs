@@ -492,3 +492,63 @@ pub fn kiln_cmd() -> Command {
     c.env("NIX_CONFIG", NIX_CONFIG).env_remove("KILN_CONFIG");
     c
 }
+
+// ------------------------------------------------------------------ HTTP
+
+/// A small HTTP client for talking to `kiln serve` in tests.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Api {
+    pub fn new(base: &str, token: Option<&str>) -> Api {
+        Api { base: base.to_string(), client: reqwest::Client::new(), token: token.map(str::to_string) }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("Accept", "application/json")
+            .timeout(Duration::from_secs(30));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    /// GET as JSON: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self.req(reqwest::Method::GET, path).send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let mut r = self.req(method.parse().unwrap(), path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `secs` seconds.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
