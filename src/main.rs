@@ -192,7 +192,7 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<eval::Job>();
     let printer = tokio::spawn(async move {
-        let mut out = std::io::stdout();
+        let mut out = std::io::BufWriter::new(std::io::stdout());
         while let Some(job) = rx.recv().await {
             let line = if json {
                 serde_json::to_string(&job).expect("jobs serialise")
@@ -206,8 +206,11 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
                 }
             };
             let _ = writeln!(out, "{line}");
-            // Jobs stream: flush each so a pipe sees them as they come.
-            let _ = out.flush();
+            // Jobs stream: flush whenever no more are waiting, so a pipe sees
+            // them as they come without a write per line.
+            if rx.is_empty() {
+                let _ = out.flush();
+            }
         }
     });
     let result = eval::evaluate(&req, tx).await;

@@ -103,7 +103,8 @@ fn prelude(flake_ref: &str, root: &[String], nonce: &str, catch: bool) -> String
     else if b.isAttrs l then (l.spdxId or l.shortName or l.fullName or null) else null;
   maintainer = m: if b.isString m then m else if b.isAttrs m then (m.email or m.github or m.name or null) else null;
   dropNulls = s: b.listToAttrs (b.filter (x: x.value != null) (map (n: {{ name = n; value = s.${{n}}; }}) (b.attrNames s)));
-  metaOf = d: let mr = b.tryEval (d.meta or {{ }}); m = if mr.success && b.isAttrs mr.value then mr.value else {{ }}; in dropNulls {{
+  # Most of the cost per job is here, so a derivation without meta pays nothing.
+  metaOf = d: if !(d ? meta) then {{ }} else let mr = b.tryEval d.meta; m = if mr.success && b.isAttrs mr.value then mr.value else {{ }}; in dropNulls {{
     description = safe (str (m.description or null));
     license = safe (license (m.license or null));
     maintainers = safe (if b.isList (m.maintainers or null) then joinStr (map maintainer m.maintainers) else null);
@@ -118,16 +119,18 @@ fn prelude(flake_ref: &str, root: &[String], nonce: &str, catch: bool) -> String
     namedConstituents = b.filter b.isString (d.constituents or [ ]);
   }} else {{ }};
   job = path: d: {{ attrPath = path; drvPath = d.drvPath; name = d.name; system = d.system; outputs = outputsOf d; meta = metaOf d; }} // aggregate d;
-  emit = x: b.trace (nonce + b.toJSON x) 1;
-  emitJob = path: d: let r = try (let j = job path d; in b.deepSeq j j); in
-    if r.success then emit r.value else emit {{ attrPath = path; error = true; }};
+  # Jobs are traced in groups: one line, one write, per group rather than per job.
+  group = 64;
+  emitAll = recs: let n = b.length recs; in b.foldl' (acc: g: acc + b.trace (nonce + b.toJSON (b.genList (i: b.elemAt recs (g * group + i)) (if n - g * group < group then n - g * group else group))) 1) 0 (b.genList (g: g) ((n + group - 1) / group));
+  jobRec = path: d: let r = try (let j = job path d; in b.deepSeq j j); in
+    if r.success then r.value else {{ attrPath = path; error = true; }};
   dec = d: if d == null then null else d - 1;
   walkValue = path: depth: v: let c = try (if isDrv v then 1 else if b.isAttrs v then 2 else 0); in
-    if !c.success then emit {{ attrPath = path; error = true; }}
-    else if c.value == 1 then emitJob path v
+    if !c.success then [ {{ attrPath = path; error = true; }} ]
+    else if c.value == 1 then [ (jobRec path v) ]
     else if c.value == 2 && (depth == null || depth > 0) then walkSet path (dec depth) v
-    else 0;
-  walkSet = path: depth: v: b.foldl' (acc: n: acc + walkValue (path ++ [ n ]) depth v.${{n}}) 0 (b.attrNames v);
+    else [ ];
+  walkSet = path: depth: v: b.concatMap (n: walkValue (path ++ [ n ]) depth v.${{n}}) (b.attrNames v);
   namesOf = u: v: let all = b.attrNames v; in if u.only == null then all else b.filter (n: b.elem n u.only) all;
   slice = u: names: let t = if u.t > b.length names then b.length names else u.t; in
     b.genList (i: b.elemAt names (u.f + i)) (if t > u.f then t - u.f else 0);
@@ -142,7 +145,7 @@ in"#,
 /// Walks `units`, emitting one trace line per job; evaluates to the count.
 pub fn walk(flake_ref: &str, root: &[String], nonce: &str, catch: bool, units: &[Unit]) -> String {
     format!(
-        "{}\n  b.foldl' (acc: u: let v = getPath root u.p; in acc + b.foldl' (a: n: a + walkValue (u.p ++ [ n ]) u.d v.${{n}}) 0 (slice u (namesOf u v))) 0 {}\n",
+        "{}\n  b.foldl' (acc: u: let v = getPath root u.p; in acc + emitAll (b.concatMap (n: walkValue (u.p ++ [ n ]) u.d v.${{n}}) (slice u (namesOf u v)))) 0 {}\n",
         prelude(flake_ref, root, nonce, catch),
         nix_units(units)
     )
@@ -150,7 +153,7 @@ pub fn walk(flake_ref: &str, root: &[String], nonce: &str, catch: bool, units: &
 
 /// Walks the root attribute itself when it is a single derivation.
 pub fn walk_root(flake_ref: &str, root: &[String], nonce: &str) -> String {
-    format!("{}\n  walkValue [ ] 0 root\n", prelude(flake_ref, root, nonce, false))
+    format!("{}\n  emitAll (walkValue [ ] 0 root)\n", prelude(flake_ref, root, nonce, false))
 }
 
 /// Describes the value at `path`: `{ kind = "drv" | "set" | "other"; n; }`.

@@ -30,7 +30,7 @@ use worker::{Failure, Limits, RawJob, Traced};
 /// Longest job name Kiln accepts; longer ones are that job's error.
 pub const MAX_JOB_NAME: usize = 1024;
 /// Slices per worker: more balances uneven trees, fewer saves process starts.
-const CHUNKS_PER_WORKER: usize = 2;
+const CHUNKS_PER_WORKER: usize = 1;
 
 #[derive(Debug, Error)]
 pub enum EvalError {

@@ -84,6 +84,7 @@ pub async fn run(
         out_of_memory: false,
     })?;
     let mut guard = StopOnDrop(child.id());
+    let started = std::time::Instant::now();
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let out_task = tokio::spawn(async move {
@@ -93,7 +94,7 @@ pub async fn run(
     });
     let prefix = format!("trace: {nonce}");
     let mut other = Tail::default();
-    let mut lines = BufReader::new(stderr).split(b'\n');
+    let mut lines = BufReader::with_capacity(1 << 20, stderr).split(b'\n');
     while let Ok(Some(line)) = lines.next_segment().await {
         match line.strip_prefix(prefix.as_bytes()) {
             Some(json) => {
@@ -101,9 +102,12 @@ pub async fn run(
                     Ok(s) => (std::borrow::Cow::Borrowed(s), false),
                     Err(_) => (String::from_utf8_lossy(json), true),
                 };
-                if let Ok(mut job) = serde_json::from_str::<RawJob>(&text) {
-                    job.bad_utf8 = bad_utf8;
-                    on_trace(Traced::Job(job));
+                if let Ok(jobs) = serde_json::from_str::<Vec<RawJob>>(&text) {
+                    for mut job in jobs {
+                        // Only the names that lost bytes are at fault.
+                        job.bad_utf8 = bad_utf8 && job.attr_path.iter().any(|c| c.contains('\u{fffd}'));
+                        on_trace(Traced::Job(job));
+                    }
                 } else if let Ok(n) = serde_json::from_str::<NameLine>(&text) {
                     on_trace(Traced::Name(n.name));
                 }
@@ -115,6 +119,7 @@ pub async fn run(
         child.wait().await.map_err(|e| Failure { message: format!("waiting for nix: {e}"), out_of_memory: false })?;
     guard.0 = None;
     let out = out_task.await.unwrap_or_default();
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, ok = status.success(), "nix worker finished");
     if status.success() {
         return Ok(out);
     }
