@@ -39,6 +39,8 @@ fn broken(attr: &str) -> Job {
     }
 }
 
+const N: usize = 2300;
+
 async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, record::Recorded, evaluations::Diff) {
     let mut c = db.conn().await.unwrap();
     let ev = evaluations::create(
@@ -88,20 +90,20 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
         let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new("main")).await.unwrap();
         drop(c);
 
-        // 450 jobs: more than one batch.
-        let mut jobs: Vec<Job> = (0..450).map(|i| job(&format!("many.j{i}"), &format!("d{i}"))).collect();
+        // More jobs than one batch and one multi-row statement hold.
+        let mut jobs: Vec<Job> = (0..N).map(|i| job(&format!("many.j{i}"), &format!("d{i}"))).collect();
         let mut agg = job("all", "agg");
         agg.constituents = Some(vec!["/nix/store/d1.drv".into(), "/nix/store/d2.drv".into()]);
         jobs.push(agg);
         jobs.push(broken("bad"));
         let (e1, r1, d1) = run_eval(&db, j.id, jobs, 2).await;
-        assert_eq!((r1.jobs, r1.errors, r1.new_builds), (451, 1, 451));
-        assert_eq!(d1.new.len(), 452);
+        assert_eq!((r1.jobs, r1.errors, r1.new_builds), (N as i64 + 1, 1, N as i64 + 1));
+        assert_eq!(d1.new.len(), N + 2);
         let mut c = db.conn().await.unwrap();
         let ev1 = evaluations::get(c.ex(), e1).await.unwrap().unwrap();
         assert_eq!(
             (ev1.status.as_str(), ev1.jobs, ev1.error_jobs, ev1.lock_hash.as_deref()),
-            ("succeeded", 452, 1, Some("sha256-x"))
+            ("succeeded", N as i64 + 2, 1, Some("sha256-x"))
         );
         let members = evaluations::members(c.ex(), e1).await.unwrap();
         let all = members.iter().find(|m| m.job == "all").unwrap().build_id.unwrap();
@@ -115,7 +117,7 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
         drop(c);
 
         // Second evaluation: j0 unchanged (reused), j1 changed, j2 gone, bad fixed, new job.
-        let mut jobs: Vec<Job> = (0..450)
+        let mut jobs: Vec<Job> = (0..N)
             .filter(|i| *i != 2)
             .map(|i| job(&format!("many.j{i}"), &if i == 1 { "d1b".to_string() } else { format!("d{i}") }))
             .collect();

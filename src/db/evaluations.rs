@@ -234,3 +234,23 @@ pub async fn fail_interrupted(ex: Ex<'_>) -> Result<u64> {
          WHERE status = 'running'")
         .bind(now()).execute(&mut *c).await?.rows_affected()))
 }
+
+/// Adds many members with multi-row statements.
+pub async fn add_members(mut ex: Ex<'_>, members: &[Member]) -> Result<()> {
+    for chunk in members.chunks(200) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO eval_members (eval_id, job, build_id, is_new, error) VALUES {}
+             ON CONFLICT (eval_id, job) DO UPDATE SET build_id = excluded.build_id, is_new = excluded.is_new,
+                 error = excluded.error",
+            super::builds::values_placeholders(ex.backend(), chunk.len(), 5, 1)
+        ));
+        run!(ex.re(), c => {
+            let mut q = sqlx::query(sql);
+            for m in chunk {
+                q = q.bind(m.eval_id).bind(&m.job).bind(m.build_id).bind(m.is_new).bind(&m.error);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(())
+}

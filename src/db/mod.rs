@@ -151,7 +151,11 @@ impl Db {
                 // power loss can drop the last commits.
                 .synchronous(SqliteSynchronous::Normal)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10));
+                .busy_timeout(Duration::from_secs(10))
+                // 64 MiB of page cache per connection: recording an
+                // evaluation inserts into several indexes keyed by hashes.
+                .pragma("cache_size", "-65536")
+                .pragma("temp_store", "memory");
             let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {

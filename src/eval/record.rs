@@ -16,7 +16,7 @@ use crate::db::evaluations::{self, Diff, Member, Outcome};
 use crate::db::{Db, DbError};
 
 /// Jobs written per transaction, and the longest a job waits to be written.
-const BATCH: usize = 200;
+const BATCH: usize = 1000;
 const FLUSH_AFTER: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default, Clone)]
@@ -56,7 +56,10 @@ pub async fn record_stream(
             Err(_) => false, // flush time
         };
         if !batch.is_empty() && (done || batch.len() >= BATCH || deadline.is_some_and(|d| Instant::now() >= d)) {
+            let t = Instant::now();
+            let n = batch.len();
             write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates).await?;
+            tracing::debug!(jobs = n, ms = t.elapsed().as_millis() as u64, "recorded a batch");
             deadline = None;
             let mut c = db.conn().await?;
             evaluations::set_progress(c.ex(), eval_id, r.jobs, r.errors, r.new_builds).await?;
@@ -88,39 +91,55 @@ async fn write_batch(
     by_drv: &mut HashMap<String, i64>,
     aggregates: &mut Vec<(i64, Vec<String>)>,
 ) -> Result<(), DbError> {
+    // A retried slice cannot repeat a job (the evaluator sends each once),
+    // but two roots could name one job: the first wins, as in the members.
+    let mut seen = std::collections::HashSet::new();
+    batch.retain(|j| seen.insert(j.attr.clone()));
     let mut tx = db.begin().await?;
+    let wanted: Vec<(&str, &str)> = batch
+        .iter()
+        .filter(|j| j.error.is_none())
+        .filter_map(|j| j.drv_path.as_deref().map(|d| (j.attr.as_str(), d)))
+        .collect();
+    let existing = builds::find_many_in_jobset(tx.ex(), jobset_id, &wanted).await?;
+    let new: Vec<NewBuild> = batch
+        .iter()
+        .filter(|j| j.error.is_none() && j.drv_path.is_some())
+        .filter(|j| !existing.contains_key(&(j.attr.clone(), j.drv_path.clone().unwrap_or_default())))
+        .map(|j| new_build(jobset_id, j))
+        .collect();
+    let created = builds::create_many(tx.ex(), &new).await?;
+    let mut members = Vec::with_capacity(batch.len());
     for job in batch.drain(..) {
-        let (build_id, is_new) = match (&job.error, &job.drv_path) {
+        let (build_id, is_new, error) = match (&job.error, &job.drv_path) {
             (None, Some(drv)) => {
-                let existing = builds::find_in_jobset(tx.ex(), jobset_id, &job.attr, drv).await?;
-                let (id, new) = match existing {
-                    Some(b) => (b.id, false),
-                    None => {
-                        let b = builds::create(tx.ex(), &new_build(jobset_id, &job)).await?;
-                        r.new_builds += 1;
-                        r.build_ids.push(b.id);
-                        (b.id, true)
-                    }
+                let (id, new) = match created.get(&job.attr) {
+                    Some(id) => (*id, true),
+                    None => (existing[&(job.attr.clone(), drv.clone())], false),
                 };
+                if new {
+                    r.new_builds += 1;
+                    r.build_ids.push(id);
+                }
                 by_drv.insert(drv.clone(), id);
                 if let Some(c) = &job.constituents {
                     aggregates.push((id, c.clone()));
                 }
                 r.jobs += 1;
-                (Some(id), new)
+                (Some(id), new, None)
             }
-            _ => {
+            (Some(e), _) => {
                 r.errors += 1;
-                (None, false)
+                (None, false, Some(e.clone()))
+            }
+            (None, None) => {
+                r.errors += 1;
+                (None, false, Some("the evaluator returned no derivation for this job".to_string()))
             }
         };
-        let error = match (&job.error, &job.drv_path) {
-            (Some(e), _) => Some(e.clone()),
-            (None, None) => Some("the evaluator returned no derivation for this job".to_string()),
-            _ => None,
-        };
-        evaluations::add_member(tx.ex(), &Member { eval_id, job: job.attr.clone(), build_id, is_new, error }).await?;
+        members.push(Member { eval_id, job: job.attr, build_id, is_new, error });
     }
+    evaluations::add_members(tx.ex(), &members).await?;
     tx.commit().await
 }
 
@@ -155,6 +174,7 @@ pub async fn finish(
     recorded: &Recorded,
     keep: i64,
 ) -> Result<Diff, DbError> {
+    let t = Instant::now();
     let mut tx = db.begin().await?;
     let prev = evaluations::previous_succeeded(tx.ex(), jobset_id, eval_id).await?;
     let cur = evaluations::member_states(tx.ex(), eval_id).await?;
@@ -180,5 +200,6 @@ pub async fn finish(
     .await?;
     evaluations::prune(tx.ex(), jobset_id, keep).await?;
     tx.commit().await?;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "evaluation diffed and finished");
     Ok(diff)
 }
