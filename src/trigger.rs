@@ -318,13 +318,19 @@ impl Evaluator {
         flake_ref: &str,
         start: Instant,
     ) -> Result<(), EvalFailure> {
-        let locked = eval::lock(flake_ref).await?;
+        // The reference is already locked; this only learns its source hash,
+        // alongside the default attribute when the jobset names none.
         let attributes = jobset.attribute_list();
-        let roots = if attributes.is_empty() {
-            vec![Root::parse(eval::default_root(flake_ref).await?, false)]
-        } else {
-            let prefix = attributes.len() > 1;
-            attributes.iter().map(|a| Root::parse(a, prefix)).collect()
+        let (locked, default) = tokio::join!(eval::lock(flake_ref), async {
+            if attributes.is_empty() { Some(eval::default_root(flake_ref).await) } else { None }
+        });
+        let locked = locked?;
+        let roots = match default {
+            Some(root) => vec![Root::parse(root?, false)],
+            None => {
+                let prefix = attributes.len() > 1;
+                attributes.iter().map(|a| Root::parse(a, prefix)).collect()
+            }
         };
         let req = EvalRequest {
             flake_ref: flake_ref.to_string(),

@@ -260,3 +260,34 @@ async fn bad_input_leaves_clear_errors_and_keeps_the_previous_evaluation() {
     // Through all of it the server stayed up.
     assert_eq!(api.get("/healthz").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_flake_in_a_subdirectory_with_several_attributes() {
+    let m = unique("m");
+    let flake = Flake::new(
+        "{ outputs = _: { }; }",
+        &[
+            (
+                "sub/flake.nix",
+                &format!(
+                    "{{ outputs = _: {{ checks.x86_64-linux.t = {}; checks.aarch64-linux.t = {}; packages.x86_64-linux.p = {}; }}; }}",
+                    drv_expr("t", &format!("echo {m} > $out")),
+                    drv_expr("t-arm", "echo > $out").replace("x86_64-linux", "aarch64-linux"),
+                    drv_expr("p", &format!("echo {m} > $out"))
+                ),
+            ),
+            (
+                ".kiln.toml",
+                "[jobsets.ci]\nflake_dir = \"sub\"\nattributes = [\"checks\", \"packages\"]\nsystems = [\"x86_64-linux\"]\n",
+            ),
+        ],
+    );
+    let kiln = start_kiln(&[("sub", &flake.path().display().to_string())], "");
+    let api = Api::new(&kiln.url, Some(TOKEN));
+    let e = wait_evals(&api, "sub", "ci", 1).await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
+    let jobs: Vec<&String> = d["jobs"].as_object().unwrap().keys().collect();
+    assert_eq!(jobs, ["checks.x86_64-linux.t", "packages.x86_64-linux.p"], "prefixed names, one system");
+    assert!(e["flake"].as_str().unwrap().contains("dir=sub"));
+}
