@@ -264,6 +264,13 @@ impl Config {
         if self.eval.max_concurrent == 0 {
             return Err(ConfigError::key(origin, "eval.max_concurrent", "must be at least 1"));
         }
+        if self.eval.evaluator == Evaluator::NixEvalJobs && !crate::eval::nix_eval_jobs::available() {
+            return Err(ConfigError::key(
+                origin,
+                "eval.evaluator",
+                "\"nix-eval-jobs\" is not on PATH; use \"builtin\"",
+            ));
+        }
         if !(1..=19).contains(&self.cache.zstd_level) {
             return Err(ConfigError::key(origin, "cache.zstd_level", "must be between 1 and 19"));
         }

@@ -134,6 +134,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 workers: workers.unwrap_or(config.eval.workers),
                 max_memory_mib: max_memory.unwrap_or(config.eval.max_memory_mib),
                 timeout_s: config.eval.timeout_s,
+                evaluator: config.eval.evaluator,
                 systems,
             };
             if req.workers == 0 {
@@ -166,6 +167,7 @@ struct EvalArgs {
     workers: usize,
     max_memory_mib: u64,
     timeout_s: u64,
+    evaluator: kiln::config::Evaluator,
     systems: Vec<String>,
 }
 
@@ -189,6 +191,7 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
         workers: args.workers,
         max_memory_mib: args.max_memory_mib,
         timeout: std::time::Duration::from_secs(args.timeout_s),
+        evaluator: args.evaluator,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<eval::Job>();
     let printer = tokio::spawn(async move {

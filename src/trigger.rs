@@ -339,6 +339,7 @@ impl Evaluator {
             workers: self.config.eval.workers,
             max_memory_mib: self.config.eval.max_memory_mib,
             timeout: Duration::from_secs(self.config.eval.timeout_s),
+            evaluator: self.config.eval.evaluator,
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let db = self.db.clone();

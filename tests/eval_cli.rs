@@ -238,3 +238,74 @@ fn a_hanging_evaluation_times_out() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out after 2 s"));
     assert!(start.elapsed().as_secs() < 20);
 }
+
+/// nix-eval-jobs needs a newer Nix than this machine has, so a stand-in
+/// plays it: it checks its arguments as nix-eval-jobs parses them and
+/// answers in its JSON-lines format, with derivations from the real Nix.
+const NIX_EVAL_JOBS: &str = r##"#!/usr/bin/env python3
+import json, subprocess, sys
+args = sys.argv[1:]
+def take(flag):
+    i = args.index(flag)
+    v = args[i + 1]
+    del args[i:i + 2]
+    return v
+flake = take("--flake")
+workers = int(take("--workers"))
+mem = int(take("--max-memory-size"))
+assert workers >= 1 and mem >= 1, (workers, mem)
+for f in ("--meta", "--constituents", "--force-recurse"):
+    args.remove(f)
+assert args == [], f"unexpected arguments {args}"
+ref, attr = flake.rsplit("#", 1)
+apply = """js: builtins.mapAttrs (n: d: let t = builtins.tryEval (d.drvPath); in if t.success then {
+  drvPath = d.drvPath; name = d.name; system = d.system; outputs = { out = d.outPath; };
+  meta = d.meta or {}; } else { error = "error: " + n + " failed"; }) js"""
+out = subprocess.run(["nix", "eval", "--json", flake, "--apply", apply], check=True, capture_output=True).stdout
+for name, v in sorted(json.loads(out).items()):
+    v.update({"attr": name, "attrPath": [name]})
+    print(json.dumps(v), flush=True)
+"##;
+
+#[test]
+fn nix_eval_jobs_as_the_evaluator_gives_the_same_jobs() {
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ a = {}; b = {} // {{ meta.license = {{ spdxId = "MIT"; }}; }}; bad = throw "x"; }}; }}; }}"#,
+            drv_expr("a", "echo > $out"),
+            drv_expr("b", "echo > $out")
+        ),
+        &[("kiln.toml", "[eval]\nevaluator = \"nix-eval-jobs\"\n")],
+    );
+    let bin = tempfile::tempdir().unwrap();
+    let script = bin.path().join("nix-eval-jobs");
+    std::fs::write(&script, NIX_EVAL_JOBS).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap());
+
+    let out = kiln_cmd()
+        .args(["eval", "--json", "--config", "kiln.toml", ".#hydraJobs"])
+        .env("PATH", &path)
+        .current_dir(flake.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs: BTreeMap<String, serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["attr"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    assert_eq!(jobs["a"]["drvPath"], flake.eval_raw("hydraJobs.a.drvPath"));
+    assert_eq!(jobs["b"]["meta"]["license"], "MIT");
+    assert!(jobs["bad"]["error"].as_str().unwrap().contains("bad failed"));
+
+    // Configured but not installed: a configuration error naming the key.
+    let out =
+        kiln_cmd().args(["eval", "--config", "kiln.toml", ".#hydraJobs"]).current_dir(flake.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("eval.evaluator"));
+}

@@ -12,6 +12,7 @@
 //! `packages` and friends (`<system>.<name>`).
 
 pub mod expr;
+pub mod nix_eval_jobs;
 pub mod record;
 pub mod worker;
 
@@ -166,6 +167,7 @@ pub struct EvalRequest {
     pub workers: usize,
     pub max_memory_mib: u64,
     pub timeout: Duration,
+    pub evaluator: crate::config::Evaluator,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -219,6 +221,12 @@ pub async fn default_root(flake_ref: &str) -> Result<&'static str, EvalError> {
 /// Evaluates every root, sending jobs to `tx` as they are found.
 pub async fn evaluate(req: &EvalRequest, tx: mpsc::UnboundedSender<Job>) -> Result<EvalStats, EvalError> {
     let span = info_span!("eval", flake = %req.flake_ref);
+    if req.evaluator == crate::config::Evaluator::NixEvalJobs {
+        return match tokio::time::timeout(req.timeout, nix_eval_jobs::evaluate(req, tx)).instrument(span).await {
+            Ok(r) => r,
+            Err(_) => Err(EvalError::Timeout(req.timeout.as_secs())),
+        };
+    }
     let fut = async {
         let pool = Pool::new(req, tx);
         let plan = async {
@@ -594,30 +602,11 @@ impl<'a> Pool<'a> {
 
     /// Sends a job once: a retried slice may report it again, and the first
     /// report (job or error) wins.
-    fn emit(&self, root: usize, mut job: Job) {
+    fn emit(&self, root: usize, job: Job) {
         if !self.seen.lock().expect("seen").insert((root, job.attr_path.clone())) {
             return;
         }
-        let r = self.root(root);
-        if r.prefix {
-            let mut p = r.path.clone();
-            p.extend(job.attr_path);
-            job.attr_path = p;
-        } else if job.attr_path.is_empty() {
-            job.attr_path = r.path.last().cloned().into_iter().collect();
-        }
-        job.attr = attr_name(&job.attr_path);
-        if job.attr.len() > MAX_JOB_NAME {
-            let n = job.attr.len();
-            let short = shorten(&job.attr);
-            if job.error.is_none() {
-                job = Job::error(
-                    job.attr_path,
-                    format!("job name is {n} bytes long; at most {MAX_JOB_NAME} are allowed"),
-                );
-            }
-            job.attr = short;
-        }
+        let job = finalize(self.root(root), job);
         if let (None, Some(drv)) = (&job.error, &job.drv_path) {
             self.found.lock().expect("found").insert(job.attr.clone(), drv.clone());
         }
@@ -662,6 +651,29 @@ impl<'a> Pool<'a> {
             }
         }
     }
+}
+
+/// Names a job under its root: the root's path in front when the jobset
+/// evaluates several attributes, and over-long names cut short (the job
+/// then carries that as its error).
+pub(crate) fn finalize(r: &Root, mut job: Job) -> Job {
+    if r.prefix {
+        let mut p = r.path.clone();
+        p.extend(job.attr_path);
+        job.attr_path = p;
+    } else if job.attr_path.is_empty() {
+        job.attr_path = r.path.last().cloned().into_iter().collect();
+    }
+    job.attr = attr_name(&job.attr_path);
+    if job.attr.len() > MAX_JOB_NAME {
+        let n = job.attr.len();
+        let short = shorten(&job.attr);
+        if job.error.is_none() {
+            job = Job::error(job.attr_path, format!("job name is {n} bytes long; at most {MAX_JOB_NAME} are allowed"));
+        }
+        job.attr = short;
+    }
+    job
 }
 
 fn unit_vec(u: Unit) -> Vec<Unit> {
