@@ -6,29 +6,8 @@ mod support;
 use kiln::db::builds::{BuildStatus, NewBuild};
 use kiln::db::evaluations::{Member, NewEvaluation, Outcome};
 use kiln::db::jobsets::JobsetSpec;
-use kiln::db::projects::ProjectSpec;
 use kiln::db::*;
 use support::*;
-
-fn project(name: &str) -> ProjectSpec {
-    ProjectSpec {
-        name: name.into(),
-        display_name: format!("The {name}"),
-        description: "desc".into(),
-        repo: format!("file:///srv/{name}"),
-        github_repo: None,
-        enabled: true,
-        hidden: false,
-        declared_in: "config".into(),
-    }
-}
-
-async fn jobset(db: &Db, project_name: &str, jobset: &str) -> (i64, i64) {
-    let mut c = db.conn().await.unwrap();
-    let p = projects::upsert(c.ex(), &project(project_name)).await.unwrap();
-    let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new(jobset)).await.unwrap();
-    (p.id, j.id)
-}
 
 fn new_build(jobset_id: i64, job: &str, drv: &str) -> NewBuild {
     NewBuild {
@@ -74,15 +53,15 @@ async fn fresh_database_gets_every_migration() {
 async fn projects_upsert_list_delete() {
     each_backend(|db| async move {
         let mut c = db.conn().await.unwrap();
-        let a = projects::upsert(c.ex(), &project("alpha")).await.unwrap();
+        let a = projects::upsert(c.ex(), &project_spec("alpha")).await.unwrap();
         assert_eq!(a.display_name, "The alpha");
         assert!(a.enabled && !a.hidden);
-        let mut changed = project("alpha");
+        let mut changed = project_spec("alpha");
         changed.description = "changed".into();
         changed.hidden = true;
         let a2 = projects::upsert(c.ex(), &changed).await.unwrap();
         assert_eq!((a2.id, a2.description.as_str(), a2.hidden), (a.id, "changed", true));
-        projects::upsert(c.ex(), &project("beta")).await.unwrap();
+        projects::upsert(c.ex(), &project_spec("beta")).await.unwrap();
         let names: Vec<_> = projects::list(c.ex()).await.unwrap().into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["alpha", "beta"]);
         assert_eq!(projects::get(c.ex(), "beta").await.unwrap().unwrap().repo, "file:///srv/beta");
@@ -96,7 +75,7 @@ async fn projects_upsert_list_delete() {
 #[tokio::test]
 async fn jobsets_triggers_coalesce_and_due_respects_interval() {
     each_backend(|db| async move {
-        let (pid, jid) = jobset(&db, "p", "main").await;
+        let (pid, jid) = make_jobset(&db, "p", "main").await;
         let mut c = db.conn().await.unwrap();
         let mut spec = JobsetSpec::new("prs");
         spec.attributes = vec!["checks".into(), "packages".into()];
@@ -136,7 +115,7 @@ async fn jobsets_triggers_coalesce_and_due_respects_interval() {
 #[tokio::test]
 async fn evaluations_members_and_builds() {
     each_backend(|db| async move {
-        let (_, jid) = jobset(&db, "p", "main").await;
+        let (_, jid) = make_jobset(&db, "p", "main").await;
         let mut tx = db.begin().await.unwrap();
         let ev = evaluations::create(
             tx.ex(),
@@ -223,7 +202,7 @@ async fn evaluations_members_and_builds() {
 #[tokio::test]
 async fn a_rolled_back_transaction_leaves_nothing() {
     each_backend(|db| async move {
-        let (_, jid) = jobset(&db, "p", "main").await;
+        let (_, jid) = make_jobset(&db, "p", "main").await;
         {
             let mut tx = db.begin().await.unwrap();
             builds::create(tx.ex(), &new_build(jid, "x", "/nix/store/x.drv")).await.unwrap();
@@ -238,7 +217,7 @@ async fn a_rolled_back_transaction_leaves_nothing() {
 #[tokio::test]
 async fn deleting_a_project_removes_its_jobsets_evaluations_and_builds() {
     each_backend(|db| async move {
-        let (_, jid) = jobset(&db, "gone", "main").await;
+        let (_, jid) = make_jobset(&db, "gone", "main").await;
         let mut c = db.conn().await.unwrap();
         let b = builds::create(c.ex(), &new_build(jid, "x", "/nix/store/x.drv")).await.unwrap();
         assert!(projects::delete(c.ex(), "gone").await.unwrap());

@@ -6,9 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use kiln::db::evaluations::{self, NewEvaluation};
-use kiln::db::jobsets::JobsetSpec;
-use kiln::db::projects::ProjectSpec;
-use kiln::db::{Db, builds, jobsets, projects};
+use kiln::db::{Db, builds};
 use kiln::eval::Job;
 use kiln::eval::record;
 use support::*;
@@ -71,24 +69,7 @@ async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, r
 #[tokio::test]
 async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
     each_backend(|db| async move {
-        let mut c = db.conn().await.unwrap();
-        let p = projects::upsert(
-            c.ex(),
-            &ProjectSpec {
-                name: "p".into(),
-                display_name: String::new(),
-                description: String::new(),
-                repo: "/r".into(),
-                github_repo: None,
-                enabled: true,
-                hidden: false,
-                declared_in: "api".into(),
-            },
-        )
-        .await
-        .unwrap();
-        let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new("main")).await.unwrap();
-        drop(c);
+        let (_, jobset_id) = make_jobset(&db, "p", "main").await;
 
         // More jobs than one batch and one multi-row statement hold.
         let mut jobs: Vec<Job> = (0..N).map(|i| job(&format!("many.j{i}"), &format!("d{i}"))).collect();
@@ -96,7 +77,7 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
         agg.constituents = Some(vec!["/nix/store/d1.drv".into(), "/nix/store/d2.drv".into()]);
         jobs.push(agg);
         jobs.push(broken("bad"));
-        let (e1, r1, d1) = run_eval(&db, j.id, jobs, 2).await;
+        let (e1, r1, d1) = run_eval(&db, jobset_id, jobs, 2).await;
         assert_eq!((r1.jobs, r1.errors, r1.new_builds), (N as i64 + 1, 1, N as i64 + 1));
         assert_eq!(d1.new.len(), N + 2);
         let mut c = db.conn().await.unwrap();
@@ -123,7 +104,7 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
             .collect();
         jobs.push(job("bad", "fixed"));
         jobs.push(broken("newly"));
-        let (e2, r2, d2) = run_eval(&db, j.id, jobs, 2).await;
+        let (e2, r2, d2) = run_eval(&db, jobset_id, jobs, 2).await;
         assert_eq!(r2.new_builds, 2, "only the changed and the fixed job are new builds");
         assert_eq!(d2.prev_eval_id, Some(e1));
         assert_eq!(d2.removed, vec!["all", "many.j2"]);
@@ -136,7 +117,7 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
         drop(c);
 
         // A third evaluation prunes the first (keep 2); builds stay.
-        let (e3, _, _) = run_eval(&db, j.id, vec![job("many.j0", "d0")], 2).await;
+        let (e3, _, _) = run_eval(&db, jobset_id, vec![job("many.j0", "d0")], 2).await;
         let mut c = db.conn().await.unwrap();
         assert!(evaluations::get(c.ex(), e1).await.unwrap().is_none());
         assert!(evaluations::get(c.ex(), e2).await.unwrap().is_some());
@@ -150,27 +131,12 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
 #[tokio::test]
 async fn interrupted_evaluations_are_marked_failed_on_start() {
     each_backend(|db| async move {
+        let (_, jobset_id) = make_jobset(&db, "p", "main").await;
         let mut c = db.conn().await.unwrap();
-        let p = projects::upsert(
-            c.ex(),
-            &ProjectSpec {
-                name: "p".into(),
-                display_name: String::new(),
-                description: String::new(),
-                repo: "/r".into(),
-                github_repo: None,
-                enabled: true,
-                hidden: false,
-                declared_in: "api".into(),
-            },
-        )
-        .await
-        .unwrap();
-        let j = jobsets::upsert(c.ex(), p.id, &JobsetSpec::new("main")).await.unwrap();
         let ev = evaluations::create(
             c.ex(),
             &NewEvaluation {
-                jobset_id: j.id,
+                jobset_id,
                 commit_sha: "c",
                 git_ref: "r",
                 flake_ref: "f",
@@ -181,7 +147,7 @@ async fn interrupted_evaluations_are_marked_failed_on_start() {
         )
         .await
         .unwrap();
-        assert!(evaluations::running(c.ex(), j.id).await.unwrap().is_some());
+        assert!(evaluations::running(c.ex(), jobset_id).await.unwrap().is_some());
         assert_eq!(evaluations::fail_interrupted(c.ex()).await.unwrap(), 1);
         let e = evaluations::get(c.ex(), ev.id).await.unwrap().unwrap();
         assert_eq!(e.status, "failed");

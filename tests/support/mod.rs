@@ -261,6 +261,29 @@ impl Drop for TestDb {
     }
 }
 
+/// A project spec for tests.
+pub fn project_spec(name: &str) -> kiln::db::projects::ProjectSpec {
+    kiln::db::projects::ProjectSpec {
+        name: name.into(),
+        display_name: format!("The {name}"),
+        description: "desc".into(),
+        repo: format!("file:///srv/{name}"),
+        github_repo: None,
+        enabled: true,
+        hidden: false,
+        declared_in: "config".into(),
+    }
+}
+
+/// Creates a project and a jobset with default settings: (project id, jobset id).
+pub async fn make_jobset(db: &Db, project: &str, jobset: &str) -> (i64, i64) {
+    use kiln::db::{jobsets, projects};
+    let mut c = db.conn().await.unwrap();
+    let p = projects::upsert(c.ex(), &project_spec(project)).await.unwrap();
+    let j = jobsets::upsert(c.ex(), p.id, &jobsets::JobsetSpec::new(jobset)).await.unwrap();
+    (p.id, j.id)
+}
+
 /// Runs `body` on a fresh SQLite database, then on a fresh PostgreSQL one.
 pub async fn each_backend<F, Fut>(body: F)
 where
