@@ -116,6 +116,16 @@ pub struct CacheConfig {
     pub zstd_level: i32,
     /// `Priority:` in nix-cache-info; lower is preferred by clients.
     pub priority: u32,
+    /// Largest NAR accepted from `nix copy --to` (compressed or not).
+    pub max_upload_mib: u64,
+    /// Uploaded paths are kept at least this long by garbage collection.
+    pub keep_uploads_days: u64,
+    /// Seconds between garbage collections in `kiln serve`; 0 turns them off.
+    pub gc_interval_s: u64,
+    /// Refuse uploads whose narinfo is not signed by one of `trusted_upload_keys`.
+    pub require_upload_signatures: bool,
+    /// Public keys (`name:base64`) whose signatures uploads may carry.
+    pub trusted_upload_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +195,11 @@ impl Default for CacheConfig {
             compression: Compression::Zstd,
             zstd_level: 3,
             priority: 40,
+            max_upload_mib: 4096,
+            keep_uploads_days: 7,
+            gc_interval_s: 3600,
+            require_upload_signatures: false,
+            trusted_upload_keys: Vec::new(),
         }
     }
 }
@@ -274,6 +289,13 @@ impl Config {
         if !(1..=19).contains(&self.cache.zstd_level) {
             return Err(ConfigError::key(origin, "cache.zstd_level", "must be between 1 and 19"));
         }
+        for k in &self.cache.trusted_upload_keys {
+            crate::nix::PublicKey::parse(k)
+                .map_err(|e| ConfigError::key(origin, "cache.trusted_upload_keys", e.to_string()))?;
+        }
+        if self.cache.require_upload_signatures && self.cache.trusted_upload_keys.is_empty() {
+            return Err(ConfigError::key(origin, "cache.require_upload_signatures", "needs cache.trusted_upload_keys"));
+        }
         if self.cache.key_name.is_empty() || self.cache.key_name.contains(':') {
             return Err(ConfigError::key(origin, "cache.key_name", "must be non-empty and contain no ':'"));
         }
@@ -316,6 +338,10 @@ impl Config {
     /// The machines file in use, if any.
     pub fn machines_file(&self) -> Option<PathBuf> {
         self.machines_file.clone().or_else(|| Some(PathBuf::from("/etc/nix/machines")).filter(|p| p.exists()))
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
     }
 
     pub fn cache_secret_key_file(&self) -> PathBuf {

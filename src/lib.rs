@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod eval;
 pub mod fetch;
+pub mod logs;
 pub mod nix;
 pub mod repo_config;
 pub mod serve;

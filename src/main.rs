@@ -65,6 +65,12 @@ enum CacheCommand {
         #[arg(long, value_name = "FILE")]
         public: PathBuf,
     },
+    /// Delete what retention no longer keeps (see cache.keep_uploads_days).
+    Gc {
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +131,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
             key.write_files(&secret, &public).map_err(|e| Failure::Failed(e.into()))?;
             println!("{}", key.public());
             Ok(())
+        }
+        Command::Cache { command: CacheCommand::Gc { dry_run } } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(config.log_format);
+            runtime()?.block_on(async {
+                let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
+                let db = kiln::serve::open_db(&config).await.map_err(|e| fail(&e))?;
+                let (key, _) =
+                    kiln::cache::load_or_generate_key(&config.cache_secret_key_file(), &config.cache.key_name)
+                        .map_err(|e| fail(&e))?;
+                let cache = kiln::cache::Cache::open(&config, db.clone(), key).map_err(|e| fail(&e))?;
+                let r = kiln::cache::gc::collect(&cache, config.cache.keep_uploads_days, dry_run)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                for p in &r.deleted_paths {
+                    println!("{verb} {p}");
+                }
+                println!(
+                    "{verb} {} paths and {} files ({} bytes); kept {} paths",
+                    r.deleted_paths.len(),
+                    r.deleted_files,
+                    r.freed_bytes,
+                    r.kept_paths
+                );
+                db.close().await;
+                Ok(())
+            })
         }
         Command::Eval { json, workers, max_memory, systems, installable } => {
             let config = Config::load(cli.config.as_deref())?;

@@ -70,7 +70,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     };
     let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
 
-    let state = AppState { db: db.clone(), config: config.clone(), public_key: key.public(), evaluator };
+    let public_key = key.public();
+    let cache = crate::cache::Cache::open(&config, db.clone(), key)?;
+    let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
+    let logs = crate::logs::Logs::new(&config.state_dir);
+    let state = AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
@@ -85,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let (served, _) = tokio::join!(server.into_future(), signal);
     served?;
     let _ = eval_task.await;
+    let _ = gc_task.await;
     db.close().await;
     Ok(())
 }
@@ -104,5 +109,29 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Runs cache garbage collection every `cache.gc_interval_s`.
+async fn periodic_gc(cache: crate::cache::Cache, config: Arc<Config>, stop: impl std::future::Future<Output = ()>) {
+    if config.cache.gc_interval_s == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_secs(config.cache.gc_interval_s);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match crate::cache::gc::collect(&cache, config.cache.keep_uploads_days, false).await {
+            Ok(r) => info!(
+                deleted = r.deleted_paths.len(),
+                files = r.deleted_files,
+                freed = r.freed_bytes,
+                "cache garbage collected"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cache garbage collection failed"),
+        }
     }
 }

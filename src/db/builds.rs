@@ -330,3 +330,19 @@ pub async fn create_many(mut ex: Ex<'_>, new: &[NewBuild]) -> Result<std::collec
     }
     Ok(ids)
 }
+
+/// The newest successful build of a job: what deployers fetch.
+pub async fn latest_successful(ex: Ex<'_>, jobset_id: i64, job: &str) -> Result<Option<Build>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM builds WHERE jobset_id = $1 AND job = $2 AND finished = TRUE AND build_status = 0 ORDER BY id DESC LIMIT 1"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).fetch_optional(&mut *c).await?))
+}
+
+/// Pins a build (and so its outputs' closure) against garbage collection.
+pub async fn set_keep(ex: Ex<'_>, id: i64, keep: bool) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE builds SET keep = $2 WHERE id = $1").bind(id).bind(keep).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}

@@ -68,3 +68,22 @@ pub async fn nar_file_in_use(ex: Ex<'_>, nar_file: &str) -> Result<bool> {
         .bind(nar_file).fetch_one(&mut *c).await?)
         > 0)
 }
+
+/// The store paths garbage collection starts from: outputs of builds in
+/// remaining evaluations, of pinned builds, uploads since `upload_cutoff`,
+/// and everything stored since the oldest unfinished build was queued.
+pub async fn retention_roots(ex: Ex<'_>, upload_cutoff: i64) -> Result<Vec<String>> {
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "SELECT bo.path FROM build_outputs bo JOIN eval_members m ON m.build_id = bo.build_id
+         UNION SELECT bo.path FROM build_outputs bo JOIN builds b ON b.id = bo.build_id WHERE b.keep = TRUE
+         UNION SELECT store_path FROM cache_paths WHERE origin = 'upload' AND created_at >= $1
+         UNION SELECT store_path FROM cache_paths
+             WHERE created_at >= (SELECT MIN(created_at) FROM builds WHERE finished = FALSE)")
+        .bind(upload_cutoff).fetch_all(&mut *c).await?))
+}
+
+/// Every path as (hash part, references, NAR file, file size).
+pub async fn all_for_gc(ex: Ex<'_>) -> Result<Vec<(String, String, String, i64)>> {
+    Ok(run!(ex, c => sqlx::query_as("SELECT hash_part, refs, nar_file, file_size FROM cache_paths")
+        .fetch_all(&mut *c).await?))
+}

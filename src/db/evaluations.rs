@@ -254,3 +254,9 @@ pub async fn add_members(mut ex: Ex<'_>, members: &[Member]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The evaluations a build belongs to.
+pub async fn of_build(ex: Ex<'_>, build_id: i64) -> Result<Vec<i64>> {
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT eval_id FROM eval_members WHERE build_id = $1 ORDER BY eval_id")
+        .bind(build_id).fetch_all(&mut *c).await?))
+}

@@ -19,6 +19,8 @@ use crate::trigger::Evaluator;
 
 pub mod api;
 pub mod auth;
+pub mod builds;
+pub mod cache;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -26,6 +28,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub public_key: PublicKey,
     pub evaluator: Arc<Evaluator>,
+    pub cache: crate::cache::Cache,
+    pub logs: crate::logs::Logs,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,6 +42,13 @@ pub fn router(state: AppState) -> Router {
         .route("/jobset/{project}/{jobset}/evals", get(api::get_jobset_evals))
         .route("/eval/{id}", get(api::get_eval))
         .route("/api/push", post(api::push))
+        .route("/build/{id}", get(builds::get_build))
+        .route("/job/{project}/{jobset}/{job}/latest", get(builds::job_latest))
+        .route("/job/{project}/{jobset}/{job}/latest/output/{output}", get(builds::job_latest_output))
+        .route("/nix-cache-info", get(cache::cache_info))
+        .route("/{file}", get(cache::get_narinfo).put(cache::put_narinfo))
+        .route("/nar/{file}", get(cache::get_nar).put(cache::put_nar))
+        .route("/log/{drv}", get(cache::get_log))
         .route("/static/style.css", get(style))
         .with_state(state)
 }
@@ -103,8 +114,16 @@ pub enum WebError {
     NotFound(String),
     #[error("this needs a valid API token (Authorization: Bearer …)")]
     Unauthorized,
+    #[error("this needs a valid API token (Authorization: Bearer …, or Basic with the token as password)")]
+    UnauthorizedBasic,
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Internal(String),
 }
 
 #[derive(Serialize)]
@@ -117,16 +136,26 @@ impl IntoResponse for WebError {
         let code = match &self {
             WebError::NotFound(_) => StatusCode::NOT_FOUND,
             WebError::Unauthorized => StatusCode::UNAUTHORIZED,
+            WebError::UnauthorizedBasic => StatusCode::UNAUTHORIZED,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            WebError::Db(_) | WebError::Render(_) => {
+            WebError::Forbidden(_) => StatusCode::FORBIDDEN,
+            WebError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WebError::Db(_) | WebError::Render(_) | WebError::Internal(_) => {
                 tracing::error!(error = %self, "request failed");
                 let body = ErrorBody { error: "internal error; see the server log".into() };
                 return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
             }
         };
         let mut r = (code, Json(ErrorBody { error: self.to_string() })).into_response();
-        if code == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        // Nix retries an upload with its netrc credentials only when asked
+        // for Basic auth.
+        let challenge = match self {
+            WebError::Unauthorized => Some("Bearer"),
+            WebError::UnauthorizedBasic => Some("Basic realm=\"kiln\""),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static(c));
         }
         r
     }

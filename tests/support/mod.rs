@@ -575,3 +575,59 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// ------------------------------------------------------------------ Nix clients
+
+/// A Nix client with its own cache directory, as on another machine: the
+/// uploader's own narinfo cache would otherwise answer for the server.
+pub struct NixClient {
+    pub dir: TempDir,
+}
+
+impl Default for NixClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NixClient {
+    pub fn new() -> NixClient {
+        NixClient { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = nix_cmd(program);
+        c.env("XDG_CACHE_HOME", self.dir.path().join("cache")).env("HOME", self.dir.path());
+        c
+    }
+
+    /// A fresh chroot store for this client to fill.
+    pub fn store(&self, name: &str) -> (String, PathBuf) {
+        let root = self.dir.path().join(name);
+        (format!("local?root={}", root.display()), root)
+    }
+
+    /// A netrc file giving `password` for 127.0.0.1.
+    pub fn netrc(&self, password: &str) -> PathBuf {
+        let p = self.dir.path().join("netrc");
+        std::fs::write(&p, format!("machine 127.0.0.1 login kiln password {password}\n")).unwrap();
+        p
+    }
+}
+
+/// Builds a small closure (top → two leaves) that no other test shares;
+/// returns (top, every path of the closure).
+pub fn build_closure(tag: &str) -> (String, Vec<String>) {
+    let d = tempfile::tempdir().unwrap();
+    let u = unique(tag);
+    let expr = format!(
+        "let a = {}; b = {}; in derivation {{ name = \"top-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; inherit a b; args = [\"-c\" \"echo $a $b > $out\"]; }}",
+        drv_expr(&format!("leaf-a-{tag}"), &format!("echo a-{u} > $out")),
+        drv_expr(&format!("leaf-b-{tag}"), &format!("echo b-{u} > $out"))
+    );
+    std::fs::write(d.path().join("e.nix"), expr).unwrap();
+    let drv = nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]);
+    let top = nix("nix-store", &["-r", drv.trim()]).trim().to_string();
+    let closure = nix("nix-store", &["-qR", &top]).lines().map(str::to_string).collect();
+    (top, closure)
+}

@@ -1,0 +1,102 @@
+//! Retention: keeps the closures of the outputs of every jobset's recent
+//! evaluations (evaluations beyond `keep_evaluations` are pruned when a new
+//! one finishes), of pinned builds (`keep = true`), of paths uploaded in the
+//! last `keep_uploads_days`, and of everything stored since the oldest
+//! unfinished build began (its steps' outputs are not reachable from any
+//! output yet). Everything else goes: narinfo first, then the NARs no
+//! narinfo points at. Files younger than an hour are never deleted, so a
+//! concurrent ingest (in this process or another) is never cut short.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::Serialize;
+
+use super::{Cache, CacheError, storage::TEMP_PREFIX};
+use crate::db::{self, cache_paths};
+
+/// NAR, pending and temporary files younger than this are left alone.
+const GRACE_S: u64 = 3600;
+/// Uploaded NARs no narinfo claimed, and abandoned temporaries, expire.
+const PENDING_EXPIRY_S: u64 = 24 * 3600;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    pub kept_paths: usize,
+    pub deleted_paths: Vec<String>,
+    pub deleted_files: usize,
+    pub freed_bytes: u64,
+    pub dry_run: bool,
+}
+
+pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Result<Report, CacheError> {
+    let mut c = cache.db().conn().await?;
+    let now = db::now();
+    let upload_cutoff = now - (keep_uploads_days as i64) * 86400;
+    let roots = cache_paths::retention_roots(c.ex(), upload_cutoff).await?;
+    let all = cache_paths::all_for_gc(c.ex()).await?;
+    drop(c);
+
+    let refs: HashMap<&str, Vec<&str>> = all
+        .iter()
+        .map(|(h, r, _, _)| (h.as_str(), r.split(' ').filter(|x| !x.is_empty()).filter_map(|b| b.get(..32)).collect()))
+        .collect();
+    let mut keep: HashSet<&str> = HashSet::new();
+    let mut todo: VecDeque<&str> = roots
+        .iter()
+        .filter_map(|p| crate::nix::StorePath::parse(p).ok())
+        .filter_map(|p| refs.get_key_value(p.hash_part()).map(|(k, _)| *k))
+        .collect();
+    while let Some(h) = todo.pop_front() {
+        if keep.insert(h) {
+            todo.extend(refs.get(h).into_iter().flatten().filter_map(|r| refs.get_key_value(r).map(|(k, _)| *k)));
+        }
+    }
+
+    let mut report = Report { kept_paths: keep.len(), dry_run, ..Default::default() };
+    let mut live_nars: HashSet<&str> = HashSet::new();
+    for (hash, _, nar, size) in &all {
+        if keep.contains(hash.as_str()) {
+            live_nars.insert(nar.as_str());
+            continue;
+        }
+        report.deleted_paths.push(hash.clone());
+        if dry_run {
+            report.freed_bytes += *size as u64;
+            continue;
+        }
+        // Narinfo first: from here on no client is sent to the NAR.
+        cache.storage().delete(&format!("{hash}.narinfo"))?;
+        let mut c = cache.db().conn().await?;
+        cache_paths::delete(c.ex(), hash).await?;
+    }
+    // Another path may share a NAR (same contents); only the unclaimed go.
+    for (name, size, age) in cache.storage().list("nar")? {
+        let key = format!("nar/{name}");
+        let stale_temp = name.starts_with(TEMP_PREFIX) && age > PENDING_EXPIRY_S;
+        let orphan = !name.starts_with(TEMP_PREFIX) && !live_nars.contains(key.as_str()) && age > GRACE_S;
+        if stale_temp || orphan {
+            report.deleted_files += 1;
+            report.freed_bytes += size;
+            if !dry_run {
+                let _ = std::fs::remove_file(cache.storage().root().join(&key));
+            }
+        }
+    }
+    for dir in ["pending", ""] {
+        for (name, size, age) in cache.storage().list(dir)? {
+            let stray_narinfo = dir.is_empty()
+                && name.ends_with(".narinfo")
+                && age > GRACE_S
+                && !all.iter().any(|(h, ..)| name.strip_suffix(".narinfo") == Some(h.as_str()));
+            let expired = (dir == "pending" || name.starts_with(TEMP_PREFIX)) && age > PENDING_EXPIRY_S;
+            if stray_narinfo || expired {
+                report.deleted_files += 1;
+                report.freed_bytes += size;
+                if !dry_run {
+                    let _ = std::fs::remove_file(cache.storage().root().join(dir).join(&name));
+                }
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,116 @@
+//! Builds as JSON with Hydra's field names, and the stable "latest green
+//! output" URLs deployers (colmena, deploy-rs, nixos-anywhere, scripts)
+//! rely on: `/job/{p}/{j}/{job}/latest` redirects to the newest successful
+//! build, and `…/latest/output/{out}` answers its store path as text.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Serialize;
+
+use super::{AppState, WebError};
+use crate::db::{builds, evaluations, jobsets, projects};
+
+#[derive(Serialize)]
+pub struct OutputView {
+    path: String,
+}
+
+#[derive(Serialize)]
+pub struct BuildView {
+    id: i64,
+    project: String,
+    jobset: String,
+    job: String,
+    nixname: String,
+    system: String,
+    drvpath: String,
+    finished: i64,
+    buildstatus: Option<i64>,
+    timestamp: i64,
+    starttime: Option<i64>,
+    stoptime: Option<i64>,
+    priority: i64,
+    iscachedbuild: i64,
+    keep: bool,
+    description: Option<String>,
+    license: Option<String>,
+    homepage: Option<String>,
+    maintainers: Option<String>,
+    buildoutputs: BTreeMap<String, OutputView>,
+    jobsetevals: Vec<i64>,
+    error: Option<String>,
+}
+
+async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
+    let mut c = s.db.conn().await?;
+    let b = builds::get(c.ex(), id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
+    let j = jobsets::get_by_id(c.ex(), b.jobset_id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
+    let p =
+        projects::get_by_id(c.ex(), j.project_id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
+    let outputs = builds::outputs(c.ex(), id).await?;
+    let evals = evaluations::of_build(c.ex(), id).await?;
+    Ok(BuildView {
+        id: b.id,
+        project: p.name,
+        jobset: j.name,
+        job: b.job,
+        nixname: b.nix_name,
+        system: b.system,
+        drvpath: b.drv_path,
+        finished: b.finished as i64,
+        buildstatus: b.build_status,
+        timestamp: b.created_at,
+        starttime: b.start_time,
+        stoptime: b.stop_time,
+        priority: b.priority,
+        iscachedbuild: b.is_cached as i64,
+        keep: b.keep,
+        description: b.description,
+        license: b.license,
+        homepage: b.homepage,
+        maintainers: b.maintainers,
+        buildoutputs: outputs.into_iter().map(|o| (o.name, OutputView { path: o.path })).collect(),
+        jobsetevals: evals,
+        error: b.error,
+    })
+}
+
+pub async fn get_build(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Json<BuildView>, WebError> {
+    Ok(Json(build_view(&s, id).await?))
+}
+
+async fn latest(s: &AppState, project: &str, jobset: &str, job: &str) -> Result<builds::Build, WebError> {
+    let mut c = s.db.conn().await?;
+    let j = jobsets::get(c.ex(), project, jobset)
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("jobset {project}:{jobset}")))?;
+    builds::latest_successful(c.ex(), j.id, job)
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("a successful build of {project}:{jobset}:{job}")))
+}
+
+pub async fn job_latest(
+    State(s): State<AppState>,
+    Path((project, jobset, job)): Path<(String, String, String)>,
+) -> Result<Response, WebError> {
+    let b = latest(&s, &project, &jobset, &job).await?;
+    Ok(Redirect::to(&format!("/build/{}", b.id)).into_response())
+}
+
+pub async fn job_latest_output(
+    State(s): State<AppState>,
+    Path((project, jobset, job, output)): Path<(String, String, String, String)>,
+) -> Result<Response, WebError> {
+    let b = latest(&s, &project, &jobset, &job).await?;
+    let mut c = s.db.conn().await?;
+    let o = builds::outputs(c.ex(), b.id)
+        .await?
+        .into_iter()
+        .find(|o| o.name == output)
+        .ok_or_else(|| WebError::NotFound(format!("output {output} of build {}", b.id)))?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", o.path)).into_response())
+}
