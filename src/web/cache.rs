@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::{AppState, WebError, auth};
 use crate::cache::CacheError;
@@ -43,7 +43,9 @@ pub async fn cache_info(State(s): State<AppState>) -> Response {
 pub async fn get_narinfo(State(s): State<AppState>, Path(file): Path<String>) -> Response {
     let Some(hash) = narinfo_hash(&file) else { return not_found() };
     let Ok(path) = s.cache.storage().path(&format!("{hash}.narinfo")) else { return not_found() };
-    match tokio::fs::read(&path).await {
+    // A narinfo is a few hundred bytes, nearly always in the page cache:
+    // reading it here is cheaper than handing it to the blocking pool.
+    match std::fs::read(&path) {
         Ok(bytes) => ([(header::CONTENT_TYPE, NARINFO_TYPE)], bytes).into_response(),
         Err(_) => not_found(),
     }
@@ -84,8 +86,8 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
         return not_found();
     }
     let Ok(path) = s.cache.storage().path(&format!("nar/{file}")) else { return not_found() };
-    let Ok(mut f) = tokio::fs::File::open(&path).await else { return not_found() };
-    let Ok(meta) = f.metadata().await else { return not_found() };
+    let Ok(f) = std::fs::File::open(&path) else { return not_found() };
+    let Ok(meta) = f.metadata() else { return not_found() };
     let len = meta.len();
     let (status, start, count) = match parse_range(&headers, len) {
         Ok(None) => (StatusCode::OK, 0, len),
@@ -95,10 +97,9 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
                 .into_response();
         }
     };
-    if start > 0 && f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
-        return not_found();
-    }
-    let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024);
+    // One blocking thread reads the whole range and hands over large
+    // chunks: tokio's async file pays a thread hand-off per read.
+    let stream = blocking_file_stream(f, start, count);
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -136,6 +137,45 @@ pub async fn get_log(State(s): State<AppState>, Path(drv): Path<String>) -> Resp
     });
     let stream = tokio_stream_from(rx);
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+}
+
+/// Streams `count` bytes of `f` from `start`, read on a blocking thread.
+fn blocking_file_stream(
+    mut f: std::fs::File,
+    start: u64,
+    count: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek};
+        if let Err(e) = f.seek(std::io::SeekFrom::Start(start)) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut left = count;
+        while left > 0 {
+            let mut buf = vec![0u8; left.min(512 * 1024) as usize];
+            match f.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Err(std::io::ErrorKind::UnexpectedEof.into()));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    tokio_stream_from(rx)
 }
 
 fn tokio_stream_from<T: Send + 'static>(
