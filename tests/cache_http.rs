@@ -424,3 +424,36 @@ async fn build_logs_are_served_decompressed() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("building hello"));
 }
+
+#[tokio::test]
+async fn a_crash_during_an_upload_leaves_nothing_visible() {
+    let mut kiln = start("");
+    let file = format!("{}.nar", "4".repeat(52));
+    // Half of a declared 8 MiB body, then the server dies mid-upload.
+    let addr = kiln.url.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let head = format!(
+        "PUT /nar/{file} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+        8 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![7u8; 4 << 20]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _ = std::process::Command::new("kill").args(["-KILL", &kiln.child.id().to_string()]).status();
+    let _ = kiln.child.wait();
+    let cache = kiln.dir.path().join("kiln-state/cache");
+    for dir in ["pending", "nar", ""] {
+        for e in std::fs::read_dir(cache.join(dir)).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                name.starts_with(".tmp-") || ["nar", "pending", "nix-cache-info"].contains(&name.as_str()),
+                "{dir}/{name} is visible after the crash"
+            );
+        }
+    }
+    // Started again, the cache answers as if the upload never began.
+    let dir = std::mem::replace(&mut kiln.dir, tempfile::tempdir().unwrap());
+    let again = Kiln::start_in(dir, &[]);
+    assert_eq!(status(&format!("{}/nar/{file}", again.url)).await, 404);
+}

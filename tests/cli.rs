@@ -145,6 +145,17 @@ fn serve_on_postgres_via_environment() {
 }
 
 #[test]
+fn cache_gc_runs_on_a_fresh_state_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let out = kiln_cmd().args(["cache", "gc", "--dry-run"]).current_dir(d.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("would delete 0 paths"));
+    let out = kiln_cmd().args(["cache", "gc"]).current_dir(d.path()).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 0 paths"));
+}
+
+#[test]
 fn db_migrate_creates_the_sqlite_database() {
     let d = tempfile::tempdir().unwrap();
     let out = kiln_cmd().args(["db", "migrate"]).current_dir(d.path()).output().unwrap();
