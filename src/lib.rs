@@ -5,6 +5,7 @@
 //! `config` the configuration, `serve` wires the long-running server
 //! together and `web` its HTTP side.
 
+pub mod builder;
 pub mod cache;
 pub mod config;
 pub mod db;

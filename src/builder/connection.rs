@@ -1,0 +1,240 @@
+//! Opening a serve connection to a machine: `nix-store --serve --write`
+//! (or the machine's `remote-program`, with `--store` for its
+//! `remote-store`), over the machine's multiplexed SSH master, or as a local
+//! process for `localhost`. The process's stderr carries the build log; a
+//! reader task forwards it to whichever step is building on the connection.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+
+use super::machines::{Machine, Transport};
+use super::serve::{ServeConn, ServeError};
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {machine}: {message}")]
+    Ssh { machine: String, message: String },
+    #[error("cannot start {program} on {machine}: {message}")]
+    Spawn { machine: String, program: String, message: String },
+    #[error("{machine}: {source}")]
+    Handshake { machine: String, source: ServeError },
+    #[error("{machine}: connecting timed out after {secs} s")]
+    Timeout { machine: String, secs: u64 },
+}
+
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where the build log of the connection's current step goes.
+type LogTarget = Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>>;
+
+enum Proc {
+    Local(tokio::process::Child),
+    Remote(#[allow(dead_code)] openssh::Child<Arc<openssh::Session>>),
+}
+
+/// A live serve connection.
+pub struct Connection {
+    pub serve: ServeConn<Reader, Writer>,
+    log: LogTarget,
+    /// The last stderr output, for errors that come with no reply.
+    tail: Arc<Mutex<Vec<u8>>>,
+    _proc: Proc,
+}
+
+impl Connection {
+    /// Sends the connection's stderr (the build log) to `tx` until cleared.
+    pub fn log_to(&self, tx: Option<mpsc::UnboundedSender<Vec<u8>>>) {
+        *self.log.lock().expect("log target") = tx;
+    }
+
+    /// What the remote printed last on stderr.
+    pub fn stderr_tail(&self) -> String {
+        String::from_utf8_lossy(&self.tail.lock().expect("tail")).into_owned()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Proc::Local(c) = &mut self._proc {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// One SSH master per machine, opened on first use and reopened when dead.
+pub struct Sessions {
+    dir: PathBuf,
+    sessions: tokio::sync::Mutex<HashMap<String, Arc<openssh::Session>>>,
+    pub connect_timeout: Duration,
+    pub progress_timeout: Duration,
+}
+
+impl Sessions {
+    pub fn new(state_dir: &Path, connect_timeout: Duration, progress_timeout: Duration) -> Self {
+        Sessions {
+            dir: state_dir.join("ssh"),
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
+            connect_timeout,
+            progress_timeout,
+        }
+    }
+
+    async fn session(&self, m: &Machine) -> Result<Arc<openssh::Session>, ConnectError> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(&m.uri) {
+            if s.check().await.is_ok() {
+                return Ok(s.clone());
+            }
+            sessions.remove(&m.uri);
+        }
+        let Transport::Ssh { user, host, port } = &m.transport else { unreachable!("local machines have no session") };
+        let err = |message: String| ConnectError::Ssh { machine: m.uri.clone(), message };
+        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let mut b = openssh::SessionBuilder::default();
+        b.known_hosts_check(openssh::KnownHosts::Strict)
+            .connect_timeout(self.connect_timeout)
+            .server_alive_interval(Duration::from_secs(15))
+            .control_directory(&self.dir);
+        if let Some(u) = user {
+            b.user(u.clone());
+        }
+        if let Some(p) = port {
+            b.port(*p);
+        }
+        if let Some(k) = &m.ssh_key {
+            b.keyfile(k);
+        }
+        if let Some(key) = &m.host_key {
+            // The machines file pins the host key: a known_hosts of our own.
+            let name = crate::nix::Hash::sha256(m.uri.as_bytes()).to_hex();
+            let file = self.dir.join(format!("known_hosts-{}", &name[..16]));
+            let mut lines = format!("{host} {key}\n");
+            if let Some(p) = port {
+                lines.push_str(&format!("[{host}]:{p} {key}\n"));
+            }
+            std::fs::write(&file, lines).map_err(|e| err(e.to_string()))?;
+            b.user_known_hosts_file(&file);
+        }
+        let connect = b.connect(host);
+        let s = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(5), connect).await {
+            Ok(Ok(s)) => Arc::new(s),
+            Ok(Err(e)) => return Err(err(format!("{e}: {}", source_chain(&e)))),
+            Err(_) => {
+                return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
+            }
+        };
+        sessions.insert(m.uri.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// Forgets a machine's master (after an error), so the next connection
+    /// opens a new one.
+    pub async fn forget(&self, m: &Machine) {
+        self.sessions.lock().await.remove(&m.uri);
+    }
+
+    /// Opens a serve connection to `m` and does the handshake.
+    pub async fn connect(&self, m: &Machine) -> Result<Connection, ConnectError> {
+        let mut args = vec!["--serve".to_string(), "--write".to_string()];
+        if let Some(store) = &m.remote_store {
+            args.push("--store".into());
+            args.push(store.clone());
+        }
+        let spawn_err = |message: String| ConnectError::Spawn {
+            machine: m.uri.clone(),
+            program: m.remote_program.clone(),
+            message,
+        };
+        let (stdin, stdout, stderr, proc): (Writer, Reader, Reader, Proc) = match &m.transport {
+            Transport::Local => {
+                let mut c = crate::nix::command::nix_command(&m.remote_program);
+                c.args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+                let mut child = c.spawn().map_err(|e| spawn_err(e.to_string()))?;
+                let stdin = child.stdin.take().expect("piped");
+                let stdout = child.stdout.take().expect("piped");
+                let stderr = child.stderr.take().expect("piped");
+                (Box::new(stdin), Box::new(stdout), Box::new(stderr), Proc::Local(child))
+            }
+            Transport::Ssh { .. } => {
+                let session = self.session(m).await?;
+                let mut cmd = openssh::Session::to_command(session, m.remote_program.clone());
+                cmd.args(&args)
+                    .stdin(openssh::Stdio::piped())
+                    .stdout(openssh::Stdio::piped())
+                    .stderr(openssh::Stdio::piped());
+                let mut child = match cmd.spawn().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.forget(m).await;
+                        return Err(spawn_err(e.to_string()));
+                    }
+                };
+                let stdin = child.stdin().take().expect("piped");
+                let stdout = child.stdout().take().expect("piped");
+                let stderr = child.stderr().take().expect("piped");
+                (Box::new(stdin), Box::new(stdout), Box::new(stderr), Proc::Remote(child))
+            }
+        };
+        let log: LogTarget = Arc::new(Mutex::new(None));
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(forward_stderr(stderr, log.clone(), tail.clone()));
+        let serve = match tokio::time::timeout(
+            self.connect_timeout,
+            ServeConn::handshake(stdout, stdin, self.progress_timeout),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                // The remote's own words say more than "end of file".
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let said = String::from_utf8_lossy(&tail.lock().expect("tail")).trim().to_string();
+                let source = if said.is_empty() { source } else { ServeError::Protocol(said) };
+                return Err(ConnectError::Handshake { machine: m.uri.clone(), source });
+            }
+            Err(_) => {
+                return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
+            }
+        };
+        Ok(Connection { serve, log, tail, _proc: proc })
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push(c.to_string());
+        cur = c.source();
+    }
+    s.join(": ")
+}
+
+/// Copies the process's stderr to the current log target, keeping the last
+/// 8 KiB for error messages.
+async fn forward_stderr(mut stderr: Reader, log: LogTarget, tail: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        {
+            let mut t = tail.lock().expect("tail");
+            t.extend_from_slice(&buf[..n]);
+            let excess = t.len().saturating_sub(8192);
+            t.drain(..excess);
+        }
+        if let Some(tx) = log.lock().expect("log target").as_ref() {
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    }
+}
