@@ -90,6 +90,7 @@ pub struct Config {
     pub private: bool,
     pub log_format: LogFormat,
     pub eval: EvalConfig,
+    pub queue: QueueConfig,
     pub cache: CacheConfig,
     pub github: Option<GithubConfig>,
     pub projects: Vec<ProjectConfig>,
@@ -107,7 +108,44 @@ pub struct EvalConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Attempts of a step before a machine-side failure fails its builds.
+    pub max_tries: u32,
+    /// First retry delay; each further one is three times longer.
+    pub retry_delay_s: u64,
+    /// How long a step waits for a machine of its system before its builds
+    /// fail as "unsupported system" (9).
+    pub unsupported_grace_s: u64,
+    pub connect_timeout_s: u64,
+    /// Longest silence on a transfer or protocol read before it is aborted.
+    pub progress_timeout_s: u64,
+    /// Largest build log kept (Nix stops the build beyond it: status 10).
+    pub max_log_mib: u64,
+    /// A machine that fails this many steps in a row is paused.
+    pub pause_after_failures: u32,
+    pub pause_s: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_tries: 5,
+            retry_delay_s: 60,
+            unsupported_grace_s: 60,
+            connect_timeout_s: 15,
+            progress_timeout_s: 300,
+            max_log_mib: 64,
+            pause_after_failures: 3,
+            pause_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// Where the cache's files live. Default: `<state_dir>/cache`.
+    pub dir: Option<PathBuf>,
     /// Default: `<state_dir>/keys/cache.sec`, generated on first start.
     pub secret_key_file: Option<PathBuf>,
     /// Name of a generated key (`<name>:<base64>`).
@@ -168,6 +206,7 @@ impl Default for Config {
             private: false,
             log_format: LogFormat::Text,
             eval: EvalConfig::default(),
+            queue: QueueConfig::default(),
             cache: CacheConfig::default(),
             github: None,
             projects: Vec::new(),
@@ -190,6 +229,7 @@ impl Default for EvalConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
+            dir: None,
             secret_key_file: None,
             key_name: "kiln-1".to_string(),
             compression: Compression::Zstd,
@@ -216,7 +256,7 @@ impl Default for GithubConfig {
 }
 
 /// Top-level tables an environment variable can address as `KILN_<SECTION>_<KEY>`.
-const SECTIONS: &[&str] = &["eval", "cache", "github"];
+const SECTIONS: &[&str] = &["eval", "queue", "cache", "github"];
 /// `KILN_*` variables that are not configuration keys.
 const NOT_KEYS: &[&str] = &["KILN_CONFIG", "KILN_LOG"];
 
@@ -278,6 +318,12 @@ impl Config {
         }
         if self.eval.max_concurrent == 0 {
             return Err(ConfigError::key(origin, "eval.max_concurrent", "must be at least 1"));
+        }
+        if self.queue.max_tries == 0 {
+            return Err(ConfigError::key(origin, "queue.max_tries", "must be at least 1"));
+        }
+        if self.queue.connect_timeout_s == 0 || self.queue.progress_timeout_s == 0 {
+            return Err(ConfigError::key(origin, "queue.progress_timeout_s", "timeouts must be at least 1 s"));
         }
         if self.eval.evaluator == Evaluator::NixEvalJobs && !crate::eval::nix_eval_jobs::available() {
             return Err(ConfigError::key(
@@ -341,7 +387,7 @@ impl Config {
     }
 
     pub fn cache_dir(&self) -> PathBuf {
-        self.state_dir.join("cache")
+        self.cache.dir.clone().unwrap_or_else(|| self.state_dir.join("cache"))
     }
 
     pub fn cache_secret_key_file(&self) -> PathBuf {

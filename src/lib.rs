@@ -5,6 +5,7 @@
 //! `config` the configuration, `serve` wires the long-running server
 //! together and `web` its HTTP side.
 
+pub mod build;
 pub mod builder;
 pub mod cache;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod eval;
 pub mod fetch;
 pub mod logs;
 pub mod nix;
+pub mod queue;
 pub mod repo_config;
 pub mod serve;
 pub mod trigger;

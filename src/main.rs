@@ -40,6 +40,25 @@ enum Command {
         #[arg(value_name = "FLAKE_REF#ATTR")]
         installable: String,
     },
+    /// Evaluate a flake attribute and build every job on the builders, without a server.
+    Build {
+        /// Nix machines file (default: machines_file, else this machine).
+        #[arg(long, value_name = "FILE")]
+        machines: Option<PathBuf>,
+        /// Cache directory to build into (default: cache.dir).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// One JSON object per job (job, drvPath, buildstatus, outputs, machine).
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "FLAKE_REF#ATTR")]
+        installable: String,
+    },
+    /// The builders of the machines file.
+    Machines {
+        #[command(subcommand)]
+        command: MachinesCommand,
+    },
     /// Manage the binary cache.
     Cache {
         #[command(subcommand)]
@@ -70,6 +89,16 @@ enum CacheCommand {
         /// Only report what would be deleted.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachinesCommand {
+    /// Connect to every builder and report its Nix version and round-trip time.
+    Check {
+        /// Nix machines file (default: machines_file).
+        #[arg(long, value_name = "FILE")]
+        machines: Option<PathBuf>,
     },
 }
 
@@ -131,6 +160,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             key.write_files(&secret, &public).map_err(|e| Failure::Failed(e.into()))?;
             println!("{}", key.public());
             Ok(())
+        }
+        Command::Build { machines, cache, json, installable } => {
+            let mut config = Config::load(cli.config.as_deref())?;
+            if cache.is_some() {
+                config.cache.dir = cache;
+            }
+            init_logging(config.log_format);
+            runtime()?.block_on(build_command(config, machines, json, installable))
+        }
+        Command::Machines { command: MachinesCommand::Check { machines } } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(config.log_format);
+            runtime()?.block_on(machines_check(config, machines))
         }
         Command::Cache { command: CacheCommand::Gc { dry_run } } => {
             let config = Config::load(cli.config.as_deref())?;
@@ -263,6 +305,95 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
     );
     if stats.errors > 0 {
         return Err(Failure::Failed(anyhow::anyhow!("{} jobs failed to evaluate", stats.errors)));
+    }
+    Ok(())
+}
+
+async fn build_command(
+    config: Config,
+    machines: Option<PathBuf>,
+    json: bool,
+    installable: String,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
+    let db = kiln::serve::open_db(&config).await.map_err(|e| fail(&e))?;
+    let (key, _) = kiln::cache::load_or_generate_key(&config.cache_secret_key_file(), &config.cache.key_name)
+        .map_err(|e| fail(&e))?;
+    let cache = kiln::cache::Cache::open(&config, db.clone(), key).map_err(|e| fail(&e))?;
+    let source = kiln::build::machine_source(&config, machines);
+    let progress = !json || std::io::stderr().is_terminal();
+    let results =
+        kiln::build::run(&config, db.clone(), cache, source, &installable, progress).await.map_err(|e| fail(&e))?;
+    if json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r).expect("results serialise"));
+        }
+    } else {
+        let w = results.iter().map(|r| r.job.len()).max().unwrap_or(3).max(3);
+        println!("{:<w$}  {:<20}  {:<28}  output", "job", "status", "machine");
+        for r in &results {
+            let out = r.outputs.get("out").or_else(|| r.outputs.values().next()).cloned().unwrap_or_default();
+            let machine = r.machine.as_deref().unwrap_or("-");
+            let machine = machine.split('?').next().unwrap_or(machine);
+            println!("{:<w$}  {:<20}  {:<28}  {}", r.job, r.status, machine, out);
+        }
+    }
+    db.close().await;
+    if kiln::build::any_failed(&results) {
+        return Err(Failure::Failed(anyhow::anyhow!(
+            "{} of {} jobs failed",
+            results.iter().filter(|r| r.buildstatus != Some(0)).count(),
+            results.len()
+        )));
+    }
+    Ok(())
+}
+
+async fn machines_check(config: Config, machines: Option<PathBuf>) -> Result<(), Failure> {
+    let Some(file) = machines.or_else(|| config.machines_file()) else {
+        return Err(Failure::Usage(anyhow::anyhow!("no machines file: give --machines or set machines_file")));
+    };
+    let (list, errors) =
+        kiln::builder::machines::load(&file).map_err(|e| Failure::Usage(anyhow::anyhow!("{}: {e}", file.display())))?;
+    for e in &errors {
+        eprintln!("kiln: {}: {e}; skipped", file.display());
+    }
+    let sessions = kiln::builder::connection::Sessions::new(
+        &config.state_dir,
+        std::time::Duration::from_secs(config.queue.connect_timeout_s),
+        std::time::Duration::from_secs(config.queue.progress_timeout_s),
+    );
+    let mut bad = !errors.is_empty();
+    println!("{:<40}  {:<24}  {:<8}  {:>8}  status", "machine", "systems", "protocol", "rtt ms");
+    for m in &list {
+        let name = m.uri.split('?').next().unwrap_or(&m.uri);
+        let start = std::time::Instant::now();
+        let r = async {
+            let mut c = sessions.connect(m).await.map_err(|e| e.to_string())?;
+            let t = std::time::Instant::now();
+            c.serve.query_valid_paths(&[], false).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((c.serve.remote_version, t.elapsed()))
+        }
+        .await;
+        match r {
+            Ok((v, rtt)) => println!(
+                "{:<40}  {:<24}  {:<8}  {:>8.1}  ok (connected in {:.0} ms; features: {})",
+                name,
+                m.systems.join(","),
+                format!("{}.{}", v >> 8, v & 0xff),
+                rtt.as_secs_f64() * 1000.0,
+                (start.elapsed() - rtt).as_secs_f64() * 1000.0,
+                if m.supported_features.is_empty() { "-".to_string() } else { m.supported_features.join(",") }
+            ),
+            Err(e) => {
+                bad = true;
+                println!("{:<40}  {:<24}  {:<8}  {:>8}  {e}", name, m.systems.join(","), "-", "-");
+            }
+        }
+    }
+    if bad {
+        return Err(Failure::Failed(anyhow::anyhow!("some machines are unusable")));
     }
     Ok(())
 }

@@ -29,8 +29,8 @@ pub enum ConnectError {
     Timeout { machine: String, secs: u64 },
 }
 
-pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
-pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+pub type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 /// Where the build log of the connection's current step goes.
 type LogTarget = Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>>;

@@ -346,3 +346,34 @@ pub async fn set_keep(ex: Ex<'_>, id: i64, keep: bool) -> Result<()> {
     run!(ex, c => sqlx::query("UPDATE builds SET keep = $2 WHERE id = $1").bind(id).bind(keep).execute(&mut *c).await?.rows_affected());
     Ok(())
 }
+
+/// Bumps a build to the front of the queue (Hydra's global priority).
+pub async fn bump(ex: Ex<'_>, id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE builds SET global_priority = (SELECT COALESCE(MAX(global_priority), 0) + 1 FROM builds) WHERE id = $1")
+        .bind(id).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Makes a finished build unfinished again, for a restart.
+pub async fn reopen(ex: Ex<'_>, id: i64) -> Result<bool> {
+    let n = run!(ex, c => sqlx::query(
+        "UPDATE builds SET finished = FALSE, build_status = NULL, start_time = NULL, stop_time = NULL, is_cached = FALSE,
+             failed_step_id = NULL, error = NULL WHERE id = $1 AND finished = TRUE")
+        .bind(id).execute(&mut *c).await?.rows_affected());
+    Ok(n == 1)
+}
+
+/// The unfinished builds among `ids`.
+pub async fn unfinished_of(ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Build>> {
+    let mut out = Vec::new();
+    let mut ex = ex;
+    for id in ids {
+        if let Some(b) = get(ex.re(), *id).await?
+            && !b.finished
+        {
+            out.push(b);
+        }
+    }
+    Ok(out)
+}

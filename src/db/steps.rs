@@ -113,3 +113,64 @@ pub async fn count_by_state(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
     Ok(run!(ex, c => sqlx::query_as("SELECT state, COUNT(*) FROM steps GROUP BY state ORDER BY state")
         .fetch_all(&mut *c).await?))
 }
+
+/// Marks a step dispatched to `machine` (one more try).
+pub async fn mark_running(ex: Ex<'_>, id: i64, machine: &str) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE steps SET state = 'running', machine = $2, tries = tries + 1, start_time = $3, stop_time = NULL,
+             phase = 'connecting', next_try_at = NULL WHERE id = $1")
+        .bind(id).bind(machine).bind(now()).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn set_phase(ex: Ex<'_>, id: i64, phase: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE steps SET phase = $2 WHERE id = $1 AND state = 'running'")
+        .bind(id).bind(phase).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// A finished step: `succeeded` (status 0) or `failed` with Hydra's status.
+pub async fn finish(ex: Ex<'_>, id: i64, build_status: i64, error: Option<&str>, log_file: Option<&str>) -> Result<()> {
+    let state = if build_status == 0 { "succeeded" } else { "failed" };
+    run!(ex, c => sqlx::query(
+        "UPDATE steps SET state = $2, build_status = $3, error = $4, log_file = COALESCE($5, log_file), stop_time = $6,
+             phase = NULL WHERE id = $1")
+        .bind(id).bind(state).bind(build_status).bind(error).bind(log_file).bind(now())
+        .execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Puts a step back in the queue after a machine-side failure.
+pub async fn retry_later(ex: Ex<'_>, id: i64, error: &str, next_try_at: i64) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE steps SET state = 'runnable', error = $2, next_try_at = $3, phase = NULL, stop_time = $4 WHERE id = $1")
+        .bind(id).bind(error).bind(next_try_at).bind(now()).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Sets a step's state (waiting or runnable) without touching the rest.
+pub async fn set_state(ex: Ex<'_>, id: i64, state: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE steps SET state = $2 WHERE id = $1").bind(id).bind(state).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Steps a crash left running go back to the queue.
+pub async fn reset_running(ex: Ex<'_>) -> Result<u64> {
+    Ok(run!(ex, c => sqlx::query("UPDATE steps SET state = 'runnable', phase = NULL WHERE state = 'running'")
+        .execute(&mut *c).await?.rows_affected()))
+}
+
+/// Forgets a failure so the step is built again (restart).
+pub async fn reset_failed(ex: Ex<'_>, id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE steps SET state = 'waiting', build_status = NULL, tries = 0, error = NULL, next_try_at = NULL
+         WHERE id = $1 AND state = 'failed'")
+        .bind(id).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Running steps with their machine and phase, for the status pages.
+pub async fn running(ex: Ex<'_>) -> Result<Vec<Step>> {
+    let sql = concat!("SELECT ", cols!(), " FROM steps WHERE state = 'running' ORDER BY start_time, id");
+    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+}

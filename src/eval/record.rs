@@ -28,12 +28,32 @@ pub struct Recorded {
     pub build_ids: Vec<i64>,
 }
 
+/// What recording does besides writing.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    /// Told the ids of builds as soon as they are written (the queue).
+    pub new_builds: Option<mpsc::UnboundedSender<Vec<i64>>>,
+    /// Make a new build even when the jobset has one of the same
+    /// derivation (`kiln build` reports every job of its own run).
+    pub fresh_builds: bool,
+}
+
 /// Writes every job from `rx` as a member of evaluation `eval_id`.
 pub async fn record_stream(
     db: &Db,
     jobset_id: i64,
     eval_id: i64,
+    rx: mpsc::UnboundedReceiver<Job>,
+) -> Result<Recorded, DbError> {
+    record_stream_with(db, jobset_id, eval_id, rx, Hooks::default()).await
+}
+
+pub async fn record_stream_with(
+    db: &Db,
+    jobset_id: i64,
+    eval_id: i64,
     mut rx: mpsc::UnboundedReceiver<Job>,
+    hooks: Hooks,
 ) -> Result<Recorded, DbError> {
     let mut r = Recorded::default();
     let mut batch = Vec::with_capacity(BATCH);
@@ -58,8 +78,13 @@ pub async fn record_stream(
         if !batch.is_empty() && (done || batch.len() >= BATCH || deadline.is_some_and(|d| Instant::now() >= d)) {
             let t = Instant::now();
             let n = batch.len();
-            write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates).await?;
+            let before = r.build_ids.len();
+            write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, hooks.fresh_builds)
+                .await?;
             tracing::debug!(jobs = n, ms = t.elapsed().as_millis() as u64, "recorded a batch");
+            if let Some(tx) = &hooks.new_builds {
+                let _ = tx.send(r.build_ids[before..].to_vec());
+            }
             deadline = None;
             let mut c = db.conn().await?;
             evaluations::set_progress(c.ex(), eval_id, r.jobs, r.errors, r.new_builds).await?;
@@ -82,6 +107,7 @@ pub async fn record_stream(
     Ok(r)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write_batch(
     db: &Db,
     jobset_id: i64,
@@ -90,6 +116,7 @@ async fn write_batch(
     r: &mut Recorded,
     by_drv: &mut HashMap<String, i64>,
     aggregates: &mut Vec<(i64, Vec<String>)>,
+    fresh: bool,
 ) -> Result<(), DbError> {
     // A retried slice cannot repeat a job (the evaluator sends each once),
     // but two roots could name one job: the first wins, as in the members.
@@ -101,7 +128,8 @@ async fn write_batch(
         .filter(|j| j.error.is_none())
         .filter_map(|j| j.drv_path.as_deref().map(|d| (j.attr.as_str(), d)))
         .collect();
-    let existing = builds::find_many_in_jobset(tx.ex(), jobset_id, &wanted).await?;
+    let existing =
+        if fresh { HashMap::new() } else { builds::find_many_in_jobset(tx.ex(), jobset_id, &wanted).await? };
     let new: Vec<NewBuild> = batch
         .iter()
         .filter(|j| j.error.is_none() && j.drv_path.is_some())
