@@ -59,7 +59,19 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     info!(public_key = %key.public(), "cache signing key");
 
     let config = Arc::new(config);
-    let evaluator = Evaluator::new(db.clone(), config.clone());
+    let public_key = key.public();
+    let cache = crate::cache::Cache::open(&config, db.clone(), key)?;
+    let logs = crate::logs::Logs::new(&config.state_dir);
+    let machines = crate::build::machine_source(&config, None);
+    let queue = crate::queue::Queue::start(
+        db.clone(),
+        cache.clone(),
+        logs.clone(),
+        machines,
+        config.queue.clone(),
+        config.state_dir.clone(),
+    );
+    let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()));
     evaluator.sync_config_projects().await?;
 
     // One stop signal for every part: the HTTP server drains, the
@@ -70,11 +82,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     };
     let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
 
-    let public_key = key.public();
-    let cache = crate::cache::Cache::open(&config, db.clone(), key)?;
     let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
-    let logs = crate::logs::Logs::new(&config.state_dir);
-    let state = AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs };
+    let state = AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs, queue };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;

@@ -51,6 +51,8 @@ pub enum Checked {
 pub struct Evaluator {
     db: Db,
     config: Arc<Config>,
+    /// Where new builds go as they are recorded (none in tests of evaluation alone).
+    queue: Option<crate::queue::Queue>,
     mirrors: Mirrors,
     running: Mutex<HashSet<i64>>,
     slots: Arc<Semaphore>,
@@ -63,8 +65,9 @@ const TICK: Duration = Duration::from_secs(1);
 const RESYNC_S: i64 = 60;
 
 impl Evaluator {
-    pub fn new(db: Db, config: Arc<Config>) -> Arc<Self> {
+    pub fn new(db: Db, config: Arc<Config>, queue: Option<crate::queue::Queue>) -> Arc<Self> {
         Arc::new(Evaluator {
+            queue,
             mirrors: Mirrors::new(&config.state_dir, Duration::from_secs(config.eval.timeout_s.max(60))),
             slots: Arc::new(Semaphore::new(config.eval.max_concurrent.max(1))),
             db,
@@ -344,9 +347,23 @@ impl Evaluator {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let db = self.db.clone();
         let jobset_id = jobset.id;
-        let recorder = tokio::spawn(async move { eval::record::record_stream(&db, jobset_id, eval_id, rx).await });
+        // New builds enter the queue as they are recorded: building starts
+        // before the evaluation ends.
+        let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
+        let hooks = eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: false };
+        let recorder =
+            tokio::spawn(async move { eval::record::record_stream_with(&db, jobset_id, eval_id, rx, hooks).await });
+        let queue = self.queue.clone();
+        let feeder = tokio::spawn(async move {
+            while let Some(ids) = new_rx.recv().await {
+                if let Some(q) = &queue {
+                    q.enqueue(ids).await;
+                }
+            }
+        });
         let stats = eval::evaluate(&req, tx).await;
         let recorded = recorder.await.map_err(|e| EvalFailure::Db(DbError::Invalid(e.to_string())))??;
+        let _ = feeder.await;
         stats?;
         let diff = eval::record::finish(
             &self.db,

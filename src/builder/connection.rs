@@ -102,6 +102,8 @@ impl Sessions {
         b.known_hosts_check(openssh::KnownHosts::Strict)
             .connect_timeout(self.connect_timeout)
             .server_alive_interval(Duration::from_secs(15))
+            // A master Kiln no longer uses (after a crash, say) goes away.
+            .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(60).expect("non-zero")))
             .control_directory(&self.dir);
         if let Some(u) = user {
             b.user(u.clone());

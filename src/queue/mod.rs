@@ -182,6 +182,45 @@ impl Queue {
         let _ = self.tx.send(Event::Bump(build));
     }
 
+    /// Cancels every unfinished build of an evaluation.
+    pub async fn cancel_eval(&self, db: &Db, eval_id: i64) -> Result<usize, DbError> {
+        let ids = eval_builds(db, eval_id).await?;
+        let mut c = db.conn().await?;
+        let open = builds::unfinished_of(c.ex(), &ids).await?;
+        for b in &open {
+            self.cancel(b.id);
+        }
+        Ok(open.len())
+    }
+
+    /// Restarts every failed build of an evaluation.
+    pub async fn restart_eval(&self, db: &Db, eval_id: i64) -> Result<usize, DbError> {
+        let ids = eval_builds(db, eval_id).await?;
+        let mut c = db.conn().await?;
+        let mut n = 0;
+        for id in ids {
+            if let Some(b) = builds::get(c.ex(), id).await?
+                && b.finished
+                && b.build_status != Some(0)
+            {
+                self.restart(id);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Bumps every unfinished build of an evaluation.
+    pub async fn bump_eval(&self, db: &Db, eval_id: i64) -> Result<usize, DbError> {
+        let ids = eval_builds(db, eval_id).await?;
+        let mut c = db.conn().await?;
+        let open = builds::unfinished_of(c.ex(), &ids).await?;
+        for b in &open {
+            self.bump(b.id);
+        }
+        Ok(open.len())
+    }
+
     /// Waits until no build is unfinished (after everything sent before).
     pub async fn wait_idle(&self) {
         let (tx, rx) = oneshot::channel();
@@ -1037,6 +1076,11 @@ enum Walk {
     Step(i64),
     /// It, or something it needs, failed before.
     Failed { step: i64, top: bool },
+}
+
+async fn eval_builds(db: &Db, eval_id: i64) -> Result<Vec<i64>, DbError> {
+    let mut c = db.conn().await?;
+    Ok(crate::db::evaluations::members(c.ex(), eval_id).await?.into_iter().filter_map(|m| m.build_id).collect())
 }
 
 async fn read_drv(path: &str) -> Result<Derivation, String> {

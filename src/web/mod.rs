@@ -30,6 +30,7 @@ pub struct AppState {
     pub evaluator: Arc<Evaluator>,
     pub cache: crate::cache::Cache,
     pub logs: crate::logs::Logs,
+    pub queue: crate::queue::Queue,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -340,6 +340,11 @@ impl Sshd {
             .arg(d.join("sshd_config"))
             .arg("-E")
             .arg(d.join("sshd.log"))
+            // Session processes outlive the daemon; they must not hold the
+            // test's output open.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("/usr/sbin/sshd (openssh-server) is installed");
         wait_for_port(port, "sshd");

@@ -1,0 +1,333 @@
+//! The queue runner with two real builders (chroot stores behind private
+//! sshds) and real Nix: shared steps built once, failures and their
+//! dependents, unsupported systems, timeouts, a builder that dies, a
+//! coordinator killed mid-run, and outputs that substitute from the cache.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::*;
+
+/// A shell loop that keeps a builder busy for about `n` × 10 µs: the
+/// chroot builders have nothing but /bin/sh.
+fn spin(n: u32) -> String {
+    format!("i=0; while [ $i -lt {n} ]; do i=$((i+1)); done")
+}
+
+fn d(name: &str, deps: &[&str], script: &str) -> String {
+    format!(
+        r#"{name} = derivation {{ name = "{name}-@T@"; system = "x86_64-linux"; builder = "/bin/sh"; deps = [ {} ]; args = [ "-c" "{script}" ]; }};"#,
+        deps.join(" ")
+    )
+}
+
+/// Two builders, each behind its own sshd; the machines file lists both.
+struct Farm {
+    sshds: Vec<Sshd>,
+    builders: Vec<Builder>,
+    file: tempfile::NamedTempFile,
+}
+
+fn farm(slots: u32) -> Farm {
+    let sshds = vec![Sshd::start(), Sshd::start()];
+    let builders: Vec<Builder> =
+        sshds.iter().enumerate().map(|(i, s)| Builder::new(s, &format!("b{i}"), slots)).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let lines: Vec<String> = builders.iter().map(|b| b.machines_line_with_port.clone()).collect();
+    std::fs::write(file.path(), lines.join("\n") + "\n").unwrap();
+    Farm { sshds, builders, file }
+}
+
+fn kiln_build(
+    dir: &std::path::Path,
+    machines: &std::path::Path,
+    attr: &str,
+    config: &str,
+) -> (Option<i32>, BTreeMap<String, serde_json::Value>, String) {
+    std::fs::write(dir.join("kiln-build.toml"), format!("state_dir = \"state\"\n{config}")).unwrap();
+    let out = kiln_cmd()
+        .args(["build", "--json", "--config", "kiln-build.toml", "--machines"])
+        .arg(machines)
+        .arg(format!(".#{attr}"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let jobs = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}"));
+            (v["job"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    (out.status.code(), jobs, stderr)
+}
+
+async fn open_db(dir: &std::path::Path) -> kiln::db::Db {
+    kiln::db::Db::connect(&format!("sqlite://{}", dir.join("state/kiln.db").display())).await.unwrap()
+}
+
+#[tokio::test]
+async fn failures_propagate_and_unsupported_and_timeouts_end_with_their_status() {
+    let farm = farm(2);
+    let t = unique("q");
+    let flake_text = format!(
+        "{{ outputs = _: let {} {} {} {} {} {} {} in {{ hydraJobs = {{ inherit l1 l2 m1 t1 bad after; arm = derivation {{ name = \"arm\"; system = \"aarch64-linux\"; builder = \"/bin/sh\"; }}; slow = (derivation {{ name = \"slow-{t}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"{}\" ]; }}) // {{ meta.timeout = 1; }}; }}; }}; }}",
+        d("l1", &[], "echo l1 > $out"),
+        d("l2", &[], "echo l2 > $out"),
+        d("m1", &["l1", "l2"], "echo m1 $deps > $out"),
+        d("t1", &["m1", "l2"], "echo t1 $deps > $out"),
+        d("bad", &[], "echo this one fails; exit 1"),
+        d("after", &["bad", "l1"], "echo > $out"),
+        "",
+        spin(20_000_000),
+    )
+    .replace("@T@", &t);
+    let flake = Flake::new(&flake_text, &[]);
+    let (code, jobs, stderr) =
+        kiln_build(flake.path(), farm.file.path(), "hydraJobs", "[queue]\nunsupported_grace_s = 2\n");
+    assert_eq!(code, Some(1), "{stderr}");
+    let status = |j: &str| jobs.get(j).unwrap_or_else(|| panic!("{j} missing: {stderr}"))["buildstatus"].as_i64();
+    for j in ["l1", "l2", "m1", "t1"] {
+        assert_eq!(status(j), Some(0), "{j}: {stderr}");
+        assert!(jobs[j]["machine"].as_str().unwrap().contains("127.0.0.1"));
+    }
+    assert_eq!(status("bad"), Some(1));
+    assert_eq!(status("after"), Some(2), "a dependent of a failed step");
+    assert_eq!(status("arm"), Some(9), "no machine builds aarch64-linux");
+    assert_eq!(status("slow"), Some(7), "meta.timeout = 1");
+
+    // Every step was dispatched once, and its log kept.
+    let db = open_db(flake.path()).await;
+    let mut c = db.conn().await.unwrap();
+    let rows: Vec<(String, String, i64)> = kiln::db::run!(c.ex(), c => sqlx::query_as("SELECT drv_path, state, tries FROM steps").fetch_all(&mut *c).await.unwrap());
+    for (drv, state, tries) in &rows {
+        if state == "succeeded" || state == "failed" {
+            assert_eq!(*tries, 1, "{drv} was dispatched {tries} times");
+        }
+    }
+    let bad_drv = jobs["bad"]["drvPath"].as_str().unwrap();
+    let logs = kiln::logs::Logs::new(&flake.path().join("state"));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut logs.open(bad_drv).expect("the failed step's log"), &mut log).unwrap();
+    assert!(log.contains("this one fails"), "{log}");
+
+    // The outputs are in Kiln's cache and substitute with a real client.
+    let cache = format!("file://{}", flake.path().join("state/cache").display());
+    let pk = std::fs::read_to_string(flake.path().join("state/keys/cache.pub")).unwrap();
+    let client = NixClient::new();
+    let (store, root) = client.store("client");
+    let top = jobs["t1"]["outputs"]["out"].as_str().unwrap();
+    let out = client
+        .cmd("nix")
+        .args(["copy", "--from", &cache, "--to", &store, "--option", "trusted-public-keys", pk.trim(), top])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read_to_string(root.join(top.trim_start_matches('/'))).unwrap().starts_with("t1 "));
+
+    // Run again: everything built is cached, the failure is remembered.
+    let (_, again, stderr) =
+        kiln_build(flake.path(), farm.file.path(), "hydraJobs", "[queue]\nunsupported_grace_s = 2\n");
+    assert_eq!(again["t1"]["status"], "cached", "{stderr}");
+    assert_eq!(again["bad"]["buildstatus"], 8, "cached failure");
+    drop(farm);
+}
+
+#[tokio::test]
+async fn shared_steps_build_once_across_builds_and_jobsets() {
+    let farm = farm(2);
+    let t = unique("share");
+    // Two jobsets (hydraJobs and checks) whose jobs share a diamond of inputs.
+    let flake_text = format!(
+        "{{ outputs = _: let {} {} {} {} {} {} in {{ hydraJobs = {{ inherit top1 top2; }}; checks.x86_64-linux = {{ inherit top1 top3; }}; }}; }}",
+        d("base", &[], &format!("{}; echo base > $out", spin(100_000))),
+        d("left", &["base"], "echo left $deps > $out"),
+        d("right", &["base"], "echo right $deps > $out"),
+        d("top1", &["left", "right"], "echo top1 $deps > $out"),
+        d("top2", &["left"], "echo top2 $deps > $out"),
+        d("top3", &["right", "base"], "echo top3 $deps > $out"),
+    )
+    .replace("@T@", &t);
+    let flake = Flake::new(
+        &flake_text,
+        &[(
+            ".kiln.toml",
+            "[jobsets.jobs]\nattributes = [\"hydraJobs\"]\n[jobsets.checks]\nattributes = [\"checks\"]\n",
+        )],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "api_token_files = [\"token\"]\nmachines_file = \"{}\"\n[[projects]]\nname = \"shared\"\nrepo = \"{}\"\n",
+            farm.file.path().display(),
+            flake.path().display()
+        ),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, None);
+    for (jobset, n) in [("jobs", 2), ("checks", 2)] {
+        let ev = wait_for(120, &format!("{jobset} built"), || async {
+            let (_, v) = api.get(&format!("/jobset/shared/{jobset}/evals")).await;
+            let e = v["evals"].as_array()?.first()?.clone();
+            let (_, detail) = api.get(&format!("/eval/{}", e["id"])).await;
+            let ids: Vec<i64> = detail["builds"].as_array()?.iter().filter_map(|b| b.as_i64()).collect();
+            let mut finished = 0;
+            for id in &ids {
+                let (_, b) = api.get(&format!("/build/{id}")).await;
+                if b["finished"] == 1 {
+                    finished += 1;
+                }
+            }
+            (ids.len() == n && finished == n).then_some(detail)
+        })
+        .await;
+        for id in ev["builds"].as_array().unwrap() {
+            let (_, b) = api.get(&format!("/build/{id}")).await;
+            assert_eq!(b["buildstatus"], 0, "{b}\n{}", kiln.log());
+        }
+    }
+    // top1 is one build per jobset but one step; base, left, right one step each.
+    let db = kiln::db::Db::connect(&format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display()))
+        .await
+        .unwrap();
+    let mut c = db.conn().await.unwrap();
+    let rows: Vec<(String, String, i64)> = kiln::db::run!(c.ex(), c => sqlx::query_as("SELECT drv_path, state, tries FROM steps ORDER BY drv_path").fetch_all(&mut *c).await.unwrap());
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for (drv, state, tries) in &rows {
+        assert_eq!((state.as_str(), *tries), ("succeeded", 1), "{drv}");
+    }
+    let nbuilds: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT COUNT(*) FROM builds").fetch_one(&mut *c).await.unwrap());
+    assert_eq!(nbuilds, 4);
+    drop(farm);
+}
+
+#[tokio::test]
+async fn a_builder_that_dies_mid_build_has_its_step_finished_elsewhere() {
+    let mut farm = farm(1);
+    let t = unique("dies");
+    let flake_text = format!(
+        "{{ outputs = _: let {} in {{ hydraJobs = {{ inherit slow; }}; }}; }}",
+        d("slow", &[], &format!("echo started; {}; echo done > $out", spin(3_000_000)))
+    )
+    .replace("@T@", &t);
+    let flake = Flake::new(&flake_text, &[]);
+    std::fs::write(
+        flake.path().join("kiln-build.toml"),
+        "state_dir = \"state\"\n[queue]\nretry_delay_s = 0\nconnect_timeout_s = 5\n",
+    )
+    .unwrap();
+    let mut child = kiln_cmd()
+        .args(["build", "--json", "--config", "kiln-build.toml", "--machines"])
+        .arg(farm.file.path())
+        .arg(".#hydraJobs")
+        .current_dir(flake.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first builder in the file gets the step; wait until it builds.
+    let b0 = farm.builders[0].root.display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+        let ps = String::from_utf8_lossy(&ps.stdout);
+        if ps.lines().any(|l| l.contains("--serve") && l.contains(&b0))
+            && ps.lines().any(|l| l.contains(&format!("slow-{t}")) || l.contains("while [ $i -lt 3000000 ]"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The machine goes away: its sshd and the serve process on it.
+    farm.sshds[0].stop();
+    let _ = std::process::Command::new("pkill").args(["-KILL", "-f", &format!("root={b0}")]).status();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("no result: {stderr}"));
+    assert_eq!(v["buildstatus"], 0, "{v}\n{stderr}");
+    assert!(
+        v["machine"].as_str().unwrap().contains(&farm.builders[1].root.display().to_string()),
+        "finished on the other builder: {v}"
+    );
+    assert!(stderr.contains("will be retried"), "{stderr}");
+}
+
+#[tokio::test]
+async fn killed_mid_run_and_restarted_it_finishes_every_build_once() {
+    let farm = farm(1);
+    let t = unique("crash");
+    // A chain: each link takes a while, so the kill lands mid-run.
+    let mut lets = Vec::new();
+    let mut prev: Option<String> = None;
+    for i in 0..6 {
+        let name = format!("c{i}");
+        let deps: Vec<&str> = prev.iter().map(String::as_str).collect();
+        lets.push(d(&name, &deps, &format!("{}; echo {name} $deps > $out", spin(400_000))));
+        prev = Some(name);
+    }
+    let flake_text =
+        format!("{{ outputs = _: let {} in {{ hydraJobs = {{ inherit c0 c2 c5; }}; }}; }}", lets.join(" "))
+            .replace("@T@", &t);
+    let flake = Flake::new(&flake_text, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "machines_file = \"{}\"\n[[projects]]\nname = \"crash\"\nrepo = \"{}\"\n",
+            farm.file.path().display(),
+            flake.path().display()
+        ),
+    )
+    .unwrap();
+    let mut kiln = Kiln::start_in(dir, &[]);
+    let db_url = format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display());
+    let succeeded = |db: kiln::db::Db| async move {
+        let mut c = db.conn().await.unwrap();
+        let n: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT COUNT(*) FROM steps WHERE state = 'succeeded'").fetch_one(&mut *c).await.unwrap());
+        n
+    };
+    let db = kiln::db::Db::connect(&db_url).await.unwrap();
+    wait_for(120, "two steps built", || {
+        let db = db.clone();
+        async move { (succeeded(db).await >= 2).then_some(()) }
+    })
+    .await;
+    let _ = std::process::Command::new("kill").args(["-KILL", &kiln.child.id().to_string()]).status();
+    let _ = kiln.child.wait();
+    assert!(succeeded(db.clone()).await < 6, "killed mid-run");
+
+    // Started again on the same state, it finishes everything.
+    let state = std::mem::replace(&mut kiln.dir, tempfile::tempdir().unwrap());
+    let again = Kiln::start_in(state, &[]);
+    wait_for(120, "all builds finished", || {
+        let db = db.clone();
+        async move {
+            let mut c = db.conn().await.unwrap();
+            let open: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE finished = FALSE").fetch_one(&mut *c).await.unwrap());
+            let all: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT COUNT(*) FROM builds").fetch_one(&mut *c).await.unwrap());
+            (all == 3 && open == 0).then_some(())
+        }
+    })
+    .await;
+    let mut c = db.conn().await.unwrap();
+    let statuses: Vec<i64> = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT build_status FROM builds").fetch_all(&mut *c).await.unwrap());
+    assert_eq!(statuses, vec![0, 0, 0], "{}", again.log());
+    let steps: Vec<(String, i64)> =
+        kiln::db::run!(c.ex(), c => sqlx::query_as("SELECT state, tries FROM steps").fetch_all(&mut *c).await.unwrap());
+    assert_eq!(steps.len(), 6);
+    assert!(steps.iter().all(|(s, _)| s == "succeeded"), "{steps:?}");
+    // What was built before the kill was not built again; at most the step
+    // that was running was tried twice.
+    assert!(steps.iter().filter(|(_, tries)| *tries > 1).count() <= 1, "{steps:?}");
+    let running: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT COUNT(*) FROM steps WHERE state = 'running'").fetch_one(&mut *c).await.unwrap());
+    assert_eq!(running, 0);
+    drop(farm);
+}
