@@ -222,7 +222,7 @@ async fn a_builder_that_dies_mid_build_has_its_step_finished_elsewhere() {
         "state_dir = \"state\"\n[queue]\nretry_delay_s = 0\nconnect_timeout_s = 5\n",
     )
     .unwrap();
-    let mut child = kiln_cmd()
+    let child = kiln_cmd()
         .args(["build", "--json", "--config", "kiln-build.toml", "--machines"])
         .arg(farm.file.path())
         .arg(".#hydraJobs")
