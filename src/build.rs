@@ -191,6 +191,18 @@ pub async fn run(
     if let Some(t) = ticker {
         t.abort();
     }
+    let mut lat = queue.status.lock().expect("status").dispatch_latencies.clone();
+    if !lat.is_empty() {
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let pick = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] * 1000.0;
+        tracing::info!(
+            steps = lat.len(),
+            median_ms = format!("{:.1}", pick(0.5)),
+            p99_ms = format!("{:.1}", pick(0.99)),
+            secs = format!("{:.2}", start.elapsed().as_secs_f64()),
+            "dispatch latency (runnable to started)"
+        );
+    }
     tracing::debug!(jobs = stats.jobs, "evaluation finished");
 
     // The table: every job of this evaluation.

@@ -71,6 +71,8 @@ struct Step {
     not_before: Option<Instant>,
     avoid: HashSet<String>,
     queued_since: Instant,
+    /// When it last entered a ready queue.
+    runnable_since: Option<Instant>,
     key: Option<(i64, Key)>,
 }
 
@@ -118,6 +120,8 @@ pub struct Status {
     pub steps_failed: u64,
     pub builds_unfinished: usize,
     pub machine_errors: Vec<String>,
+    /// Seconds from runnable to dispatched, for every dispatched step.
+    pub dispatch_latencies: Vec<f64>,
 }
 
 impl Queue {
@@ -154,6 +158,7 @@ impl Queue {
             tx: tx.clone(),
             status: status.clone(),
             idle_waiters: Vec::new(),
+            latencies: Vec::new(),
             done: 0,
             failed: 0,
         };
@@ -249,6 +254,7 @@ struct Runner {
     tx: mpsc::UnboundedSender<Event>,
     status: Arc<Mutex<Status>>,
     idle_waiters: Vec<oneshot::Sender<()>>,
+    latencies: Vec<f64>,
     done: u64,
     failed: u64,
 }
@@ -607,6 +613,7 @@ impl Runner {
                                 .map(|t| Instant::now() + Duration::from_secs((t - db::now()) as u64)),
                             avoid: HashSet::new(),
                             queued_since: Instant::now(),
+                            runnable_since: None,
                             key: None,
                         },
                     );
@@ -666,6 +673,8 @@ impl Runner {
         ready.len += 1;
         let s = self.steps.get_mut(&id).expect("checked");
         s.key = Some((jobset, key));
+        // A retry counts from when it may run again.
+        s.runnable_since = Some(s.not_before.unwrap_or_else(Instant::now).max(Instant::now()));
         let db = self.db.clone();
         tokio::spawn(async move {
             if let Ok(mut c) = db.conn().await {
@@ -746,6 +755,9 @@ impl Runner {
             steps::mark_running(c.ex(), id, &uri).await?;
         }
         self.unqueue(id);
+        if let Some(since) = self.steps.get(&id).and_then(|s| s.runnable_since) {
+            self.latencies.push(since.elapsed().as_secs_f64());
+        }
         let (drv_path, timeout, max_silent) = {
             let s = self.steps.get_mut(&id).expect("live step");
             s.running = true;
@@ -1064,6 +1076,9 @@ impl Runner {
         st.steps_done = self.done;
         st.steps_failed = self.failed;
         st.builds_unfinished = self.builds.len();
+        if st.dispatch_latencies.len() != self.latencies.len() {
+            st.dispatch_latencies = self.latencies.clone();
+        }
         drop(st);
         self.idle_check();
     }
