@@ -331,3 +331,140 @@ async fn killed_mid_run_and_restarted_it_finishes_every_build_once() {
     assert_eq!(running, 0);
     drop(farm);
 }
+
+#[test]
+fn machines_check_reports_each_builder() {
+    let farm = farm(1);
+    let out = kiln_cmd()
+        .args(["machines", "check", "--machines"])
+        .arg(farm.file.path())
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.contains(" ok (")).count(), 2, "{stdout}");
+    assert!(stdout.contains("2.7"), "protocol version: {stdout}");
+
+    // A bad line is reported with its number; a dead builder fails the check.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    let dead = farm.builders[0].machines_line_with_port.replace(&format!(":{}", farm.sshds[0].port), ":1");
+    std::fs::write(
+        bad.path(),
+        format!("{}\nnonsense x86_64-linux - lots\n{dead}\n", farm.builders[1].machines_line_with_port),
+    )
+    .unwrap();
+    let out = kiln_cmd()
+        .args(["machines", "check", "--machines"])
+        .arg(bad.path())
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2: max jobs \"lots\" is not a number"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.contains(" ok (")).count(), 1, "{stdout}");
+    assert!(stdout.contains("127.0.0.1:1"), "{stdout}");
+}
+
+#[tokio::test]
+async fn cancel_restart_and_bump_builds() {
+    use kiln::db::builds::{self, BuildStatus, NewBuild};
+    use kiln::queue::{MachineSource, Queue};
+    let farm = farm(1);
+    let state = tempfile::tempdir().unwrap();
+    let t = TestDb::sqlite().await;
+    let config = kiln::config::Config { state_dir: state.path().to_path_buf(), ..Default::default() };
+    let cache =
+        kiln::cache::Cache::open(&config, t.db.clone(), kiln::nix::SigningKey::generate("q-1").unwrap()).unwrap();
+    let logs = kiln::logs::Logs::new(state.path());
+    let queue_config = kiln::config::QueueConfig { unsupported_grace_s: 3600, ..Default::default() };
+    let queue = Queue::start(
+        t.db.clone(),
+        cache,
+        logs,
+        MachineSource::File(farm.file.path().to_path_buf()),
+        queue_config,
+        state.path().to_path_buf(),
+    );
+    let (_, jobset) = make_jobset(&t.db, "p", "main").await;
+    let tag = unique("crb");
+    let instantiate = |expr: String| {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("e.nix"), expr).unwrap();
+        nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]).trim().to_string()
+    };
+    let fail_drv = instantiate(drv_expr(&format!("fails-{tag}"), "exit 1"));
+    let arm_drv =
+        instantiate(format!(r#"derivation {{ name = "arm-{tag}"; system = "aarch64-linux"; builder = "/bin/sh"; }}"#));
+    let mut ids = Vec::new();
+    for (job, drv) in [("fails", &fail_drv), ("arm", &arm_drv)] {
+        let mut c = t.db.conn().await.unwrap();
+        let b = builds::create(
+            c.ex(),
+            &NewBuild {
+                jobset_id: jobset,
+                job: job.into(),
+                drv_path: drv.clone(),
+                nix_name: job.into(),
+                system: "x86_64-linux".into(),
+                timeout: 60,
+                max_silent: 60,
+                priority: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        ids.push(b.id);
+    }
+    queue.enqueue(ids.clone()).await;
+    let build = |id: i64| {
+        let db = t.db.clone();
+        async move {
+            let mut c = db.conn().await.unwrap();
+            builds::get(c.ex(), id).await.unwrap().unwrap()
+        }
+    };
+    let failed = wait_for(60, "the failing build", || async {
+        let b = build(ids[0]).await;
+        b.finished.then_some(b)
+    })
+    .await;
+    assert_eq!(failed.status(), Some(BuildStatus::Failed));
+
+    // Bump: the waiting build moves ahead of everything (global priority).
+    queue.bump(ids[1]);
+    wait_for(10, "the bump", || async { (build(ids[1]).await.global_priority > 0).then_some(()) }).await;
+    // Cancel: the build that no machine can take ends as cancelled.
+    queue.cancel(ids[1]);
+    let cancelled = wait_for(10, "the cancel", || async {
+        let b = build(ids[1]).await;
+        b.finished.then_some(b)
+    })
+    .await;
+    assert_eq!(cancelled.status(), Some(BuildStatus::Cancelled));
+
+    // Restart: the failed build is built again (not a cached failure): the
+    // machines count a second attempt.
+    let attempts = || {
+        let db = t.db.clone();
+        async move {
+            let mut c = db.conn().await.unwrap();
+            kiln::db::machines::list(c.ex()).await.unwrap().iter().map(|m| m.steps_done).sum::<i64>()
+        }
+    };
+    assert_eq!(attempts().await, 1);
+    queue.restart(ids[0]);
+    let again = wait_for(60, "the restarted build", || async {
+        let b = build(ids[0]).await;
+        (b.finished && attempts().await == 2).then_some(b)
+    })
+    .await;
+    assert_eq!(again.status(), Some(BuildStatus::Failed), "built and failed again, not status 8");
+    let mut c = t.db.conn().await.unwrap();
+    let step = kiln::db::steps::get_by_drv(c.ex(), &fail_drv).await.unwrap().unwrap();
+    assert_eq!(step.tries, 1, "its failure was forgotten and it was tried afresh");
+    queue.wait_idle().await;
+    drop(farm);
+}
