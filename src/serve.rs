@@ -88,10 +88,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
     let addr = listener.local_addr()?;
+    // Handlers first: a SIGTERM right after "listening" must stop us cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     info!("listening on http://{addr}");
     let server = http1_serve(listener, web::router(state), stopped(stop_rx));
     let signal = async {
-        shutdown_signal().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
         info!("shutting down");
         let _ = stop_tx.send(true);
     };
@@ -100,24 +105,6 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = gc_task.await;
     db.close().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
 
 /// Runs cache garbage collection every `cache.gc_interval_s`.
