@@ -468,3 +468,55 @@ async fn cancel_restart_and_bump_builds() {
     queue.wait_idle().await;
     drop(farm);
 }
+
+#[tokio::test]
+async fn the_log_of_a_running_step_can_be_read_while_it_builds() {
+    let farm = farm(1);
+    let t = unique("live");
+    let flake_text = format!(
+        "{{ outputs = _: let {} in {{ hydraJobs = {{ inherit chatty; }}; }}; }}",
+        d("chatty", &[], &format!("echo started-{t}; {}; echo finished-{t}; echo > $out", spin(3_000_000)))
+    )
+    .replace("@T@", &t);
+    let flake = Flake::new(&flake_text, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "machines_file = \"{}\"\n[[projects]]\nname = \"live\"\nrepo = \"{}\"\n",
+            farm.file.path().display(),
+            flake.path().display()
+        ),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, None);
+    let build = wait_for(60, "the build", || async {
+        let (_, v) = api.get("/jobset/live/main/evals").await;
+        let e = v["evals"].as_array()?.first()?.clone();
+        let (_, detail) = api.get(&format!("/eval/{}", e["id"])).await;
+        let id = detail["jobs"]["chatty"].as_i64()?;
+        let (_, b) = api.get(&format!("/build/{id}")).await;
+        Some(b)
+    })
+    .await;
+    let drv = build["drvpath"].as_str().unwrap().trim_start_matches("/nix/store/").to_string();
+    let so_far = wait_for(60, "the first line of the log", || async {
+        let r = reqwest::get(format!("{}/log/{drv}", kiln.url)).await.ok()?;
+        let text = r.text().await.ok()?;
+        text.contains(&format!("started-{t}")).then_some(text)
+    })
+    .await;
+    assert!(!so_far.contains(&format!("finished-{t}")), "read while building: {so_far}");
+    let (_, b) = api.get(&format!("/build/{}", build["id"])).await;
+    assert_eq!(b["finished"], 0, "still building");
+    // Finished, the stored log has all of it.
+    wait_for(60, "the build to finish", || async {
+        let (_, b) = api.get(&format!("/build/{}", build["id"])).await;
+        (b["finished"] == 1).then_some(())
+    })
+    .await;
+    let full = reqwest::get(format!("{}/log/{drv}", kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(full.contains(&format!("started-{t}")) && full.contains(&format!("finished-{t}")), "{full}");
+    drop(farm);
+}

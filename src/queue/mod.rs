@@ -775,6 +775,7 @@ impl Runner {
         let machine = ms.m.clone();
         let sessions = self.sessions.clone();
         let cache = self.cache.clone();
+        let logs = self.logs.clone();
         let db = self.db.clone();
         let tx = self.tx.clone();
         let max_log = self.config.max_log_mib.saturating_mul(1 << 20);
@@ -783,7 +784,8 @@ impl Runner {
             async move {
                 let start = Instant::now();
                 let (outcome, conn) =
-                    attempt(&sessions, &machine, conn, &cache, &db, id, &drv_path, timeout, max_silent, max_log).await;
+                    attempt(&sessions, &machine, conn, &cache, &logs, &db, id, &drv_path, timeout, max_silent, max_log)
+                        .await;
                 let _ = tx.send(Event::Done {
                     step: id,
                     machine: machine.uri.clone(),
@@ -1111,6 +1113,7 @@ async fn attempt(
     machine: &Machine,
     conn: Option<Connection>,
     cache: &Cache,
+    logs: &Logs,
     db: &Db,
     step: i64,
     drv_path: &str,
@@ -1140,7 +1143,7 @@ async fn attempt(
             }
         }
     });
-    let r = run::run_step(&mut conn, cache, &spec, |p| {
+    let r = run::run_step(&mut conn, cache, logs, &spec, |p| {
         let _ = ptx.send(p);
     })
     .await;

@@ -57,6 +57,7 @@ enum Source {
 pub async fn run_step(
     conn: &mut Connection,
     cache: &Cache,
+    logs: &crate::logs::Logs,
     spec: &StepSpec<'_>,
     mut phase: impl FnMut(&'static str),
 ) -> Result<Outcome, StepError> {
@@ -102,8 +103,18 @@ pub async fn run_step(
     let mut log = Vec::new();
     if already.len() < out_paths.len() {
         phase("building");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         conn.log_to(Some(tx));
+        // The log goes to viewers as it arrives.
+        let limit = spec.max_log_bytes.clamp(1 << 20, 256 << 20) as usize;
+        logs.start_live(spec.drv_path, limit);
+        let live = logs.clone();
+        let drv_name = spec.drv_path.to_string();
+        let forwarder = tokio::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                live.append_live(&drv_name, &chunk);
+            }
+        });
         let opts = BuildOptions {
             max_silent_s: spec.max_silent_s,
             timeout_s: spec.timeout_s,
@@ -115,11 +126,8 @@ pub async fn run_step(
         // Let the last lines of stderr arrive before the log is closed.
         tokio::time::sleep(Duration::from_millis(20)).await;
         conn.log_to(None);
-        while let Ok(chunk) = rx.try_recv() {
-            if (log.len() as u64) < spec.max_log_bytes.max(1 << 20) {
-                log.extend_from_slice(&chunk);
-            }
-        }
+        let _ = forwarder.await;
+        log = logs.finish_live(spec.drv_path);
         let result = match result {
             Ok(r) => r,
             Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),

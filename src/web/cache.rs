@@ -114,7 +114,13 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
 }
 
 pub async fn get_log(State(s): State<AppState>, Path(drv): Path<String>) -> Response {
-    let Some(reader) = s.logs.open(&drv) else { return not_found() };
+    let Some(reader) = s.logs.open(&drv) else {
+        // Still building: the log so far.
+        return match s.logs.follow(&drv) {
+            Some((so_far, _)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], so_far).into_response(),
+            None => not_found(),
+        };
+    };
     // Decompressed on a blocking thread, a chunk at a time.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
