@@ -203,8 +203,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
 
     async fn flush(&mut self) -> Result<(), ServeError> {
         let data = std::mem::take(&mut self.pending);
-        self.w.write_all(&data).await?;
-        self.w.flush().await?;
+        let t = self.progress_timeout;
+        let write = async {
+            self.w.write_all(&data).await?;
+            self.w.flush().await
+        };
+        tokio::time::timeout(t, write).await.map_err(|_| ServeError::Stalled(t.as_secs()))??;
         Ok(())
     }
 
@@ -321,14 +325,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
         self.put_strs(std::iter::empty());
         self.put_str(info.ca.as_deref().unwrap_or(""));
         self.flush().await?;
-        let copied = tokio::io::copy(&mut nar.take(info.nar_size), &mut self.w).await?;
-        if copied != info.nar_size {
-            return Err(ServeError::Protocol(format!(
-                "NAR of {} was {copied} bytes, not {}",
-                info.path, info.nar_size
-            )));
+        // Copied chunk by chunk, each write under the progress timeout: a
+        // builder that stops reading must not hang the step.
+        let t = self.progress_timeout;
+        let stalled = || ServeError::Stalled(t.as_secs());
+        let mut left = info.nar_size;
+        let mut buf = vec![0u8; 256 * 1024];
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = tokio::time::timeout(t, nar.read(&mut buf[..want])).await.map_err(|_| stalled())??;
+            if n == 0 {
+                return Err(ServeError::Protocol(format!("NAR of {} ended {left} bytes early", info.path)));
+            }
+            tokio::time::timeout(t, self.w.write_all(&buf[..n])).await.map_err(|_| stalled())??;
+            left -= n as u64;
         }
-        self.w.flush().await?;
+        tokio::time::timeout(t, self.w.flush()).await.map_err(|_| stalled())??;
         match self.get().await? {
             1 => Ok(()),
             n => Err(ServeError::Protocol(format!("AddToStoreNar answered {n}"))),
