@@ -40,6 +40,21 @@ fn farm(slots: u32) -> Farm {
     Farm { sshds, builders, file }
 }
 
+/// `kiln serve` building one project on the farm's machines.
+fn serve_project(farm: &Farm, name: &str, flake: &Flake) -> Kiln {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "machines_file = \"{}\"\n[[projects]]\nname = \"{name}\"\nrepo = \"{}\"\n",
+            farm.file.path().display(),
+            flake.path().display()
+        ),
+    )
+    .unwrap();
+    Kiln::start_in(dir, &[])
+}
+
 fn kiln_build(
     dir: &std::path::Path,
     machines: &std::path::Path,
@@ -277,17 +292,7 @@ async fn killed_mid_run_and_restarted_it_finishes_every_build_once() {
         format!("{{ outputs = _: let {} in {{ hydraJobs = {{ inherit c0 c2 c5; }}; }}; }}", lets.join(" "))
             .replace("@T@", &t);
     let flake = Flake::new(&flake_text, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("kiln.toml"),
-        format!(
-            "machines_file = \"{}\"\n[[projects]]\nname = \"crash\"\nrepo = \"{}\"\n",
-            farm.file.path().display(),
-            flake.path().display()
-        ),
-    )
-    .unwrap();
-    let mut kiln = Kiln::start_in(dir, &[]);
+    let mut kiln = serve_project(&farm, "crash", &flake);
     let db_url = format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display());
     let succeeded = |db: kiln::db::Db| async move {
         let mut c = db.conn().await.unwrap();
@@ -479,17 +484,7 @@ async fn the_log_of_a_running_step_can_be_read_while_it_builds() {
     )
     .replace("@T@", &t);
     let flake = Flake::new(&flake_text, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("kiln.toml"),
-        format!(
-            "machines_file = \"{}\"\n[[projects]]\nname = \"live\"\nrepo = \"{}\"\n",
-            farm.file.path().display(),
-            flake.path().display()
-        ),
-    )
-    .unwrap();
-    let kiln = Kiln::start_in(dir, &[]);
+    let kiln = serve_project(&farm, "live", &flake);
     let api = Api::new(&kiln.url, None);
     let build = wait_for(60, "the build", || async {
         let (_, v) = api.get("/jobset/live/main/evals").await;
