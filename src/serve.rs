@@ -83,7 +83,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
 
     let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
-    let state = AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs, queue };
+    let session_key =
+        crate::web::session::SessionKey::load_or_create(&config.state_dir.join("keys").join("session.key"))?;
+    let state =
+        AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs, queue, session_key };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;

@@ -377,3 +377,76 @@ pub async fn unfinished_of(ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Build>> {
     }
     Ok(out)
 }
+
+/// A build with the names of its jobset and project, for lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Listed {
+    pub id: i64,
+    pub project: String,
+    pub jobset: String,
+    pub job: String,
+    pub nix_name: String,
+    pub system: String,
+    pub finished: bool,
+    pub build_status: Option<i64>,
+    pub created_at: i64,
+    pub start_time: Option<i64>,
+    pub stop_time: Option<i64>,
+}
+
+macro_rules! listed_cols {
+    () => {
+        "b.id, p.name AS project, j.name AS jobset, b.job, b.nix_name, b.system, b.finished, b.build_status, b.created_at, b.start_time, \
+         b.stop_time FROM builds b JOIN jobsets j ON j.id = b.jobset_id JOIN projects p ON p.id = j.project_id"
+    };
+}
+
+/// The most recently finished builds.
+pub async fn recent(ex: Ex<'_>, limit: i64) -> Result<Vec<Listed>> {
+    let sql =
+        concat!("SELECT ", listed_cols!(), " WHERE b.finished = TRUE ORDER BY b.stop_time DESC, b.id DESC LIMIT $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(limit).fetch_all(&mut *c).await?))
+}
+
+/// A job's builds, newest first, before `before` (for paging).
+pub async fn job_history(ex: Ex<'_>, jobset_id: i64, job: &str, before: i64, limit: i64) -> Result<Vec<Listed>> {
+    let sql = concat!(
+        "SELECT ",
+        listed_cols!(),
+        " WHERE b.jobset_id = $1 AND b.job = $2 AND b.id < $3 ORDER BY b.id DESC LIMIT $4"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).bind(before).bind(limit).fetch_all(&mut *c).await?))
+}
+
+/// Builds of these ids, for the pages that show several.
+pub async fn listed(ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Listed>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let b = ex.backend();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT {} WHERE b.id IN {} ORDER BY b.job",
+        listed_cols!(),
+        values_placeholders(b, 1, ids.len(), 1)
+    ));
+    Ok(run!(ex, c => {
+        let mut q = sqlx::query_as(sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        q.fetch_all(&mut *c).await?
+    }))
+}
+
+/// Unfinished builds, oldest first, for the queue page.
+pub async fn queued(ex: Ex<'_>, limit: i64) -> Result<Vec<Listed>> {
+    let sql =
+        concat!("SELECT ", listed_cols!(), " WHERE b.finished = FALSE ORDER BY b.global_priority DESC, b.id LIMIT $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(limit).fetch_all(&mut *c).await?))
+}
+
+pub async fn count_unfinished(ex: Ex<'_>) -> Result<i64> {
+    Ok(
+        run!(ex, c => sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE finished = FALSE").fetch_one(&mut *c).await?),
+    )
+}

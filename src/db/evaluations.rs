@@ -260,3 +260,34 @@ pub async fn of_build(ex: Ex<'_>, build_id: i64) -> Result<Vec<i64>> {
     Ok(run!(ex, c => sqlx::query_scalar("SELECT eval_id FROM eval_members WHERE build_id = $1 ORDER BY eval_id")
         .bind(build_id).fetch_all(&mut *c).await?))
 }
+
+/// A job's state in one evaluation: its build's status, or its error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Cell {
+    pub eval_id: i64,
+    pub job: String,
+    pub build_id: Option<i64>,
+    pub finished: Option<bool>,
+    pub build_status: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// The job × evaluation matrix of the given evaluations.
+pub async fn cells(ex: Ex<'_>, eval_ids: &[i64]) -> Result<Vec<Cell>> {
+    if eval_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let b = ex.backend();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error FROM eval_members m
+         LEFT JOIN builds b ON b.id = m.build_id WHERE m.eval_id IN {} ORDER BY m.job",
+        super::builds::values_placeholders(b, 1, eval_ids.len(), 1)
+    ));
+    Ok(run!(ex, c => {
+        let mut q = sqlx::query_as(sql);
+        for id in eval_ids {
+            q = q.bind(*id);
+        }
+        q.fetch_all(&mut *c).await?
+    }))
+}

@@ -174,3 +174,30 @@ pub async fn running(ex: Ex<'_>) -> Result<Vec<Step>> {
     let sql = concat!("SELECT ", cols!(), " FROM steps WHERE state = 'running' ORDER BY start_time, id");
     Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
 }
+
+/// Every step a build needs (its top step's closure), newest first.
+pub async fn closure_of(ex: Ex<'_>, top: i64) -> Result<Vec<Step>> {
+    let sql = concat!(
+        "WITH RECURSIVE closure(id) AS (SELECT $1 UNION SELECT d.dep_id FROM step_deps d JOIN closure c ON d.step_id = c.id)
+         SELECT ",
+        cols!(),
+        " FROM steps WHERE id IN (SELECT id FROM closure) ORDER BY start_time DESC, id DESC"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(top).fetch_all(&mut *c).await?))
+}
+
+/// Runnable steps, oldest first, for the queue page.
+pub async fn runnable(ex: Ex<'_>, limit: i64) -> Result<Vec<Step>> {
+    let sql = concat!("SELECT ", cols!(), " FROM steps WHERE state = 'runnable' ORDER BY id LIMIT $1");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(limit).fetch_all(&mut *c).await?))
+}
+
+/// Recently failed steps of a machine.
+pub async fn failed_on(ex: Ex<'_>, machine: &str, limit: i64) -> Result<Vec<Step>> {
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM steps WHERE machine = $1 AND state = 'failed' ORDER BY stop_time DESC LIMIT $2"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(machine).bind(limit).fetch_all(&mut *c).await?))
+}

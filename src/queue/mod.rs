@@ -874,9 +874,7 @@ impl Runner {
     }
 
     fn store_log(&self, drv: &str, log: &[u8]) -> Option<String> {
-        if log.is_empty() {
-            return None;
-        }
+        // An empty log is kept too: "it printed nothing" is an answer.
         match self.logs.write(drv, log) {
             Ok(p) => Some(p.display().to_string()),
             Err(e) => {

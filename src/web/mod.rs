@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use askama::Template;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::Serialize;
 
@@ -17,10 +16,16 @@ use crate::db::{self, Db};
 use crate::nix::PublicKey;
 use crate::trigger::Evaluator;
 
+pub mod actions;
+pub mod ansi;
 pub mod api;
 pub mod auth;
+pub mod badges;
 pub mod builds;
 pub mod cache;
+pub mod live;
+pub mod pages;
+pub mod session;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -31,19 +36,32 @@ pub struct AppState {
     pub cache: crate::cache::Cache,
     pub logs: crate::logs::Logs,
     pub queue: crate::queue::Queue,
+    pub session_key: session::SessionKey,
 }
 
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
     Router::new()
-        .route("/", get(home))
+        .route("/", get(pages::home))
         .route("/healthz", get(healthz))
-        .route("/project/{name}", get(api::get_project).put(api::put_project).delete(api::delete_project))
-        .route("/jobset/{project}/{jobset}", get(api::get_jobset))
+        .route("/project/{name}", get(pages::project).put(api::put_project).delete(api::delete_project))
+        .route("/jobset/{project}/{jobset}", get(pages::jobset))
         .route("/jobset/{project}/{jobset}/evals", get(api::get_jobset_evals))
-        .route("/eval/{id}", get(api::get_eval))
+        .route("/jobset/{project}/{jobset}/{file}", get(badges::jobset).post(actions::jobset_action))
+        .route("/eval/{id}", get(pages::eval))
+        .route("/eval/{id}/{action}", post(actions::eval_action))
         .route("/api/push", post(api::push))
-        .route("/build/{id}", get(builds::get_build))
+        .route("/build/{id}", get(pages::build))
+        .route("/build/{id}/log", get(pages::build_log))
+        .route("/build/{id}/{action}", post(actions::build_action))
+        .route("/login", get(actions::login_page).post(actions::login))
+        .route("/logout", post(actions::logout))
+        .route("/job/{project}/{jobset}/{job}", get(pages::job))
+        .route("/job/{project}/{jobset}/{job}/{file}", get(badges::job))
+        .route("/queue", get(pages::queue))
+        .route("/machines", get(pages::machines))
+        .route("/static/kiln.js", get(script))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), private_guard))
         .route("/job/{project}/{jobset}/{job}/latest", get(builds::job_latest))
         .route("/job/{project}/{jobset}/{job}/latest/output/{output}", get(builds::job_latest_output))
         .route("/nix-cache-info", get(cache::cache_info))
@@ -80,28 +98,39 @@ async fn style() -> Response {
         .into_response()
 }
 
-#[derive(Template)]
-#[template(path = "home.html")]
-struct HomePage {
-    title: String,
-    public_key: String,
-    base_url: String,
-    projects: Vec<db::projects::Project>,
+/// With `private = true`, nothing but signing in, health and static files
+/// is shown to a request without a token or session.
+async fn private_guard(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !s.config.private {
+        return next.run(req).await;
+    }
+    let path = req.uri().path();
+    let open = matches!(path, "/login" | "/logout" | "/healthz") || path.starts_with("/static/");
+    if open || actions::signed_in(&s, req.headers()).is_some() {
+        return next.run(req).await;
+    }
+    if let Some(token) = auth::presented_upload(req.headers())
+        && let Ok(mut c) = s.db.conn().await
+        && matches!(db::api_tokens::check(c.ex(), &token).await, Ok(Some(_)))
+    {
+        return next.run(req).await;
+    }
+    let mut r =
+        (StatusCode::UNAUTHORIZED, "this Kiln is private: sign in at /login, or send a token\n").into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Basic realm=\"kiln\""));
+    r
 }
 
-async fn home(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
-    let mut c = s.db.conn().await?;
-    let projects: Vec<_> = db::projects::list(c.ex()).await?.into_iter().filter(|p| !p.hidden).collect();
-    if wants_json(&headers) {
-        return Ok(Json(projects).into_response());
-    }
-    let page = HomePage {
-        title: "Kiln".into(),
-        public_key: s.public_key.to_string(),
-        base_url: s.config.base_url(),
-        projects,
-    };
-    Ok(Html(page.render()?).into_response())
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
+        include_str!("../../static/kiln.js"),
+    )
+        .into_response()
 }
 
 /// Errors of handlers, mapped to HTTP in one place.

@@ -1,0 +1,171 @@
+//! Actions that change things: restart, cancel and bump a build; restart
+//! the failed builds of an evaluation, cancel or bump it; trigger, enable
+//! and disable a jobset. Scripts use a bearer token; the UI a signed-in
+//! session plus the form's CSRF token. Anyone else is told "not allowed".
+
+use std::collections::HashMap;
+
+use askama::Template;
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Serialize;
+
+use super::session::{self, COOKIE};
+use super::{AppState, WebError, auth};
+use crate::db::{self, api_tokens, builds, jobsets};
+
+/// Who may write, and how they asked.
+pub enum Via {
+    Bearer,
+    Form,
+}
+
+/// The session's CSRF token, if the request is signed in.
+pub fn signed_in(s: &AppState, headers: &HeaderMap) -> Option<String> {
+    let c = session::cookie(headers)?;
+    s.session_key.check(&c, db::now())?;
+    Some(s.session_key.csrf(&c))
+}
+
+/// Checks that the request may write: a valid bearer token, or a session
+/// with the matching CSRF token.
+pub async fn authorize(s: &AppState, headers: &HeaderMap, csrf: Option<&str>) -> Result<Via, WebError> {
+    if auth::presented(headers).is_some() {
+        auth::require(s, headers).await?;
+        return Ok(Via::Bearer);
+    }
+    match (signed_in(s, headers), csrf) {
+        (Some(expected), Some(got)) if expected == got => Ok(Via::Form),
+        (Some(_), _) => Err(WebError::Forbidden(
+            "not allowed: the form is stale or was not sent from Kiln's page; reload it".into(),
+        )),
+        (None, _) => Err(WebError::Unauthorized),
+    }
+}
+
+#[derive(Serialize)]
+struct Done {
+    ok: bool,
+    action: String,
+    affected: usize,
+}
+
+fn done(via: Via, action: &str, affected: usize, back: String) -> Response {
+    match via {
+        Via::Bearer => axum::Json(Done { ok: true, action: action.into(), affected }).into_response(),
+        Via::Form => Redirect::to(&back).into_response(),
+    }
+}
+
+/// A form body, or none (scripts post nothing).
+type FormData = Result<Form<HashMap<String, String>>, axum::extract::rejection::FormRejection>;
+
+fn csrf_of(form: &FormData) -> Option<&str> {
+    form.as_ref().ok().and_then(|f| f.get("csrf")).map(String::as_str)
+}
+
+pub async fn build_action(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(i64, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let mut c = s.db.conn().await?;
+    let b = builds::get(c.ex(), id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
+    match action.as_str() {
+        "restart" => {
+            if !b.finished {
+                return Err(WebError::BadRequest(format!("build {id} has not finished")));
+            }
+            s.queue.restart(id)
+        }
+        "cancel" => {
+            if b.finished {
+                return Err(WebError::BadRequest(format!("build {id} has finished")));
+            }
+            s.queue.cancel(id)
+        }
+        "bump" => s.queue.bump(id),
+        other => return Err(WebError::NotFound(format!("action {other}"))),
+    }
+    Ok(done(via, &action, 1, format!("/build/{id}")))
+}
+
+pub async fn eval_action(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(i64, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let n = match action.as_str() {
+        "restart" => s.queue.restart_eval(&s.db, id).await?,
+        "cancel" => s.queue.cancel_eval(&s.db, id).await?,
+        "bump" => s.queue.bump_eval(&s.db, id).await?,
+        other => return Err(WebError::NotFound(format!("action {other}"))),
+    };
+    Ok(done(via, &action, n, format!("/eval/{id}")))
+}
+
+pub async fn jobset_action(
+    State(s): State<AppState>,
+    Path((project, name, action)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let mut c = s.db.conn().await?;
+    let j = jobsets::get(c.ex(), &project, &name)
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("jobset {project}:{name}")))?;
+    match action.as_str() {
+        "trigger" => {
+            jobsets::trigger(c.ex(), j.id, true).await?;
+            s.evaluator.wake();
+        }
+        "enable" => jobsets::set_enabled(c.ex(), j.id, true).await?,
+        "disable" => jobsets::set_enabled(c.ex(), j.id, false).await?,
+        other => return Err(WebError::NotFound(format!("action {other}"))),
+    }
+    Ok(done(via, &action, 1, format!("/jobset/{project}/{name}")))
+}
+
+// ------------------------------------------------------------------ signing in
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    title: String,
+    error: Option<String>,
+    nav: super::pages::Nav,
+}
+
+pub async fn login_page() -> Result<Response, WebError> {
+    Ok(Html(LoginPage { title: "Sign in · Kiln".into(), error: None, nav: Default::default() }.render()?)
+        .into_response())
+}
+
+pub async fn login(State(s): State<AppState>, Form(form): Form<HashMap<String, String>>) -> Result<Response, WebError> {
+    let token = form.get("token").map(|t| t.trim()).unwrap_or("");
+    let mut c = s.db.conn().await?;
+    let Some(t) = (if token.is_empty() { None } else { api_tokens::check(c.ex(), token).await? }) else {
+        let page = LoginPage {
+            title: "Sign in · Kiln".into(),
+            error: Some("That is not a valid token.".into()),
+            nav: Default::default(),
+        };
+        return Ok((StatusCode::UNAUTHORIZED, Html(page.render()?)).into_response());
+    };
+    let value = s.session_key.issue(t.id, db::now());
+    let secure = if s.config.base_url().starts_with("https://") { "; Secure" } else { "" };
+    let cookie =
+        format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", session::LIFETIME_S);
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}
+
+pub async fn logout() -> Response {
+    ([(header::SET_COOKIE, format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"))], Redirect::to("/"))
+        .into_response()
+}
