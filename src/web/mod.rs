@@ -61,7 +61,6 @@ pub fn router(state: AppState) -> Router {
         .route("/queue", get(pages::queue))
         .route("/machines", get(pages::machines))
         .route("/static/kiln.js", get(script))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), private_guard))
         .route("/job/{project}/{jobset}/{job}/latest", get(builds::job_latest))
         .route("/job/{project}/{jobset}/{job}/latest/output/{output}", get(builds::job_latest_output))
         .route("/nix-cache-info", get(cache::cache_info))
@@ -69,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/nar/{file}", get(cache::get_nar).put(cache::put_nar))
         .route("/log/{drv}", get(cache::get_log))
         .route("/static/style.css", get(style))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), private_guard))
         .with_state(state)
 }
 
