@@ -114,6 +114,8 @@ async fn every_page_answers_with_its_content_and_json_has_hydras_names() {
         ("/queue".into(), vec!["Queue", "Running"], "Queue"),
         ("/machines".into(), vec!["Machines", "localhost"], "Machines"),
         ("/login".into(), vec!["Sign in"], "Sign in"),
+        ("/search?q=ok".into(), vec![job_link.as_str(), "/jobset/web/main"], "Search"),
+        ("/search?q=web".into(), vec!["/project/web"], "Search"),
     ];
     for (path, wants, title) in pages {
         let (code, html) = page(&format!("{}{path}", kiln.url)).await;

@@ -450,3 +450,16 @@ pub async fn count_unfinished(ex: Ex<'_>) -> Result<i64> {
         run!(ex, c => sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE finished = FALSE").fetch_one(&mut *c).await?),
     )
 }
+
+/// Builds whose job name, derivation or output path contains `needle`.
+pub async fn search(ex: Ex<'_>, needle: &str, limit: i64) -> Result<Vec<Listed>> {
+    let pattern = format!("%{}%", needle.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    let sql = concat!(
+        "SELECT ",
+        listed_cols!(),
+        " WHERE b.job LIKE $1 ESCAPE '\\' OR b.drv_path LIKE $1 ESCAPE '\\'
+             OR b.id IN (SELECT build_id FROM build_outputs WHERE path LIKE $1 ESCAPE '\\')
+         ORDER BY b.id DESC LIMIT $2"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(pattern).bind(limit).fetch_all(&mut *c).await?))
+}

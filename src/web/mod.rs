@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/job/{project}/{jobset}/{job}", get(pages::job))
         .route("/job/{project}/{jobset}/{job}/{file}", get(badges::job))
         .route("/queue", get(pages::queue))
+        .route("/search", get(pages::search))
         .route("/machines", get(pages::machines))
         .route("/static/kiln.js", get(script))
         .route("/job/{project}/{jobset}/{job}/latest", get(builds::job_latest))

@@ -778,3 +778,62 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
         file_errors: status.machine_errors,
     })
 }
+
+// ------------------------------------------------------------------ search
+
+#[derive(Template)]
+#[template(path = "search.html")]
+struct SearchPage {
+    title: String,
+    nav: Nav,
+    q: String,
+    projects: Vec<projects::Project>,
+    jobsets: Vec<(String, String)>,
+    builds: Vec<Row>,
+}
+
+#[derive(Deserialize)]
+pub struct SearchQuery {
+    q: Option<String>,
+}
+
+/// Projects, jobsets, jobs, derivations and store paths containing `q`.
+pub async fn search(
+    State(s): State<AppState>,
+    Query(q): Query<SearchQuery>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let q = q.q.unwrap_or_default().trim().to_string();
+    let mut c = s.db.conn().await?;
+    let (mut found_projects, mut found_jobsets, mut found) = (Vec::new(), Vec::new(), Vec::new());
+    if q.len() >= 2 {
+        let lower = q.to_lowercase();
+        for p in projects::list(c.ex()).await? {
+            for j in jobsets::list_for_project(c.ex(), p.id).await? {
+                if j.name.to_lowercase().contains(&lower) {
+                    found_jobsets.push((p.name.clone(), j.name));
+                }
+            }
+            if p.name.to_lowercase().contains(&lower) || p.display_name.to_lowercase().contains(&lower) {
+                found_projects.push(p);
+            }
+        }
+        found = builds::search(c.ex(), &q, 50).await?;
+    }
+    if wants_json(&headers) {
+        return Ok(axum::Json(serde_json::json!({
+            "projects": found_projects.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "jobsets": found_jobsets.iter().map(|(p, j)| format!("{p}:{j}")).collect::<Vec<_>>(),
+            "builds": found,
+        }))
+        .into_response());
+    }
+    html(SearchPage {
+        nav: nav(&s, &headers),
+        title: format!("Search {q} · Kiln"),
+        q,
+        projects: found_projects,
+        jobsets: found_jobsets,
+        builds: found.into_iter().map(row).collect(),
+    })
+}
