@@ -88,7 +88,15 @@ pub async fn run(
         None => eval::default_root(&locked.url).await?.to_string(),
     };
     let logs = Logs::new(&config.state_dir);
-    let queue = Queue::start(db.clone(), cache, logs, machines, config.queue.clone(), config.state_dir.clone());
+    let queue = Queue::start(
+        db.clone(),
+        cache,
+        logs,
+        machines,
+        config.queue.clone(),
+        config.state_dir.clone(),
+        Default::default(),
+    );
 
     let (jobset_id, eval_id) = {
         let mut c = db.conn().await?;

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod eval;
+pub mod events;
 pub mod fetch;
 pub mod logs;
 pub mod nix;

@@ -63,6 +63,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let cache = crate::cache::Cache::open(&config, db.clone(), key)?;
     let logs = crate::logs::Logs::new(&config.state_dir);
     let machines = crate::build::machine_source(&config, None);
+    let events = crate::events::Events::new();
     let queue = crate::queue::Queue::start(
         db.clone(),
         cache.clone(),
@@ -70,8 +71,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         machines,
         config.queue.clone(),
         config.state_dir.clone(),
+        events.clone(),
     );
-    let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()));
+    let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()), events.clone());
     evaluator.sync_config_projects().await?;
 
     // One stop signal for every part: the HTTP server drains, the
@@ -85,8 +87,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
     let session_key =
         crate::web::session::SessionKey::load_or_create(&config.state_dir.join("keys").join("session.key"))?;
-    let state =
-        AppState { db: db.clone(), config: config.clone(), public_key, evaluator, cache, logs, queue, session_key };
+    let state = AppState {
+        db: db.clone(),
+        config: config.clone(),
+        public_key,
+        evaluator,
+        cache,
+        logs,
+        queue,
+        session_key,
+        events: events.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
@@ -101,6 +112,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             _ = term.recv() => {},
         }
         info!("shutting down");
+        events.close();
         let _ = stop_tx.send(true);
     };
     let ((), _) = tokio::join!(server, signal);

@@ -22,6 +22,7 @@ use crate::db::jobsets::{self, Jobset};
 use crate::db::projects::{self, Project, ProjectSpec};
 use crate::db::{self, Db, DbError};
 use crate::eval::{self, EvalRequest, Root};
+use crate::events::Event;
 use crate::fetch::{self, FetchError, Mirror, Mirrors};
 use crate::repo_config;
 
@@ -53,6 +54,7 @@ pub struct Evaluator {
     config: Arc<Config>,
     /// Where new builds go as they are recorded (none in tests of evaluation alone).
     queue: Option<crate::queue::Queue>,
+    events: crate::events::Events,
     mirrors: Mirrors,
     running: Mutex<HashSet<i64>>,
     slots: Arc<Semaphore>,
@@ -65,9 +67,15 @@ const TICK: Duration = Duration::from_secs(1);
 const RESYNC_S: i64 = 60;
 
 impl Evaluator {
-    pub fn new(db: Db, config: Arc<Config>, queue: Option<crate::queue::Queue>) -> Arc<Self> {
+    pub fn new(
+        db: Db,
+        config: Arc<Config>,
+        queue: Option<crate::queue::Queue>,
+        events: crate::events::Events,
+    ) -> Arc<Self> {
         Arc::new(Evaluator {
             queue,
+            events,
             mirrors: Mirrors::new(&config.state_dir, Duration::from_secs(config.eval.timeout_s.max(60))),
             slots: Arc::new(Semaphore::new(config.eval.max_concurrent.max(1))),
             db,
@@ -283,6 +291,7 @@ impl Evaluator {
             .await?
         };
         info!(eval = ev.id, rev, "evaluating");
+        self.events.send(Event::EvalStarted { eval: ev.id, jobset: jobset.id });
         let timeout = Duration::from_secs(self.config.eval.timeout_s);
         let result = tokio::time::timeout(timeout, self.run_eval(jobset, ev.id, flake_ref, start)).await;
         let failure = match result {
@@ -294,6 +303,7 @@ impl Evaluator {
         match failure {
             None => {
                 self.mark(jobset.id, None).await?;
+                self.events.send(Event::EvalFinished { eval: ev.id, jobset: jobset.id, error: None });
                 Ok(Checked::Evaluated(ev.id))
             }
             Some(message) => {
@@ -309,6 +319,7 @@ impl Evaluator {
                 jobsets::mark_checked(c.ex(), jobset.id, Some(&format!("evaluation {} failed: {summary}", ev.id)))
                     .await?;
                 warn!(eval = ev.id, error = %summary, "evaluation failed");
+                self.events.send(Event::EvalFinished { eval: ev.id, jobset: jobset.id, error: Some(summary) });
                 Ok(Checked::Failed(ev.id))
             }
         }

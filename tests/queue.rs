@@ -384,6 +384,8 @@ async fn cancel_restart_and_bump_builds() {
         kiln::cache::Cache::open(&config, t.db.clone(), kiln::nix::SigningKey::generate("q-1").unwrap()).unwrap();
     let logs = kiln::logs::Logs::new(state.path());
     let queue_config = kiln::config::QueueConfig { unsupported_grace_s: 3600, ..Default::default() };
+    let events = kiln::events::Events::new();
+    let mut announced = events.subscribe();
     let queue = Queue::start(
         t.db.clone(),
         cache,
@@ -391,6 +393,7 @@ async fn cancel_restart_and_bump_builds() {
         MachineSource::File(farm.file.path().to_path_buf()),
         queue_config,
         state.path().to_path_buf(),
+        events.clone(),
     );
     let (_, jobset) = make_jobset(&t.db, "p", "main").await;
     let tag = unique("crb");
@@ -449,6 +452,25 @@ async fn cancel_restart_and_bump_builds() {
     })
     .await;
     assert_eq!(cancelled.status(), Some(BuildStatus::Cancelled));
+    // Every change so far was announced, in order, for the pages to follow.
+    let mut names = Vec::new();
+    while let Ok(ev) = announced.try_recv() {
+        names.push(match ev {
+            kiln::events::Event::BuildFinished { build, buildstatus, jobset: j } => {
+                assert_eq!(j, Some(jobset));
+                format!("finished {} {buildstatus}", if build == ids[0] { "fails" } else { "arm" })
+            }
+            kiln::events::Event::BuildQueued { build, .. } => {
+                format!("queued {}", if build == ids[0] { "fails" } else { "arm" })
+            }
+            other => other.name().to_string(),
+        });
+    }
+    assert_eq!(
+        names,
+        ["queued fails", "queued arm", "step_started", "finished fails 1", "finished arm 4"],
+        "announced events"
+    );
 
     // Restart: the failed build is built again (not a cached failure): the
     // machines count a second attempt.

@@ -212,7 +212,10 @@ async fn actions_need_a_token_or_a_session_with_its_csrf_token() {
     assert_eq!(r.status(), 401);
     assert_eq!(api.get(&format!("/build/{bad}")).await.1["finished"], 1);
 
-    // A script with the token: restarted, built again, failed again.
+    // A script with the token: restarted, built again, failed again, and
+    // the event stream of that build says so as it happens.
+    let mut stream = http.get(format!("{}/api/events?build={bad}", kiln.url)).send().await.unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let before = api.get(&format!("/build/{bad}")).await.1["stoptime"].as_i64().unwrap();
     let (code, v) = api.send("POST", &format!("/build/{bad}/restart"), None).await;
     assert_eq!((code, v["ok"].as_bool()), (200, Some(true)), "{v}");
@@ -222,6 +225,21 @@ async fn actions_need_a_token_or_a_session_with_its_csrf_token() {
     })
     .await;
     assert_eq!(after["buildstatus"], 1, "failed again, not a cached failure");
+    let mut seen = String::new();
+    while !seen.contains("event: build_finished") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream stays open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let queued = seen.find("event: build_queued").expect("queued event");
+    let started = seen.find("event: step_started").expect("step event");
+    let finished = seen.find("event: build_finished").unwrap();
+    assert!(queued < started && started < finished, "{seen}");
+    assert!(seen.contains(&format!("\"build\":{bad},")) && seen.contains("\"buildstatus\":1"), "{seen}");
+    drop(stream);
     assert_eq!(api.send("POST", "/build/999999/restart", None).await.0, 404);
     assert_eq!(api.send("POST", &format!("/build/{bad}/explode"), None).await.0, 404);
     assert_eq!(api.send("POST", "/jobset/web/main/disable", None).await.0, 200);

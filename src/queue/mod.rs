@@ -28,6 +28,7 @@ use crate::cache::Cache;
 use crate::config::QueueConfig;
 use crate::db::builds::{self, BuildStatus};
 use crate::db::{self, Db, DbError, machines as machine_db, steps};
+use crate::events::{Event as Announce, Events};
 use crate::logs::Logs;
 use crate::nix::{Derivation, StorePath};
 use run::{Outcome, StepSpec};
@@ -133,6 +134,7 @@ impl Queue {
         machines: MachineSource,
         config: QueueConfig,
         state_dir: PathBuf,
+        events: Events,
     ) -> Queue {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(Status::default()));
@@ -140,6 +142,7 @@ impl Queue {
             db,
             cache,
             logs,
+            events,
             sessions: Arc::new(Sessions::new(
                 &state_dir,
                 Duration::from_secs(config.connect_timeout_s),
@@ -238,6 +241,7 @@ impl Queue {
 struct Runner {
     db: Db,
     cache: Cache,
+    events: Events,
     logs: Logs,
     sessions: Arc<Sessions>,
     config: QueueConfig,
@@ -311,6 +315,7 @@ impl Runner {
                 let mut c = self.db.conn().await?;
                 builds::finish(c.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
                 drop(c);
+                self.announce_finished(id, BuildStatus::Cancelled);
                 self.drop_build(id);
             }
             Event::Restart(id) => self.restart(id).await?,
@@ -452,6 +457,7 @@ impl Runner {
                 let mut c = self.db.conn().await?;
                 builds::finish(c.ex(), id, BuildStatus::Succeeded, true, None, None).await?;
                 debug!(build = id, "all outputs already in the cache");
+                self.announce(Announce::BuildFinished { build: id, jobset: Some(b.jobset_id), buildstatus: 0 });
             }
             Walk::Failed { step, top } => {
                 let status = if top { BuildStatus::CachedFailure } else { BuildStatus::DepFailed };
@@ -465,6 +471,8 @@ impl Runner {
                     Some("a step failed before (not retried); restart the build to try again"),
                 )
                 .await?;
+                let buildstatus = status as i64;
+                self.announce(Announce::BuildFinished { build: id, jobset: Some(b.jobset_id), buildstatus });
             }
             Walk::Step(top) => {
                 self.builds.insert(
@@ -481,6 +489,7 @@ impl Runner {
                 let mut c = self.db.conn().await?;
                 builds::set_top_step(c.ex(), id, top).await?;
                 drop(c);
+                self.announce(Announce::BuildQueued { build: id, jobset: Some(b.jobset_id) });
                 // The build needs every step of its closure.
                 let mut stack = vec![top];
                 while let Some(s) = stack.pop() {
@@ -754,6 +763,10 @@ impl Runner {
             let mut c = self.db.conn().await?;
             steps::mark_running(c.ex(), id, &uri).await?;
         }
+        if let Some(s) = self.steps.get(&id) {
+            let builds = s.builds.iter().copied().collect();
+            self.announce(Announce::StepStarted { step: id, drv: s.drv_path.clone(), machine: uri.clone(), builds });
+        }
         self.unqueue(id);
         if let Some(since) = self.steps.get(&id).and_then(|s| s.runnable_since) {
             self.latencies.push(since.elapsed().as_secs_f64());
@@ -843,6 +856,7 @@ impl Runner {
                 self.done += 1;
                 info!(step = id, drv = %drv, machine = %uri, secs = format!("{secs:.2}"), "built");
                 for b in finished {
+                    self.announce_finished(b, BuildStatus::Succeeded);
                     self.builds.remove(&b);
                 }
                 let dependents: Vec<i64> = self.steps[&id].dependents.iter().copied().collect();
@@ -931,6 +945,8 @@ impl Runner {
         self.failed += 1;
         warn!(step = id, status = status.label(), builds = builds.len(), "step failed");
         for b in builds {
+            let top = self.builds.get(&b).is_some_and(|lb| lb.top == id);
+            self.announce_finished(b, if top { status } else { BuildStatus::DepFailed });
             self.drop_build(b);
         }
         self.remove_step(id);
@@ -1018,6 +1034,7 @@ impl Runner {
             tx.commit().await?;
             warn!(step = id, %msg, "unsupported");
             for b in builds {
+                self.announce_finished(b, BuildStatus::Unsupported);
                 self.drop_build(b);
             }
             self.remove_step(id);
@@ -1050,6 +1067,16 @@ impl Runner {
         builds::reopen(c.ex(), id).await?;
         drop(c);
         self.add_build(id).await
+    }
+
+    fn announce(&self, ev: Announce) {
+        self.events.send(ev);
+    }
+
+    /// A build the runner holds has finished (call before dropping it).
+    fn announce_finished(&self, build: i64, status: BuildStatus) {
+        let jobset = self.builds.get(&build).map(|b| b.jobset);
+        self.announce(Announce::BuildFinished { build, jobset, buildstatus: status as i64 });
     }
 
     fn decay_usage(&mut self) {

@@ -27,6 +27,7 @@ pub async fn follow_log(s: &AppState, drv: &str) -> Response {
                 }
             },
         );
+        let stream = futures::StreamExt::take_until(stream, Box::pin(s.events.closing()));
         return ([(header::CONTENT_TYPE, TEXT), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
             .into_response();
     }
@@ -45,4 +46,43 @@ pub async fn follow_log(s: &AppState, drv: &str) -> Response {
         }
         None => (StatusCode::NOT_FOUND, "no log\n").into_response(),
     }
+}
+
+/// Which events a listener wants; none given means all.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EventFilter {
+    build: Option<i64>,
+    eval: Option<i64>,
+    jobset: Option<i64>,
+}
+
+/// `GET /api/events`: server-sent events, one per change of state, named by
+/// type (`build_finished`, …) with the event as JSON data. A listener that
+/// falls behind gets a `lagged` event and should reload what it shows.
+pub async fn events(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    axum::extract::Query(f): axum::extract::Query<EventFilter>,
+) -> Response {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    let all = f.build.is_none() && f.eval.is_none() && f.jobset.is_none();
+    let rx = s.events.subscribe();
+    let stream = futures::stream::unfold((rx, f), move |(mut rx, f)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if all || ev.concerns(f.build, f.eval, f.jobset) => {
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    let sse = Sse::default().event(ev.name()).data(data);
+                    return Some((Ok::<_, std::convert::Infallible>(sse), (rx, f)));
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => {
+                    let sse = Sse::default().event("lagged").data(n.to_string());
+                    return Some((Ok(sse), (rx, f)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    let stream = futures::StreamExt::take_until(stream, Box::pin(s.events.closing()));
+    axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

@@ -37,6 +37,7 @@ pub struct AppState {
     pub logs: crate::logs::Logs,
     pub queue: crate::queue::Queue,
     pub session_key: session::SessionKey,
+    pub events: crate::events::Events,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/eval/{id}", get(pages::eval))
         .route("/eval/{id}/{action}", post(actions::eval_action))
         .route("/api/push", post(api::push))
+        .route("/api/events", get(live::events))
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))
         .route("/build/{id}/{action}", post(actions::build_action))
