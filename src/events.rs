@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 /// What happened. `jobset` is the jobset's id, so a page can pick what concerns it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     EvalStarted { eval: i64, jobset: i64 },

@@ -24,6 +24,8 @@ pub enum FetchError {
     Timeout(String),
     #[error("cannot run git: {0}")]
     Spawn(std::io::Error),
+    #[error("{0:?} is not a repository URL or path")]
+    BadUrl(String),
     #[error("the repository has no default branch (is it empty?)")]
     NoDefaultBranch,
     #[error("branch {0:?} does not exist in the repository")]
@@ -65,18 +67,23 @@ impl Mirrors {
     pub async fn fetch(&self, key: &str, url: &str) -> Result<Mirror, FetchError> {
         let lock = self.lock_for(key);
         let _guard = lock.lock().await;
+        // A "URL" that git would read as an option (`--upload-pack=…`) runs commands.
+        if url.starts_with('-') {
+            return Err(FetchError::BadUrl(url.to_string()));
+        }
         let dir = self.dir(key);
         if !dir.join("HEAD").exists() {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| FetchError::Dir { path: dir.display().to_string(), source })?;
             self.git(None, &["init", "--quiet", "--bare", &dir.to_string_lossy()]).await?;
         }
-        let heads = self.git(None, &["ls-remote", "--symref", url, "HEAD"]).await?;
+        let heads = self.git(None, &["ls-remote", "--symref", "--", url, "HEAD"]).await?;
         let default_branch = String::from_utf8_lossy(&heads)
             .lines()
             .find_map(|l| l.strip_prefix("ref: refs/heads/").and_then(|r| r.split('\t').next()).map(str::to_string))
             .ok_or(FetchError::NoDefaultBranch)?;
-        self.git(Some(&dir), &["fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*"]).await?;
+        self.git(Some(&dir), &["fetch", "--quiet", "--prune", "--no-tags", "--", url, "+refs/heads/*:refs/heads/*"])
+            .await?;
         let head = format!("refs/heads/{default_branch}");
         self.git(Some(&dir), &["symbolic-ref", "HEAD", &head]).await?;
         debug!(project = key, default_branch, "fetched");

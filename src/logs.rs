@@ -14,6 +14,40 @@ use tokio::sync::broadcast;
 
 use crate::nix::StorePath;
 
+/// The most of a log a page shows whole; the raw log has the rest.
+pub const FULL_LIMIT: usize = 16 << 20;
+
+/// See [`Logs::lines`].
+pub fn lines_of(mut r: impl std::io::BufRead, tail: Option<usize>) -> (String, usize) {
+    let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let (mut before, mut bytes) = (0, 0);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        match tail {
+            Some(n) => {
+                kept.push_back(String::from_utf8_lossy(&line).into_owned());
+                if kept.len() > n {
+                    kept.pop_front();
+                    before += 1;
+                }
+            }
+            None => {
+                bytes += line.len();
+                if bytes > FULL_LIMIT {
+                    break;
+                }
+                kept.push_back(String::from_utf8_lossy(&line).into_owned());
+            }
+        }
+    }
+    (kept.into_iter().collect(), before)
+}
+
 #[derive(Clone, Debug)]
 pub struct Logs {
     root: PathBuf,
@@ -86,6 +120,15 @@ impl Logs {
         }
         std::fs::rename(&tmp, &path)?;
         Ok(path)
+    }
+
+    /// The lines of a stored log a page shows: the last `tail` lines, or
+    /// with `tail = None` the first [`FULL_LIMIT`] bytes; and how many lines
+    /// come before what is returned. Reads the log as a stream, so memory
+    /// stays bounded however large it is.
+    pub fn lines(&self, drv: &str, tail: Option<usize>) -> Option<(String, usize)> {
+        let r = std::io::BufReader::new(self.open(drv)?);
+        Some(lines_of(r, tail))
     }
 
     /// A reader of the decompressed log, if there is one.

@@ -128,7 +128,19 @@ async fn every_page_answers_with_its_content_and_json_has_hydras_names() {
         assert!(html.contains("<h1>"), "{path} has a heading");
         assert_well_formed(&html, &path);
     }
-    assert_eq!(page(&format!("{}/build/999999", kiln.url)).await.0, 404);
+    // Errors: a page for a browser, JSON for a script, whoever raised them.
+    let (code, html) = page(&format!("{}/build/999999", kiln.url)).await;
+    assert_eq!(code, 404);
+    assert!(html.contains("<h1>Not found</h1>") && html.contains("build 999999 not found"), "{html}");
+    assert_well_formed(&html, "404 page");
+    let (code, html) = page(&format!("{}/build/not-a-number", kiln.url)).await;
+    assert_eq!(code, 400);
+    assert!(html.contains("<h1>Bad Request</h1>"), "{html}");
+    let (code, v) = api.get("/build/not-a-number").await;
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("parse")), "{v}");
+    let (code, v) = api.get("/no/such/page").await;
+    assert_eq!((code, v["error"].as_str()), (404, Some("not found")));
 
     // The raw log is plain text.
     let raw = reqwest::get(format!("{}/build/{bad}/log", kiln.url)).await.unwrap();
@@ -324,4 +336,63 @@ async fn a_private_kiln_shows_nothing_to_anonymous_requests() {
     assert_eq!(page(&format!("{}/login", kiln.url)).await.0, 200);
     assert_eq!(api.get("/").await.0, 200, "a token opens it");
     assert_eq!(api.get("/nix-cache-info").await.0, 200);
+}
+
+/// The schemathesis command: `SCHEMATHESIS` or the virtualenv that
+/// `scripts/test` installs. Missing is a failure, not a skip.
+fn schemathesis() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SCHEMATHESIS") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/schemathesis");
+    assert!(p.exists(), "schemathesis is not installed: run scripts/test, or set SCHEMATHESIS");
+    p
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_api_and_schemathesis_finds_no_failure() {
+    let (kiln, api, _flake) = built_kiln("").await;
+    let (code, doc) = api.get("/api/openapi.json").await;
+    assert_eq!(code, 200);
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{doc}");
+    for path in ["/build/{id}", "/eval/{id}", "/jobset/{project}/{jobset}", "/api/push", "/api/events"] {
+        assert!(doc["paths"][path].is_object(), "{path} is documented");
+    }
+    let build = &doc["components"]["schemas"]["BuildView"]["properties"];
+    for field in ["id", "project", "jobset", "job", "nixname", "system", "drvpath", "finished", "buildstatus"] {
+        assert!(build[field].is_object(), "BuildView has Hydra's {field}");
+    }
+    assert_eq!(doc["paths"]["/build/{id}/{action}"]["post"]["security"][0]["token"], serde_json::json!([]));
+
+    // Every operation, with generated valid and invalid input, authorised
+    // and not: no server error, no answer the document does not describe.
+    // The event stream never ends, so it is left out.
+    let reports = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(schemathesis())
+        .args(["run", &format!("{}/api/openapi.json", kiln.url), "--url", &kiln.url])
+        .args([
+            "--checks",
+            "all",
+            "--max-examples",
+            "20",
+            "--seed",
+            &std::env::var("ST_SEED").unwrap_or_else(|_| "42".into()),
+            "--workers",
+            "2",
+        ])
+        .args(["--exclude-path", "/api/events", "--request-timeout", "20"])
+        .args(["-H", &format!("Authorization: Bearer {TOKEN}"), "-H", "Accept: application/json"])
+        .arg("--report-dir")
+        .arg(reports.path())
+        .env("SCHEMATHESIS_HOOKS", "")
+        .env("NO_COLOR", "1")
+        .current_dir(reports.path())
+        .output()
+        .await
+        .expect("run schemathesis");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found failures:\n{text}");
+    assert!(text.contains("passed"), "{text}");
+    // The fixture is still whole afterwards.
+    assert_eq!(api.get("/project/web").await.0, 200);
 }

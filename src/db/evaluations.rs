@@ -68,7 +68,7 @@ pub struct Outcome<'a> {
 }
 
 /// How an evaluation differs from the previous one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Diff {
     pub prev_eval_id: Option<i64>,
     /// Jobs that were not in the previous evaluation.

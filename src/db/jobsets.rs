@@ -129,6 +129,13 @@ pub async fn list_for_project(ex: Ex<'_>, project_id: i64) -> Result<Vec<Jobset>
     Ok(run!(ex, c => sqlx::query_as(sql).bind(project_id).fetch_all(&mut *c).await?))
 }
 
+/// Every jobset's project id, name and whether it is hidden, in one query
+/// (for the list of projects).
+pub async fn names(ex: Ex<'_>) -> Result<Vec<(i64, String, bool)>> {
+    let sql = "SELECT project_id, name, hidden FROM jobsets ORDER BY project_id, name";
+    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+}
+
 /// Asks for an evaluation as soon as possible. Several requests before the
 /// evaluator gets to it collapse into one.
 pub async fn trigger(ex: Ex<'_>, id: i64, force: bool) -> Result<()> {

@@ -12,7 +12,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Serialize;
 
 use super::session::{self, COOKIE};
-use super::{AppState, WebError, auth};
+use super::{AppState, ErrorBody, WebError, auth};
 use crate::db::{self, api_tokens, builds, jobsets};
 
 /// Who may write, and how they asked.
@@ -44,8 +44,9 @@ pub async fn authorize(s: &AppState, headers: &HeaderMap, csrf: Option<&str>) ->
     }
 }
 
-#[derive(Serialize)]
-struct Done {
+/// What an action did, for scripts.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Done {
     ok: bool,
     action: String,
     affected: usize,
@@ -65,6 +66,9 @@ fn csrf_of(form: &FormData) -> Option<&str> {
     form.as_ref().ok().and_then(|f| f.get("csrf")).map(String::as_str)
 }
 
+#[utoipa::path(post, path = "/build/{id}/{action}", tag = "actions", security(("token" = [])),
+    params(("id" = i64, Path, description = "build id", minimum = 1), ("action" = String, Path, description = "restart, cancel or bump")),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "not possible in this state", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn build_action(
     State(s): State<AppState>,
     Path((id, action)): Path<(i64, String)>,
@@ -93,6 +97,9 @@ pub async fn build_action(
     Ok(done(via, &action, 1, format!("/build/{id}")))
 }
 
+#[utoipa::path(post, path = "/eval/{id}/{action}", tag = "actions", security(("token" = [])),
+    params(("id" = i64, Path, description = "evaluation id", minimum = 1), ("action" = String, Path, description = "restart (the failed builds), cancel or bump")),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "not possible in this state", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn eval_action(
     State(s): State<AppState>,
     Path((id, action)): Path<(i64, String)>,
@@ -109,6 +116,9 @@ pub async fn eval_action(
     Ok(done(via, &action, n, format!("/eval/{id}")))
 }
 
+#[utoipa::path(post, path = "/jobset/{project}/{jobset}/{action}", tag = "actions", security(("token" = [])),
+    params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("action" = String, Path, description = "trigger, enable or disable")),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "not possible in this state", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn jobset_action(
     State(s): State<AppState>,
     Path((project, name, action)): Path<(String, String, String)>,

@@ -11,13 +11,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{AppState, WebError, auth};
+use super::{AppState, ErrorBody, WebError, auth};
 use crate::config::valid_name;
 use crate::db::evaluations::{self, Evaluation};
 use crate::db::jobsets::{self, Jobset};
 use crate::db::projects::{self, Project, ProjectSpec};
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ProjectView {
     name: String,
     displayname: String,
@@ -48,6 +48,24 @@ fn project_view(p: Project, jobsets: Vec<String>) -> ProjectView {
     }
 }
 
+/// Every project that is not hidden, as Hydra lists them on `/`.
+pub async fn list_projects(s: &AppState) -> Result<Vec<ProjectView>, WebError> {
+    let mut c = s.db.conn().await?;
+    let mut names: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for (project, name, _) in jobsets::names(c.ex()).await? {
+        names.entry(project).or_default().push(name);
+    }
+    let list = projects::list(c.ex()).await?;
+    Ok(list
+        .into_iter()
+        .filter(|p| !p.hidden)
+        .map(|p| {
+            let js = names.remove(&p.id).unwrap_or_default();
+            project_view(p, js)
+        })
+        .collect())
+}
+
 pub async fn get_project(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<ProjectView>, WebError> {
     let mut c = s.db.conn().await?;
     let p = projects::get(c.ex(), &name).await?.ok_or_else(|| WebError::NotFound(format!("project {name}")))?;
@@ -56,7 +74,7 @@ pub async fn get_project(State(s): State<AppState>, Path(name): Path<String>) ->
 }
 
 /// Hydra's project body, plus the repository.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectBody {
     #[serde(default)]
@@ -67,6 +85,8 @@ pub struct ProjectBody {
     enabled: Option<bool>,
     #[serde(default)]
     hidden: Option<bool>,
+    /// A git URL or path.
+    #[schema(min_length = 1, pattern = "^[^-\\s]")]
     repo: String,
     #[serde(default)]
     github: Option<String>,
@@ -79,6 +99,10 @@ pub struct ProjectBody {
     homepage: Option<String>,
 }
 
+#[utoipa::path(put, path = "/project/{project}", tag = "projects", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")), security(("token" = [])),
+    request_body = ProjectBody,
+    responses((status = 200, description = "updated", body = ProjectView), (status = 201, description = "created", body = ProjectView),
+        (status = 400, description = "a bad name or body", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody)))]
 pub async fn put_project(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -92,7 +116,8 @@ pub async fn put_project(
             "{name:?} is not a valid project name (letters, digits, '-', '_', '.')"
         )));
     }
-    if b.repo.trim().is_empty() {
+    // Leading '-' would be read by git as an option.
+    if b.repo.trim().is_empty() || b.repo.starts_with(|c: char| c == '-' || c.is_whitespace()) {
         return Err(WebError::BadRequest("repo must name a git repository".into()));
     }
     let mut c = s.db.conn().await?;
@@ -117,6 +142,8 @@ pub async fn put_project(
     Ok((code, Json(project_view(p, js))).into_response())
 }
 
+#[utoipa::path(delete, path = "/project/{project}", tag = "projects", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")), security(("token" = [])),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 204, description = "deleted with its jobsets, evaluations and builds"), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn delete_project(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -130,7 +157,7 @@ pub async fn delete_project(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct JobsetView {
     name: String,
     project: String,
@@ -153,7 +180,7 @@ pub struct JobsetView {
     evals: Vec<EvalView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EvalView {
     id: i64,
     project: String,
@@ -241,11 +268,13 @@ pub async fn get_jobset(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EvalsView {
     evals: Vec<EvalView>,
 }
 
+#[utoipa::path(get, path = "/jobset/{project}/{jobset}/evals", tag = "projects", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the jobset's latest 100 evaluations", body = EvalsView), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn get_jobset_evals(
     State(s): State<AppState>,
     Path((project, name)): Path<(String, String)>,
@@ -257,7 +286,7 @@ pub async fn get_jobset_evals(
     Ok(Json(EvalsView { evals }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EvalDetail {
     #[serde(flatten)]
     eval: EvalView,
@@ -312,19 +341,26 @@ pub async fn get_eval(State(s): State<AppState>, Path(id): Path<i64>) -> Result<
     Ok(Json(EvalDetail { eval: eval_view(e, &p.name, &j.name), builds, jobs, errors, stderr, diff }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct PushQuery {
+    /// Comma-separated `project:jobset` names.
+    #[param(value_type = String, required = true, pattern = "^[^,:]+:[^,:]+(,[^,:]+:[^,:]+)*$")]
     jobsets: Option<String>,
+    /// `1` evaluates even when the commit has not changed.
+    #[param(value_type = String)]
     force: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct PushResult {
     #[serde(rename = "jobsetsTriggered")]
     jobsets_triggered: Vec<String>,
 }
 
 /// `POST /api/push?jobsets=p:j,p2:j2[&force=1]`: evaluate these now.
+#[utoipa::path(post, path = "/api/push", tag = "actions", params(PushQuery), security(("token" = [])),
+    responses((status = 200, description = "the jobsets will be evaluated now", body = PushResult),
+        (status = 400, description = "no or malformed list", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn push(
     State(s): State<AppState>,
     headers: HeaderMap,

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{AppState, WebError};
+use super::{AppState, ErrorBody, WebError};
 use crate::db::{builds, evaluations, jobsets};
 
 fn svg(label: &str, value: &str, color: &str) -> Response {
@@ -29,13 +29,12 @@ const RED: &str = "#c62828";
 const GREY: &str = "#9e9e9e";
 const YELLOW: &str = "#b58900";
 
+#[utoipa::path(get, path = "/jobset/{project}/{jobset}/badge.svg", tag = "badges", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "an SVG badge", content_type = "image/svg+xml", body = String), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn jobset(
     State(s): State<AppState>,
-    Path((project, jobset, file)): Path<(String, String, String)>,
+    Path((project, jobset)): Path<(String, String)>,
 ) -> Result<Response, WebError> {
-    if file != "badge.svg" {
-        return Err(WebError::NotFound(file));
-    }
     let mut c = s.db.conn().await?;
     let j = jobsets::get(c.ex(), &project, &jobset)
         .await?
@@ -59,13 +58,12 @@ pub async fn jobset(
     })
 }
 
+#[utoipa::path(get, path = "/job/{project}/{jobset}/{job}/badge.svg", tag = "badges", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("job" = String, Path, description = "job name (attribute path)")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "an SVG badge", content_type = "image/svg+xml", body = String), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn job(
     State(s): State<AppState>,
-    Path((project, jobset, job, file)): Path<(String, String, String, String)>,
+    Path((project, jobset, job)): Path<(String, String, String)>,
 ) -> Result<Response, WebError> {
-    if file != "badge.svg" {
-        return Err(WebError::NotFound(file));
-    }
     let mut c = s.db.conn().await?;
     let j = jobsets::get(c.ex(), &project, &jobset)
         .await?

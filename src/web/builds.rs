@@ -11,15 +11,86 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Serialize;
 
-use super::{AppState, WebError};
+use super::{AppState, ErrorBody, WebError};
 use crate::db::{builds, evaluations, jobsets, projects};
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct OutputView {
     path: String,
 }
 
-#[derive(Serialize)]
+/// A build in a list (job history, queue, search), with Hydra's names.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct BuildSummary {
+    id: i64,
+    project: String,
+    jobset: String,
+    job: String,
+    nixname: String,
+    system: String,
+    finished: i64,
+    buildstatus: Option<i64>,
+    timestamp: i64,
+    starttime: Option<i64>,
+    stoptime: Option<i64>,
+}
+
+impl From<builds::Listed> for BuildSummary {
+    fn from(b: builds::Listed) -> Self {
+        BuildSummary {
+            id: b.id,
+            project: b.project,
+            jobset: b.jobset,
+            job: b.job,
+            nixname: b.nix_name,
+            system: b.system,
+            finished: b.finished as i64,
+            buildstatus: b.build_status,
+            timestamp: b.created_at,
+            starttime: b.start_time,
+            stoptime: b.stop_time,
+        }
+    }
+}
+
+/// A step of the queue: one derivation to build, shared by every build
+/// that needs it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StepView {
+    id: i64,
+    drvpath: String,
+    system: String,
+    /// `waiting`, `runnable`, `running`, `succeeded` or `failed`.
+    state: String,
+    /// While running: connecting, sending inputs, building, receiving outputs, post-processing.
+    phase: Option<String>,
+    machine: Option<String>,
+    tries: i64,
+    starttime: Option<i64>,
+    stoptime: Option<i64>,
+    buildstatus: Option<i64>,
+}
+
+impl From<crate::db::steps::Step> for StepView {
+    fn from(s: crate::db::steps::Step) -> Self {
+        StepView {
+            id: s.id,
+            drvpath: s.drv_path,
+            system: s.system,
+            state: s.state,
+            phase: s.phase,
+            // Machine URIs may carry options after '?'; only the host is shown.
+            machine: s.machine.map(|m| m.split('?').next().unwrap_or("").to_string()),
+            tries: s.tries,
+            starttime: s.start_time,
+            stoptime: s.stop_time,
+            buildstatus: s.build_status,
+        }
+    }
+}
+
+/// A build with Hydra's field names.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct BuildView {
     id: i64,
     project: String,
@@ -93,6 +164,8 @@ async fn latest(s: &AppState, project: &str, jobset: &str, job: &str) -> Result<
         .ok_or_else(|| WebError::NotFound(format!("a successful build of {project}:{jobset}:{job}")))
 }
 
+#[utoipa::path(get, path = "/job/{project}/{jobset}/{job}/latest", tag = "deploy", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("job" = String, Path, description = "job name (attribute path)")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 303, description = "redirects to the newest successful build"), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn job_latest(
     State(s): State<AppState>,
     Path((project, jobset, job)): Path<(String, String, String)>,
@@ -101,6 +174,9 @@ pub async fn job_latest(
     Ok(Redirect::to(&format!("/build/{}", b.id)).into_response())
 }
 
+#[utoipa::path(get, path = "/job/{project}/{jobset}/{job}/latest/output/{output}", tag = "deploy",
+    params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("job" = String, Path, description = "job name (attribute path)"), ("output" = String, Path, description = "output name, e.g. out")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the store path, one line", content_type = "text/plain", body = String), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn job_latest_output(
     State(s): State<AppState>,
     Path((project, jobset, job, output)): Path<(String, String, String, String)>,

@@ -6,7 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::AppState;
+use super::{AppState, ErrorBody};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
@@ -31,25 +31,41 @@ pub async fn follow_log(s: &AppState, drv: &str) -> Response {
         return ([(header::CONTENT_TYPE, TEXT), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
             .into_response();
     }
-    // Finished: the stored log, whole.
+    // Finished: the stored log, streamed.
     match s.logs.open(drv) {
-        Some(r) => {
-            let v = tokio::task::spawn_blocking(move || {
-                let mut r = r;
-                let mut v = Vec::new();
-                let _ = std::io::Read::read_to_end(&mut r, &mut v);
-                v
-            })
-            .await
-            .unwrap_or_default();
-            ([(header::CONTENT_TYPE, TEXT)], v).into_response()
-        }
+        Some(r) => ([(header::CONTENT_TYPE, TEXT)], stream_reader(r)).into_response(),
         None => (StatusCode::NOT_FOUND, "no log\n").into_response(),
     }
 }
 
+/// A body that reads `r` (a blocking reader, such as a decompressing log
+/// file) in chunks as the client takes them; never the whole in memory.
+pub fn stream_reader(r: impl std::io::Read + Send + 'static) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut r = r;
+        loop {
+            let mut buf = vec![0u8; 64 << 10];
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        break; // the client went away
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }))
+}
+
 /// Which events a listener wants; none given means all.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 pub struct EventFilter {
     build: Option<i64>,
     eval: Option<i64>,
@@ -59,6 +75,9 @@ pub struct EventFilter {
 /// `GET /api/events`: server-sent events, one per change of state, named by
 /// type (`build_finished`, …) with the event as JSON data. A listener that
 /// falls behind gets a `lagged` event and should reload what it shows.
+#[utoipa::path(get, path = "/api/events", tag = "live", params(EventFilter),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "server-sent events (`event:` is the type, `data:` the JSON of an Event)",
+        content_type = "text/event-stream", body = crate::events::Event)))]
 pub async fn events(
     axum::extract::State(s): axum::extract::State<AppState>,
     axum::extract::Query(f): axum::extract::Query<EventFilter>,

@@ -24,6 +24,7 @@ pub mod badges;
 pub mod builds;
 pub mod cache;
 pub mod live;
+pub mod openapi;
 pub mod pages;
 pub mod session;
 
@@ -48,18 +49,20 @@ pub fn router(state: AppState) -> Router {
         .route("/project/{name}", get(pages::project).put(api::put_project).delete(api::delete_project))
         .route("/jobset/{project}/{jobset}", get(pages::jobset))
         .route("/jobset/{project}/{jobset}/evals", get(api::get_jobset_evals))
-        .route("/jobset/{project}/{jobset}/{file}", get(badges::jobset).post(actions::jobset_action))
+        .route("/jobset/{project}/{jobset}/badge.svg", get(badges::jobset))
+        .route("/jobset/{project}/{jobset}/{action}", post(actions::jobset_action))
         .route("/eval/{id}", get(pages::eval))
         .route("/eval/{id}/{action}", post(actions::eval_action))
         .route("/api/push", post(api::push))
         .route("/api/events", get(live::events))
+        .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))
         .route("/build/{id}/{action}", post(actions::build_action))
         .route("/login", get(actions::login_page).post(actions::login))
         .route("/logout", post(actions::logout))
         .route("/job/{project}/{jobset}/{job}", get(pages::job))
-        .route("/job/{project}/{jobset}/{job}/{file}", get(badges::job))
+        .route("/job/{project}/{jobset}/{job}/badge.svg", get(badges::job))
         .route("/queue", get(pages::queue))
         .route("/search", get(pages::search))
         .route("/machines", get(pages::machines))
@@ -72,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/log/{drv}", get(cache::get_log))
         .route("/static/style.css", get(style))
         .layer(axum::middleware::from_fn_with_state(state.clone(), private_guard))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error_bodies))
         .with_state(state)
 }
 
@@ -80,14 +84,16 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"))
 }
 
-#[derive(Serialize)]
-struct Health {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
     status: &'static str,
     database: bool,
 }
 
 /// Liveness and database reachability; 503 when the database is down.
-async fn healthz(State(s): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "up", body = Health), (status = 503, description = "the database is unreachable", body = Health)))]
+pub async fn healthz(State(s): State<AppState>) -> Response {
     let database = s.db.ping().await;
     let code = if database { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(Health { status: if database { "ok" } else { "degraded" }, database })).into_response()
@@ -128,6 +134,80 @@ async fn private_guard(
     r
 }
 
+#[derive(askama::Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    title: String,
+    nav: pages::Nav,
+    heading: String,
+    message: String,
+    code: u16,
+}
+
+/// Every error answers the same way, whoever produced it (a handler, an
+/// extractor's rejection, the router): an HTML page for a browser, else
+/// the JSON [`ErrorBody`] the API documents. Headers such as
+/// `WWW-Authenticate` and `Allow` are kept.
+async fn error_bodies(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // The binary cache speaks Nix's protocol, where only the status counts.
+    let path = req.uri().path();
+    if path.ends_with(".narinfo") || path.starts_with("/nar/") || path.starts_with("/log/") {
+        return next.run(req).await;
+    }
+    let headers = req.headers().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let browser = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html") && !a.contains("application/json"));
+    let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let json = content_type.starts_with("application/json");
+    if json && !browser {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10).await.unwrap_or_default();
+    let mut message = if json {
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    } else {
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    };
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let (content_type, body) = if browser {
+        let heading = match status {
+            StatusCode::NOT_FOUND => "Not found".to_string(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "Not allowed".to_string(),
+            other => other.canonical_reason().unwrap_or("Error").to_string(),
+        };
+        let page = ErrorPage {
+            title: format!("{heading} · Kiln"),
+            nav: pages::nav(&s, &headers),
+            heading,
+            message,
+            code: status.as_u16(),
+        };
+        ("text/html; charset=utf-8", askama::Template::render(&page).unwrap_or_default())
+    } else {
+        ("application/json", serde_json::to_string(&ErrorBody { error: message }).unwrap_or_default())
+    };
+    parts.headers.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static(content_type));
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 async fn script() -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
@@ -159,8 +239,9 @@ pub enum WebError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
     error: String,
 }
 

@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{AppState, WebError, api, builds as build_api, wants_json};
+use super::{AppState, ErrorBody, WebError, api, builds as build_api, wants_json};
 use crate::db::builds::{self, BuildStatus};
 use crate::db::{evaluations, jobsets, projects, steps};
 
@@ -137,15 +137,21 @@ struct ProjectLine {
     error: Option<String>,
 }
 
+#[utoipa::path(get, path = "/", tag = "pages",
+    responses((status = 200, description = "the projects that are not hidden", content((Vec<api::ProjectView> = "application/json"), (String = "text/html")))))]
 pub async fn home(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
+    if wants_json(&headers) {
+        return Ok(axum::Json(api::list_projects(&s).await?).into_response());
+    }
     let mut c = s.db.conn().await?;
     let list: Vec<_> = projects::list(c.ex()).await?.into_iter().filter(|p| !p.hidden).collect();
-    if wants_json(&headers) {
-        return Ok(axum::Json(list).into_response());
+    let mut shown: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    for (project, _, hidden) in jobsets::names(c.ex()).await? {
+        *shown.entry(project).or_default() += usize::from(!hidden);
     }
     let mut lines = Vec::new();
     for p in list {
-        let n = jobsets::list_for_project(c.ex(), p.id).await?.into_iter().filter(|j| !j.hidden).count();
+        let n = shown.get(&p.id).copied().unwrap_or(0);
         lines.push(ProjectLine {
             display: if p.display_name.is_empty() { p.name.clone() } else { p.display_name.clone() },
             name: p.name,
@@ -189,6 +195,8 @@ struct JobsetLine {
     error: Option<String>,
 }
 
+#[utoipa::path(get, path = "/project/{project}", tag = "pages", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "a project and its jobsets", content((api::ProjectView = "application/json"), (String = "text/html"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn project(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -263,6 +271,8 @@ struct EvalLine {
     error: Option<String>,
 }
 
+#[utoipa::path(get, path = "/jobset/{project}/{jobset}", tag = "pages", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "a jobset with its latest evaluations", content((api::JobsetView = "application/json"), (String = "text/html"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn jobset(
     State(s): State<AppState>,
     Path((project, name)): Path<(String, String)>,
@@ -338,6 +348,8 @@ struct EvalPage {
     builds: Vec<Row>,
 }
 
+#[utoipa::path(get, path = "/eval/{id}", tag = "pages", params(("id" = i64, Path, description = "evaluation id", minimum = 1)),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "an evaluation, its jobs and what changed", content((api::EvalDetail = "application/json"), (String = "text/html"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn eval(State(s): State<AppState>, Path(id): Path<i64>, headers: HeaderMap) -> Result<Response, WebError> {
     if wants_json(&headers) {
         return Ok(api::get_eval(State(s), Path(id)).await?.into_response());
@@ -430,6 +442,8 @@ struct StepLine {
     tries: i64,
 }
 
+#[utoipa::path(get, path = "/build/{id}", tag = "pages", params(("id" = i64, Path, description = "build id", minimum = 1)),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "a build", content((build_api::BuildView = "application/json"), (String = "text/html"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: HeaderMap) -> Result<Response, WebError> {
     if wants_json(&headers) {
         return Ok(build_api::get_build(State(s), Path(id)).await?.into_response());
@@ -511,17 +525,22 @@ struct LogPage {
     live: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct LogQuery {
-    /// Which derivation of the build (default: the build's own).
+    /// Which derivation of the build (default: the build's own), as a store path or base name.
     drv: Option<String>,
+    /// Any value: the whole log (up to 16 MiB on the page), not its tail.
     full: Option<String>,
+    /// Any value: raw text, streamed live while the step builds.
     follow: Option<String>,
 }
 
 /// Lines shown by default for a large log: its tail.
 const TAIL_LINES: usize = 2000;
 
+#[utoipa::path(get, path = "/build/{id}/log", tag = "pages", params(("id" = i64, Path, description = "build id", minimum = 1), LogQuery),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the log: a page for `Accept: text/html` (its tail unless `full`), else raw text",
+        content((String = "text/html"), (String = "text/plain"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn build_log(
     State(s): State<AppState>,
     Path(id): Path<i64>,
@@ -544,35 +563,28 @@ pub async fn build_log(
     if q.follow.is_some() {
         return Ok(super::live::follow_log(&s, &drv).await);
     }
-    // Stored logs are read whole only here, and only up to what is shown.
-    let text = match s.logs.open(&drv) {
-        Some(r) => tokio::task::spawn_blocking(move || {
-            let mut r = r;
-            let mut v = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut r, 64 << 20), &mut v);
-            v
-        })
-        .await
-        .unwrap_or_default(),
-        None => s
-            .logs
-            .follow(&drv)
-            .map(|(so_far, _)| so_far)
-            .ok_or_else(|| WebError::NotFound(format!("a log of {drv}")))?,
-    };
-    let text = String::from_utf8_lossy(&text).into_owned();
     let plain =
         !headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"));
-    if plain {
-        return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
-    }
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let (start, truncated) = if q.full.is_none() && lines.len() > TAIL_LINES {
-        (lines.len() - TAIL_LINES, lines.len() - TAIL_LINES)
-    } else {
-        (0, 0)
+    let tail = if q.full.is_some() { None } else { Some(TAIL_LINES) };
+    // A stored log is streamed, or read through keeping only what is shown.
+    let (shown, truncated) = match s.logs.open(&drv) {
+        Some(r) if plain => {
+            let body = super::live::stream_reader(r);
+            return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+        }
+        Some(_) => {
+            let (logs, d) = (s.logs.clone(), drv.clone());
+            tokio::task::spawn_blocking(move || logs.lines(&d, tail)).await.ok().flatten().unwrap_or_default()
+        }
+        None => {
+            let (so_far, _) = s.logs.follow(&drv).ok_or_else(|| WebError::NotFound(format!("a log of {drv}")))?;
+            if plain {
+                return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], so_far).into_response());
+            }
+            crate::logs::lines_of(&so_far[..], tail)
+        }
     };
-    let shown: String = lines[start..].concat();
+    let start = truncated;
     let live = s.logs.follow(&drv).is_some();
     html(LogPage {
         nav: nav(&s, &headers),
@@ -603,11 +615,14 @@ struct JobPage {
     older: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct Page {
+    /// Builds older than this build id.
     before: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/job/{project}/{jobset}/{job}", tag = "pages", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("job" = String, Path, description = "job name (attribute path)"), Page),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the job's builds, newest first, 50 a page", content((Vec<build_api::BuildSummary> = "application/json"), (String = "text/html"))), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn job(
     State(s): State<AppState>,
     Path((project, jobset, job)): Path<(String, String, String)>,
@@ -620,7 +635,8 @@ pub async fn job(
         .ok_or_else(|| WebError::NotFound(format!("jobset {project}:{jobset}")))?;
     let list = builds::job_history(c.ex(), j.id, &job, page.before.unwrap_or(i64::MAX), 50).await?;
     if wants_json(&headers) {
-        return Ok(axum::Json(&list).into_response());
+        let list: Vec<build_api::BuildSummary> = list.into_iter().map(Into::into).collect();
+        return Ok(axum::Json(list).into_response());
     }
     // The first failure of the current failing streak.
     let mut first_failure = None;
@@ -680,6 +696,8 @@ fn step_line(st: steps::Step) -> StepLine {
     }
 }
 
+#[utoipa::path(get, path = "/queue", tag = "pages",
+    responses((status = 200, description = "running and runnable steps, queued builds", content((QueueView = "application/json"), (String = "text/html")))))]
 pub async fn queue(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
     let mut c = s.db.conn().await?;
     let running = steps::running(c.ex()).await?;
@@ -687,9 +705,12 @@ pub async fn queue(State(s): State<AppState>, headers: HeaderMap) -> Result<Resp
     let queued = builds::queued(c.ex(), 200).await?;
     let unfinished = builds::count_unfinished(c.ex()).await?;
     if wants_json(&headers) {
-        return Ok(axum::Json(serde_json::json!({
-            "running": running, "runnable": runnable, "builds": queued, "unfinished": unfinished,
-        }))
+        return Ok(axum::Json(QueueView {
+            running: running.into_iter().map(Into::into).collect(),
+            runnable: runnable.into_iter().map(Into::into).collect(),
+            builds: queued.into_iter().map(Into::into).collect(),
+            unfinished,
+        })
         .into_response());
     }
     html(QueuePage {
@@ -711,8 +732,36 @@ struct MachinesPage {
     file_errors: Vec<String>,
 }
 
-#[derive(serde::Serialize)]
-struct MachineLine {
+/// The queue as JSON.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct QueueView {
+    running: Vec<build_api::StepView>,
+    /// Steps waiting for a free machine, first to be dispatched first.
+    runnable: Vec<build_api::StepView>,
+    /// Unfinished builds, highest priority first.
+    builds: Vec<build_api::BuildSummary>,
+    unfinished: i64,
+}
+
+/// The machines as JSON.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MachinesView {
+    machines: Vec<MachineLine>,
+    /// Problems in the machines file.
+    errors: Vec<String>,
+}
+
+/// Search results as JSON.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SearchView {
+    projects: Vec<String>,
+    /// `project:jobset` names.
+    jobsets: Vec<String>,
+    builds: Vec<build_api::BuildSummary>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MachineLine {
     uri: String,
     name: String,
     systems: String,
@@ -729,6 +778,8 @@ struct MachineLine {
     recent_failures: Vec<String>,
 }
 
+#[utoipa::path(get, path = "/machines", tag = "pages",
+    responses((status = 200, description = "the build machines", content((MachinesView = "application/json"), (String = "text/html")))))]
 pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
     let status = s.queue.status.lock().expect("status").clone();
     let configured = crate::build::machine_source(&s.config, None);
@@ -767,9 +818,7 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
     }
     let _ = known;
     if wants_json(&headers) {
-        return Ok(
-            axum::Json(serde_json::json!({ "machines": lines, "errors": status.machine_errors })).into_response()
-        );
+        return Ok(axum::Json(MachinesView { machines: lines, errors: status.machine_errors }).into_response());
     }
     html(MachinesPage {
         nav: nav(&s, &headers),
@@ -792,12 +841,15 @@ struct SearchPage {
     builds: Vec<Row>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct SearchQuery {
+    /// At least two characters.
     q: Option<String>,
 }
 
 /// Projects, jobsets, jobs, derivations and store paths containing `q`.
+#[utoipa::path(get, path = "/search", tag = "pages", params(SearchQuery),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "projects, jobsets and builds matching `q`", content((SearchView = "application/json"), (String = "text/html")))))]
 pub async fn search(
     State(s): State<AppState>,
     Query(q): Query<SearchQuery>,
@@ -821,11 +873,11 @@ pub async fn search(
         found = builds::search(c.ex(), &q, 50).await?;
     }
     if wants_json(&headers) {
-        return Ok(axum::Json(serde_json::json!({
-            "projects": found_projects.iter().map(|p| &p.name).collect::<Vec<_>>(),
-            "jobsets": found_jobsets.iter().map(|(p, j)| format!("{p}:{j}")).collect::<Vec<_>>(),
-            "builds": found,
-        }))
+        return Ok(axum::Json(SearchView {
+            projects: found_projects.into_iter().map(|p| p.name).collect(),
+            jobsets: found_jobsets.iter().map(|(p, j)| format!("{p}:{j}")).collect(),
+            builds: found.into_iter().map(Into::into).collect(),
+        })
         .into_response());
     }
     html(SearchPage {
