@@ -96,11 +96,19 @@ struct MachineState {
 
 enum Event {
     Enqueue(Vec<i64>, oneshot::Sender<()>),
-    Done { step: i64, machine: String, outcome: Result<Outcome, String>, secs: f64, conn: Option<Box<Connection>> },
+    Done {
+        step: i64,
+        machine: String,
+        outcome: Result<Outcome, String>,
+        secs: f64,
+        conn: Option<Box<Connection>>,
+    },
     Cancel(i64),
     Restart(i64),
     Bump(i64),
     WhenIdle(oneshot::Sender<()>),
+    /// Answered once everything sent before it is handled.
+    Flush(oneshot::Sender<()>),
 }
 
 /// A handle on the running queue.
@@ -229,6 +237,15 @@ impl Queue {
         Ok(open.len())
     }
 
+    /// Returns once the runner has handled everything sent before (so a
+    /// page loaded next shows a restarted build as queued).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Event::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Waits until no build is unfinished (after everything sent before).
     pub async fn wait_idle(&self) {
         let (tx, rx) = oneshot::channel();
@@ -320,6 +337,9 @@ impl Runner {
             }
             Event::Restart(id) => self.restart(id).await?,
             Event::WhenIdle(tx) => self.idle_waiters.push(tx),
+            Event::Flush(tx) => {
+                let _ = tx.send(());
+            }
             Event::Bump(id) => {
                 let mut c = self.db.conn().await?;
                 builds::bump(c.ex(), id).await?;

@@ -94,6 +94,7 @@ pub async fn build_action(
         "bump" => s.queue.bump(id),
         other => return Err(WebError::NotFound(format!("action {other}"))),
     }
+    s.queue.flush().await;
     Ok(done(via, &action, 1, format!("/build/{id}")))
 }
 
@@ -113,6 +114,7 @@ pub async fn eval_action(
         "bump" => s.queue.bump_eval(&s.db, id).await?,
         other => return Err(WebError::NotFound(format!("action {other}"))),
     };
+    s.queue.flush().await;
     Ok(done(via, &action, n, format!("/eval/{id}")))
 }
 

@@ -170,7 +170,8 @@ async fn error_bodies(
         .is_some_and(|a| a.contains("text/html") && !a.contains("application/json"));
     let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let json = content_type.starts_with("application/json");
-    if json && !browser {
+    // A handler's own page (the sign-in form with its message) stays.
+    if (json && !browser) || content_type.starts_with("text/html") {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
