@@ -424,18 +424,65 @@ pub async fn listed(ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Listed>> {
         return Ok(Vec::new());
     }
     let b = ex.backend();
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT {} WHERE b.id IN {} ORDER BY b.job",
-        listed_cols!(),
-        values_placeholders(b, 1, ids.len(), 1)
-    ));
-    Ok(run!(ex, c => {
-        let mut q = sqlx::query_as(sql);
-        for id in ids {
-            q = q.bind(*id);
+    let placeholders = values_placeholders(b, 1, ids.len(), 1);
+    match ex {
+        Ex::Sqlite(c) => {
+            type Row = (i64, String, String, String, String, String, i64, Option<i64>, i64, Option<i64>, Option<i64>);
+            let mut rows: Vec<Row> = super::sqlite_json_rows(
+                c,
+                "json_array(b.id, p.name, j.name, b.job, b.nix_name, b.system, b.finished, b.build_status, \
+                 b.created_at, b.start_time, b.stop_time)",
+                &format!(
+                    "FROM builds b JOIN jobsets j ON j.id = b.jobset_id JOIN projects p ON p.id = j.project_id \
+                     WHERE b.id IN {placeholders} ORDER BY b.job"
+                ),
+                ids,
+            )
+            .await?;
+            rows.sort_by(|a, b| (&a.3, a.0).cmp(&(&b.3, b.0)));
+            Ok(rows
+                .into_iter()
+                .map(
+                    |(
+                        id,
+                        project,
+                        jobset,
+                        job,
+                        nix_name,
+                        system,
+                        finished,
+                        build_status,
+                        created_at,
+                        start_time,
+                        stop_time,
+                    )| {
+                        Listed {
+                            id,
+                            project,
+                            jobset,
+                            job,
+                            nix_name,
+                            system,
+                            finished: finished != 0,
+                            build_status,
+                            created_at,
+                            start_time,
+                            stop_time,
+                        }
+                    },
+                )
+                .collect())
         }
-        q.fetch_all(&mut *c).await?
-    }))
+        Ex::Postgres(c) => {
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT {} WHERE b.id IN {placeholders} ORDER BY b.job", listed_cols!()));
+            let mut q = sqlx::query_as(sql);
+            for id in ids {
+                q = q.bind(*id);
+            }
+            Ok(q.fetch_all(&mut *c).await?)
+        }
+    }
 }
 
 /// Unfinished builds, oldest first, for the queue page.

@@ -137,9 +137,35 @@ pub async fn add_member(ex: Ex<'_>, m: &Member) -> Result<()> {
 }
 
 pub async fn members(ex: Ex<'_>, eval_id: i64) -> Result<Vec<Member>> {
-    Ok(run!(ex, c => sqlx::query_as(
-        "SELECT eval_id, job, build_id, is_new, error FROM eval_members WHERE eval_id = $1 ORDER BY job")
-        .bind(eval_id).fetch_all(&mut *c).await?))
+    match ex {
+        Ex::Sqlite(c) => {
+            type Row = (i64, String, Option<i64>, i64, Option<String>);
+            let mut rows: Vec<Row> = super::sqlite_json_rows(
+                c,
+                "json_array(eval_id, job, build_id, is_new, error)",
+                "FROM eval_members WHERE eval_id = ? ORDER BY job",
+                &[eval_id],
+            )
+            .await?;
+            rows.sort_by(|a, b| a.1.cmp(&b.1));
+            Ok(rows
+                .into_iter()
+                .map(|(eval_id, job, build_id, is_new, error)| Member {
+                    eval_id,
+                    job,
+                    build_id,
+                    is_new: is_new != 0,
+                    error,
+                })
+                .collect())
+        }
+        Ex::Postgres(c) => Ok(sqlx::query_as(
+            "SELECT eval_id, job, build_id, is_new, error FROM eval_members WHERE eval_id = $1 ORDER BY job",
+        )
+        .bind(eval_id)
+        .fetch_all(&mut *c)
+        .await?),
+    }
 }
 
 /// Progress of a running evaluation: jobs found so far.
@@ -168,10 +194,26 @@ pub struct MemberState {
 }
 
 pub async fn member_states(ex: Ex<'_>, eval_id: i64) -> Result<Vec<MemberState>> {
-    Ok(run!(ex, c => sqlx::query_as(
-        "SELECT m.job, b.drv_path, m.error FROM eval_members m LEFT JOIN builds b ON b.id = m.build_id
-         WHERE m.eval_id = $1 ORDER BY m.job")
-        .bind(eval_id).fetch_all(&mut *c).await?))
+    match ex {
+        Ex::Sqlite(c) => {
+            let mut rows: Vec<(String, Option<String>, Option<String>)> = super::sqlite_json_rows(
+                c,
+                "json_array(m.job, b.drv_path, m.error)",
+                "FROM eval_members m LEFT JOIN builds b ON b.id = m.build_id WHERE m.eval_id = ? ORDER BY m.job",
+                &[eval_id],
+            )
+            .await?;
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(rows.into_iter().map(|(job, drv_path, error)| MemberState { job, drv_path, error }).collect())
+        }
+        Ex::Postgres(c) => Ok(sqlx::query_as(
+            "SELECT m.job, b.drv_path, m.error FROM eval_members m LEFT JOIN builds b ON b.id = m.build_id
+             WHERE m.eval_id = $1 ORDER BY m.job",
+        )
+        .bind(eval_id)
+        .fetch_all(&mut *c)
+        .await?),
+    }
 }
 
 /// Compares two member lists.
@@ -278,16 +320,56 @@ pub async fn cells(ex: Ex<'_>, eval_ids: &[i64]) -> Result<Vec<Cell>> {
         return Ok(Vec::new());
     }
     let b = ex.backend();
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error FROM eval_members m
-         LEFT JOIN builds b ON b.id = m.build_id WHERE m.eval_id IN {} ORDER BY m.job",
+    let from = format!(
+        "FROM eval_members m LEFT JOIN builds b ON b.id = m.build_id WHERE m.eval_id IN {} ORDER BY m.job, m.eval_id",
         super::builds::values_placeholders(b, 1, eval_ids.len(), 1)
-    ));
-    Ok(run!(ex, c => {
-        let mut q = sqlx::query_as(sql);
-        for id in eval_ids {
-            q = q.bind(*id);
+    );
+    match ex {
+        Ex::Sqlite(c) => {
+            type Row = (i64, String, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+            let rows: Vec<Row> = super::sqlite_json_rows(
+                c,
+                "json_array(m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error)",
+                &from,
+                eval_ids,
+            )
+            .await?;
+            // An aggregate need not keep its subquery's order.
+            let mut rows = rows;
+            rows.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
+            Ok(rows
+                .into_iter()
+                .map(|(eval_id, job, build_id, finished, build_status, error)| Cell {
+                    eval_id,
+                    job,
+                    build_id,
+                    finished: finished.map(|f| f != 0),
+                    build_status,
+                    error,
+                })
+                .collect())
         }
-        q.fetch_all(&mut *c).await?
-    }))
+        Ex::Postgres(c) => {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error {from}"
+            ));
+            let mut q = sqlx::query_as(sql);
+            for id in eval_ids {
+                q = q.bind(*id);
+            }
+            Ok(q.fetch_all(&mut *c).await?)
+        }
+    }
+}
+
+/// Takes the write lock on these evaluations until the transaction ends (a
+/// row lock on PostgreSQL, the database's write lock on SQLite), so
+/// transactions that report on one evaluation run one after another. Pass
+/// the ids sorted, so two transactions never wait on each other in a circle.
+pub async fn lock(mut ex: Ex<'_>, ids: &[i64]) -> Result<()> {
+    for id in ids {
+        run!(ex.re(), c => sqlx::query("UPDATE evaluations SET status = status WHERE id = $1")
+            .bind(*id).execute(&mut *c).await?.rows_affected());
+    }
+    Ok(())
 }

@@ -132,8 +132,22 @@ pub async fn list_for_project(ex: Ex<'_>, project_id: i64) -> Result<Vec<Jobset>
 /// Every jobset's project id, name and whether it is hidden, in one query
 /// (for the list of projects).
 pub async fn names(ex: Ex<'_>) -> Result<Vec<(i64, String, bool)>> {
-    let sql = "SELECT project_id, name, hidden FROM jobsets ORDER BY project_id, name";
-    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+    match ex {
+        Ex::Sqlite(c) => {
+            let mut rows: Vec<(i64, String, i64)> = super::sqlite_json_rows(
+                c,
+                "json_array(project_id, name, hidden)",
+                "FROM jobsets ORDER BY project_id, name",
+                &[],
+            )
+            .await?;
+            rows.sort();
+            Ok(rows.into_iter().map(|(p, n, h)| (p, n, h != 0)).collect())
+        }
+        Ex::Postgres(c) => Ok(sqlx::query_as("SELECT project_id, name, hidden FROM jobsets ORDER BY project_id, name")
+            .fetch_all(&mut *c)
+            .await?),
+    }
 }
 
 /// Asks for an evaluation as soon as possible. Several requests before the

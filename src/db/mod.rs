@@ -24,6 +24,7 @@ pub mod machines;
 pub mod outbox;
 pub mod projects;
 pub mod steps;
+pub mod webhook_deliveries;
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -230,4 +231,25 @@ impl Db {
 /// Now, in Unix seconds: every timestamp Kiln stores.
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Runs a list query on SQLite and returns its rows from one JSON array.
+/// sqlx-sqlite hands each row from its worker thread to the caller
+/// separately, a channel send and a thread wake-up per row: the 800 cells
+/// of a jobset's matrix cost 3 ms that way and 0.7 ms as one JSON row.
+/// `row` is a `json_array(…)` of the columns, `rest` the `FROM …` clause
+/// with `?` placeholders for `ids`; rows keep `rest`'s order.
+pub(crate) async fn sqlite_json_rows<T: serde::de::DeserializeOwned>(
+    c: &mut SqliteConnection,
+    row: &str,
+    rest: &str,
+    ids: &[i64],
+) -> Result<Vec<T>> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT json_group_array(json(r)) FROM (SELECT {row} AS r {rest})"));
+    let mut q = sqlx::query_scalar::<_, String>(sql);
+    for id in ids {
+        q = q.bind(*id);
+    }
+    let text = q.fetch_one(&mut *c).await?;
+    serde_json::from_str(&text).map_err(|e| DbError::Invalid(format!("JSON rows: {e}")))
 }

@@ -67,8 +67,50 @@ pub async fn get(ex: Ex<'_>, name: &str) -> Result<Option<Project>> {
 }
 
 pub async fn list(ex: Ex<'_>) -> Result<Vec<Project>> {
-    let sql = concat!("SELECT ", cols!(), " FROM projects ORDER BY name");
-    Ok(run!(ex, c => sqlx::query_as(sql).fetch_all(&mut *c).await?))
+    match ex {
+        Ex::Sqlite(c) => {
+            type Row = (
+                i64,
+                String,
+                String,
+                String,
+                String,
+                Option<String>,
+                i64,
+                i64,
+                String,
+                i64,
+                i64,
+                Option<String>,
+                Option<i64>,
+            );
+            let mut rows: Vec<Row> =
+                super::sqlite_json_rows(c, concat!("json_array(", cols!(), ")"), "FROM projects ORDER BY name", &[])
+                    .await?;
+            rows.sort_by(|a, b| a.1.cmp(&b.1));
+            Ok(rows
+                .into_iter()
+                .map(|r| Project {
+                    id: r.0,
+                    name: r.1,
+                    display_name: r.2,
+                    description: r.3,
+                    repo: r.4,
+                    github_repo: r.5,
+                    enabled: r.6 != 0,
+                    hidden: r.7 != 0,
+                    declared_in: r.8,
+                    created_at: r.9,
+                    updated_at: r.10,
+                    error: r.11,
+                    last_synced_at: r.12,
+                })
+                .collect())
+        }
+        Ex::Postgres(c) => {
+            Ok(sqlx::query_as(concat!("SELECT ", cols!(), " FROM projects ORDER BY name")).fetch_all(&mut *c).await?)
+        }
+    }
 }
 
 /// Deletes a project with its jobsets, evaluations and builds. Returns
