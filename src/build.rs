@@ -96,6 +96,7 @@ pub async fn run(
         config.queue.clone(),
         config.state_dir.clone(),
         Default::default(),
+        None,
     );
 
     let (jobset_id, eval_id) = {
@@ -193,6 +194,7 @@ pub async fn run(
         locked.nar_hash.as_deref(),
         &recorded,
         1_000_000,
+        None,
     )
     .await?;
     queue.wait_idle().await;

@@ -173,6 +173,14 @@ pub struct GithubConfig {
     pub token_file: Option<PathBuf>,
     pub webhook_secret_file: Option<PathBuf>,
     pub statuses: StatusMode,
+    /// With `statuses = "per-job"`: beyond this many jobs in an
+    /// evaluation, only the summary and failed jobs get statuses.
+    pub max_job_statuses: usize,
+    /// A GitHub App instead of a token: its id, its private key (PEM) and,
+    /// optionally, its installation (else looked up per repository).
+    pub app_id: Option<u64>,
+    pub app_private_key_file: Option<PathBuf>,
+    pub app_installation_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,6 +259,10 @@ impl Default for GithubConfig {
             token_file: None,
             webhook_secret_file: None,
             statuses: StatusMode::PerJob,
+            max_job_statuses: 50,
+            app_id: None,
+            app_private_key_file: None,
+            app_installation_id: None,
         }
     }
 }
@@ -349,12 +361,22 @@ impl Config {
             read_secret(f).map_err(|reason| ConfigError::key(origin, "api_token_files", reason))?;
         }
         if let Some(gh) = &self.github {
-            for (key, f) in
-                [("github.token_file", &gh.token_file), ("github.webhook_secret_file", &gh.webhook_secret_file)]
-            {
+            for (key, f) in [
+                ("github.token_file", &gh.token_file),
+                ("github.webhook_secret_file", &gh.webhook_secret_file),
+                ("github.app_private_key_file", &gh.app_private_key_file),
+            ] {
                 if let Some(f) = f {
                     read_secret(f).map_err(|reason| ConfigError::key(origin, key, reason))?;
                 }
+            }
+        }
+        if let Some(gh) = &self.github {
+            if gh.app_id.is_some() != gh.app_private_key_file.is_some() {
+                return Err(ConfigError::key(origin, "github.app_id", "needs github.app_private_key_file, and back"));
+            }
+            if !(gh.api_url.starts_with("https://") || gh.api_url.starts_with("http://")) {
+                return Err(ConfigError::key(origin, "github.api_url", "must be an http:// or https:// URL"));
             }
         }
         let mut seen = std::collections::HashSet::new();

@@ -92,12 +92,32 @@ impl Mirrors {
 
     /// The commit a branch points at in the mirror.
     pub async fn rev(&self, mirror: &Mirror, branch: &str) -> Result<String, FetchError> {
-        let spec = format!("refs/heads/{branch}^{{commit}}");
+        self.rev_of(mirror, &format!("refs/heads/{branch}")).await
+    }
+
+    /// The commit a full ref points at in the mirror.
+    pub async fn rev_of(&self, mirror: &Mirror, full_ref: &str) -> Result<String, FetchError> {
+        let spec = format!("{full_ref}^{{commit}}");
         match self.git(Some(&mirror.dir), &["rev-parse", "--verify", "--quiet", &spec]).await {
             Ok(out) => Ok(String::from_utf8_lossy(&out).trim().to_string()),
-            Err(FetchError::Git { .. }) => Err(FetchError::NoBranch(branch.to_string())),
+            Err(FetchError::Git { .. }) => {
+                Err(FetchError::NoBranch(full_ref.strip_prefix("refs/heads/").unwrap_or(full_ref).to_string()))
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// Fetches pull request `number`'s head (GitHub's `refs/pull/N/head`,
+    /// which also carries a fork's commits) into [`pull_ref`].
+    pub async fn fetch_pull(&self, key: &str, url: &str, number: i64) -> Result<(), FetchError> {
+        let lock = self.lock_for(key);
+        let _guard = lock.lock().await;
+        if url.starts_with('-') {
+            return Err(FetchError::BadUrl(url.to_string()));
+        }
+        let spec = format!("+refs/pull/{number}/head:{}", pull_ref(number));
+        self.git(Some(&self.dir(key)), &["fetch", "--quiet", "--no-tags", "--", url, &spec]).await?;
+        Ok(())
     }
 
     /// A file's contents at a commit, or `None` if it is not there.
@@ -138,10 +158,16 @@ impl Mirrors {
     }
 }
 
+/// Where a pull request's head lives in a mirror: outside `refs/heads/`,
+/// so the prune of branches leaves it alone.
+pub fn pull_ref(number: i64) -> String {
+    format!("refs/kiln/pr/{number}")
+}
+
 /// The flake reference Nix evaluates for a commit of a mirror. Nix 2.8
 /// needs the ref beside the rev, or it fetches `master` and fails.
-pub fn flake_ref(mirror: &Mirror, branch: &str, rev: &str, flake_dir: &str) -> String {
-    let mut r = format!("git+file://{}?ref=refs/heads/{branch}&rev={rev}", mirror.dir.display());
+pub fn flake_ref(mirror: &Mirror, full_ref: &str, rev: &str, flake_dir: &str) -> String {
+    let mut r = format!("git+file://{}?ref={full_ref}&rev={rev}", mirror.dir.display());
     if !flake_dir.is_empty() {
         r.push_str("&dir=");
         r.push_str(flake_dir);

@@ -13,6 +13,7 @@ pub mod db;
 pub mod eval;
 pub mod events;
 pub mod fetch;
+pub mod github;
 pub mod logs;
 pub mod nix;
 pub mod queue;

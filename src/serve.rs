@@ -27,6 +27,8 @@ pub enum ServeError {
     Bind { addr: String, source: std::io::Error },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Github(#[from] crate::github::GithubError),
 }
 
 /// Opens the database named by the configuration and applies migrations.
@@ -72,6 +74,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         config.queue.clone(),
         config.state_dir.clone(),
         events.clone(),
+        crate::github::policy(&config),
     );
     let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()), events.clone());
     evaluator.sync_config_projects().await?;
@@ -85,6 +88,26 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
 
     let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
+    let (webhook_secret, sender_task) = match &config.github {
+        Some(gh) => {
+            let secret = match &gh.webhook_secret_file {
+                Some(f) => Some(Arc::new(crate::github::read_secret("github.webhook_secret_file", f)?)),
+                None => None,
+            };
+            let task = match crate::github::Credentials::from_config(gh)? {
+                Some(creds) => {
+                    info!(api = %gh.api_url, "sending commit statuses to GitHub");
+                    Some(tokio::spawn(crate::github::sender::run(db.clone(), creds, stopped(stop_rx.clone()))))
+                }
+                None => {
+                    info!("[github] has no token_file or app: statuses wait in the outbox");
+                    None
+                }
+            };
+            (secret, task)
+        }
+        None => (None, None),
+    };
     let session_key =
         crate::web::session::SessionKey::load_or_create(&config.state_dir.join("keys").join("session.key"))?;
     let state = AppState {
@@ -97,6 +120,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         queue,
         session_key,
         events: events.clone(),
+        webhook_secret,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -118,6 +142,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let ((), _) = tokio::join!(server, signal);
     let _ = eval_task.await;
     let _ = gc_task.await;
+    if let Some(t) = sender_task {
+        let _ = t.await;
+    }
     db.close().await;
     Ok(())
 }

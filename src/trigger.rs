@@ -59,6 +59,8 @@ pub struct Evaluator {
     running: Mutex<HashSet<i64>>,
     slots: Arc<Semaphore>,
     wake: Notify,
+    /// Where commit statuses go (none without `[github]`).
+    statuses: Option<crate::github::statuses::Policy>,
 }
 
 /// How often due jobsets are looked for when nothing wakes the loop.
@@ -74,6 +76,7 @@ impl Evaluator {
         events: crate::events::Events,
     ) -> Arc<Self> {
         Arc::new(Evaluator {
+            statuses: crate::github::policy(&config),
             queue,
             events,
             mirrors: Mirrors::new(&config.state_dir, Duration::from_secs(config.eval.timeout_s.max(60))),
@@ -233,8 +236,21 @@ impl Evaluator {
                     _ => return Ok(Checked::Skipped),
                 }
             };
-            let branch = jobset.branch.clone().unwrap_or_else(|| mirror.default_branch.clone());
-            let rev = match self.mirrors.rev(&mirror, &branch).await {
+            // A pull request's head is fetched as its own ref; a branch is in the mirror.
+            let (git_ref, local_ref) = match jobset.pr_number {
+                Some(n) => {
+                    if let Err(e) = self.mirrors.fetch_pull(&project.name, &project.repo, n).await {
+                        self.mark(jobset.id, Some(&e.to_string())).await?;
+                        return Ok(Checked::Skipped);
+                    }
+                    (format!("refs/pull/{n}/head"), fetch::pull_ref(n))
+                }
+                None => {
+                    let branch = jobset.branch.clone().unwrap_or_else(|| mirror.default_branch.clone());
+                    (format!("refs/heads/{branch}"), format!("refs/heads/{branch}"))
+                }
+            };
+            let rev = match self.mirrors.rev_of(&mirror, &local_ref).await {
                 Ok(r) => r,
                 Err(e) => {
                     self.mark(jobset.id, Some(&e.to_string())).await?;
@@ -253,8 +269,8 @@ impl Evaluator {
                 self.mark(jobset.id, None).await?;
                 return Ok(Checked::Unchanged);
             }
-            let flake_ref = fetch::flake_ref(&mirror, &branch, &rev, &jobset.flake_dir);
-            self.evaluate(&jobset, &branch, &rev, &flake_ref).await
+            let flake_ref = fetch::flake_ref(&mirror, &local_ref, &rev, &jobset.flake_dir);
+            self.evaluate(&jobset, &git_ref, &rev, &flake_ref).await
         }
         .instrument(span)
         .await
@@ -268,27 +284,32 @@ impl Evaluator {
     async fn evaluate(
         &self,
         jobset: &Jobset,
-        branch: &str,
+        git_ref: &str,
         rev: &str,
         flake_ref: &str,
     ) -> Result<Checked, TriggerError> {
         let start = Instant::now();
         let workers = self.config.eval.workers;
         let ev = {
-            let mut c = self.db.conn().await?;
-            evaluations::create(
-                c.ex(),
+            let mut tx = self.db.begin().await?;
+            let ev = evaluations::create(
+                tx.ex(),
                 &NewEvaluation {
                     jobset_id: jobset.id,
                     commit_sha: rev,
-                    git_ref: &format!("refs/heads/{branch}"),
+                    git_ref,
                     flake_ref,
                     config_hash: &jobset.config_hash,
                     workers: workers as i64,
                     forced: jobset.force_eval,
                 },
             )
-            .await?
+            .await?;
+            if let Some(p) = &self.statuses {
+                crate::github::statuses::eval_started(tx.ex(), p, ev.id).await?;
+            }
+            tx.commit().await?;
+            ev
         };
         info!(eval = ev.id, rev, "evaluating");
         self.events.send(Event::EvalStarted { eval: ev.id, jobset: jobset.id });
@@ -308,16 +329,20 @@ impl Evaluator {
             }
             Some(message) => {
                 let summary = message.lines().next().unwrap_or("evaluation failed").to_string();
-                let mut c = self.db.conn().await?;
+                let mut tx = self.db.begin().await?;
                 evaluations::finish(
-                    c.ex(),
+                    tx.ex(),
                     ev.id,
                     eval::millis_since(start),
                     &Outcome { error: Some(&summary), stderr: Some(&message), ..Default::default() },
                 )
                 .await?;
-                jobsets::mark_checked(c.ex(), jobset.id, Some(&format!("evaluation {} failed: {summary}", ev.id)))
+                jobsets::mark_checked(tx.ex(), jobset.id, Some(&format!("evaluation {} failed: {summary}", ev.id)))
                     .await?;
+                if let Some(p) = &self.statuses {
+                    crate::github::statuses::eval_finished(tx.ex(), p, ev.id).await?;
+                }
+                tx.commit().await?;
                 warn!(eval = ev.id, error = %summary, "evaluation failed");
                 self.events.send(Event::EvalFinished { eval: ev.id, jobset: jobset.id, error: Some(summary) });
                 Ok(Checked::Failed(ev.id))
@@ -384,6 +409,7 @@ impl Evaluator {
             locked.nar_hash.as_deref(),
             &recorded,
             jobset.keep_evaluations,
+            self.statuses.as_ref(),
         )
         .await?;
         info!(

@@ -62,7 +62,7 @@ async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, r
     }
     drop(tx);
     let r = record::record_stream(db, jobset_id, ev.id, rx).await.unwrap();
-    let diff = record::finish(db, jobset_id, ev.id, 5, Some("sha256-x"), &r, keep).await.unwrap();
+    let diff = record::finish(db, jobset_id, ev.id, 5, Some("sha256-x"), &r, keep, None).await.unwrap();
     (ev.id, r, diff)
 }
 
@@ -181,7 +181,7 @@ async fn concurrent_fetches_of_one_repository_do_not_collide() {
     assert!(mirrors.read_file(&mirror, &head, "flake.nix").await.unwrap().is_some());
     assert!(mirrors.read_file(&mirror, &head, ".kiln.toml").await.unwrap().is_none());
     // The locked reference evaluates to exactly that commit.
-    let r = kiln::fetch::flake_ref(&mirror, "feature", &feature, "");
+    let r = kiln::fetch::flake_ref(&mirror, "refs/heads/feature", &feature, "");
     let meta = nix("nix", &["flake", "metadata", "--json", &r]);
     assert!(meta.contains(&feature));
 }

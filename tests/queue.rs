@@ -394,6 +394,7 @@ async fn cancel_restart_and_bump_builds() {
         queue_config,
         state.path().to_path_buf(),
         events.clone(),
+        None,
     );
     let (_, jobset) = make_jobset(&t.db, "p", "main").await;
     let tag = unique("crb");

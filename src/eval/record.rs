@@ -192,7 +192,9 @@ fn new_build(jobset_id: i64, job: &Job) -> NewBuild {
 }
 
 /// Finishes a recorded evaluation: its diff against the previous succeeded
-/// evaluation, its counts, and pruning beyond `keep`.
+/// evaluation, its counts, pruning beyond `keep`, and (with a policy) the
+/// commit statuses the result calls for, all in one transaction.
+#[allow(clippy::too_many_arguments)] // each is one fact about the evaluation
 pub async fn finish(
     db: &Db,
     jobset_id: i64,
@@ -201,6 +203,7 @@ pub async fn finish(
     lock_hash: Option<&str>,
     recorded: &Recorded,
     keep: i64,
+    statuses: Option<&crate::github::statuses::Policy>,
 ) -> Result<Diff, DbError> {
     let t = Instant::now();
     let mut tx = db.begin().await?;
@@ -227,6 +230,9 @@ pub async fn finish(
     )
     .await?;
     evaluations::prune(tx.ex(), jobset_id, keep).await?;
+    if let Some(p) = statuses {
+        crate::github::statuses::eval_finished(tx.ex(), p, eval_id).await?;
+    }
     tx.commit().await?;
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "evaluation diffed and finished");
     Ok(diff)

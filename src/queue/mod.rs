@@ -135,6 +135,7 @@ pub struct Status {
 
 impl Queue {
     /// Starts the runner; it loads every unfinished build from the database.
+    #[allow(clippy::too_many_arguments)] // the parts it drives, each once
     pub fn start(
         db: Db,
         cache: Cache,
@@ -143,6 +144,7 @@ impl Queue {
         config: QueueConfig,
         state_dir: PathBuf,
         events: Events,
+        statuses: Option<crate::github::statuses::Policy>,
     ) -> Queue {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(Status::default()));
@@ -157,6 +159,7 @@ impl Queue {
                 Duration::from_secs(config.progress_timeout_s),
             )),
             config,
+            statuses,
             source: machines,
             source_mtime: None,
             machines: Vec::new(),
@@ -262,6 +265,8 @@ struct Runner {
     logs: Logs,
     sessions: Arc<Sessions>,
     config: QueueConfig,
+    /// Where commit statuses go (none without `[github]`).
+    statuses: Option<crate::github::statuses::Policy>,
     source: MachineSource,
     source_mtime: Option<std::time::SystemTime>,
     machines: Vec<MachineState>,
@@ -329,9 +334,10 @@ impl Runner {
                 self.step_done(step, &machine, outcome, secs, conn).await?
             }
             Event::Cancel(id) => {
-                let mut c = self.db.conn().await?;
-                builds::finish(c.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
-                drop(c);
+                let mut tx = self.db.begin().await?;
+                builds::finish(tx.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
+                self.report(tx.ex(), id).await?;
+                tx.commit().await?;
                 self.announce_finished(id, BuildStatus::Cancelled);
                 self.drop_build(id);
             }
@@ -474,16 +480,18 @@ impl Runner {
         self.shares.insert(b.jobset_id, shares.max(1));
         match self.walk(&b.drv_path, id).await? {
             Walk::Done => {
-                let mut c = self.db.conn().await?;
-                builds::finish(c.ex(), id, BuildStatus::Succeeded, true, None, None).await?;
+                let mut tx = self.db.begin().await?;
+                builds::finish(tx.ex(), id, BuildStatus::Succeeded, true, None, None).await?;
+                self.report(tx.ex(), id).await?;
+                tx.commit().await?;
                 debug!(build = id, "all outputs already in the cache");
                 self.announce(Announce::BuildFinished { build: id, jobset: Some(b.jobset_id), buildstatus: 0 });
             }
             Walk::Failed { step, top } => {
                 let status = if top { BuildStatus::CachedFailure } else { BuildStatus::DepFailed };
-                let mut c = self.db.conn().await?;
+                let mut tx = self.db.begin().await?;
                 builds::finish(
-                    c.ex(),
+                    tx.ex(),
                     id,
                     status,
                     false,
@@ -491,6 +499,8 @@ impl Runner {
                     Some("a step failed before (not retried); restart the build to try again"),
                 )
                 .await?;
+                self.report(tx.ex(), id).await?;
+                tx.commit().await?;
                 let buildstatus = status as i64;
                 self.announce(Announce::BuildFinished { build: id, jobset: Some(b.jobset_id), buildstatus });
             }
@@ -871,6 +881,7 @@ impl Runner {
                 steps::finish(tx.ex(), id, 0, None, log_file.as_deref()).await?;
                 for b in &finished {
                     builds::finish(tx.ex(), *b, BuildStatus::Succeeded, false, None, None).await?;
+                    self.report(tx.ex(), *b).await?;
                 }
                 tx.commit().await?;
                 self.done += 1;
@@ -960,6 +971,7 @@ impl Runner {
                 (BuildStatus::DepFailed, format!("a dependency failed: {error}"))
             };
             builds::finish(tx.ex(), *b, st, false, Some(id), Some(&msg)).await?;
+            self.report(tx.ex(), *b).await?;
         }
         tx.commit().await?;
         self.failed += 1;
@@ -1050,6 +1062,7 @@ impl Runner {
             steps::reset_failed(tx.ex(), id).await?;
             for b in &builds {
                 builds::finish(tx.ex(), *b, BuildStatus::Unsupported, false, Some(id), Some(&msg)).await?;
+                self.report(tx.ex(), *b).await?;
             }
             tx.commit().await?;
             warn!(step = id, %msg, "unsupported");
@@ -1084,9 +1097,21 @@ impl Runner {
                 stack.extend(d.input_drvs.iter().map(|(p, _)| p.to_string()));
             }
         }
-        builds::reopen(c.ex(), id).await?;
         drop(c);
+        let mut tx = self.db.begin().await?;
+        builds::reopen(tx.ex(), id).await?;
+        self.report(tx.ex(), id).await?;
+        tx.commit().await?;
         self.add_build(id).await
+    }
+
+    /// Queues the commit statuses a build's change calls for, in the
+    /// transaction that changed it.
+    async fn report(&self, ex: crate::db::Ex<'_>, build: i64) -> Result<(), DbError> {
+        match &self.statuses {
+            Some(p) => crate::github::statuses::build_changed(ex, p, build).await,
+            None => Ok(()),
+        }
     }
 
     fn announce(&self, ev: Announce) {

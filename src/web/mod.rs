@@ -27,6 +27,7 @@ pub mod live;
 pub mod openapi;
 pub mod pages;
 pub mod session;
+pub mod webhooks;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -39,6 +40,8 @@ pub struct AppState {
     pub queue: crate::queue::Queue,
     pub session_key: session::SessionKey,
     pub events: crate::events::Events,
+    /// The GitHub webhook secret, when `github.webhook_secret_file` is set.
+    pub webhook_secret: Option<Arc<String>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -54,6 +57,10 @@ pub fn router(state: AppState) -> Router {
         .route("/eval/{id}", get(pages::eval))
         .route("/eval/{id}/{action}", post(actions::eval_action))
         .route("/api/push", post(api::push))
+        .route(
+            "/api/webhooks/github",
+            post(webhooks::github).layer(axum::extract::DefaultBodyLimit::max(crate::github::webhook::MAX_BODY)),
+        )
         .route("/api/events", get(live::events))
         .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/build/{id}", get(pages::build))
@@ -118,7 +125,9 @@ async fn private_guard(
         return next.run(req).await;
     }
     let path = req.uri().path();
-    let open = matches!(path, "/login" | "/logout" | "/healthz") || path.starts_with("/static/");
+    // GitHub signs its webhooks instead of sending a token.
+    let open =
+        matches!(path, "/login" | "/logout" | "/healthz" | "/api/webhooks/github") || path.starts_with("/static/");
     if open || actions::signed_in(&s, req.headers()).is_some() {
         return next.run(req).await;
     }
@@ -234,6 +243,9 @@ pub enum WebError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A webhook without a valid signature.
+    #[error("{0}")]
+    Unsigned(String),
     #[error("the body is larger than the limit of {0} bytes")]
     TooLarge(u64),
     #[error("{0}")]
@@ -254,6 +266,7 @@ impl IntoResponse for WebError {
             WebError::UnauthorizedBasic => StatusCode::UNAUTHORIZED,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebError::Forbidden(_) => StatusCode::FORBIDDEN,
+            WebError::Unsigned(_) => StatusCode::UNAUTHORIZED,
             WebError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             WebError::Db(_) | WebError::Render(_) | WebError::Internal(_) => {
                 tracing::error!(error = %self, "request failed");

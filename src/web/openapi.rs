@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{actions, api, badges, builds, live, pages};
+use super::{actions, api, badges, builds, live, pages, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -41,6 +41,7 @@ use super::{actions, api, badges, builds, live, pages};
         actions::eval_action,
         actions::jobset_action,
         api::push,
+        webhooks::github,
         badges::jobset,
         badges::job,
         builds::job_latest,
@@ -55,6 +56,7 @@ use super::{actions, api, badges, builds, live, pages};
         (name = "projects", description = "Creating and removing projects"),
         (name = "actions", description = "Acting on builds, evaluations and jobsets (token)"),
         (name = "deploy", description = "Stable URLs of the latest good outputs"),
+        (name = "github", description = "Webhooks from GitHub"),
     )
 )]
 pub struct ApiDoc;

@@ -730,6 +730,8 @@ struct MachinesPage {
     nav: Nav,
     machines: Vec<MachineLine>,
     file_errors: Vec<String>,
+    outbox: crate::db::outbox::Stats,
+    github: bool,
 }
 
 /// The queue as JSON.
@@ -749,6 +751,8 @@ pub struct MachinesView {
     machines: Vec<MachineLine>,
     /// Problems in the machines file.
     errors: Vec<String>,
+    /// GitHub statuses waiting to be sent.
+    outbox: crate::db::outbox::Stats,
 }
 
 /// Search results as JSON.
@@ -817,14 +821,17 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
         });
     }
     let _ = known;
+    let outbox = crate::db::outbox::stats(c.ex()).await?;
     if wants_json(&headers) {
-        return Ok(axum::Json(MachinesView { machines: lines, errors: status.machine_errors }).into_response());
+        return Ok(axum::Json(MachinesView { machines: lines, errors: status.machine_errors, outbox }).into_response());
     }
     html(MachinesPage {
         nav: nav(&s, &headers),
         title: "Machines · Kiln".into(),
         machines: lines,
         file_errors: status.machine_errors,
+        outbox,
+        github: s.config.github.is_some(),
     })
 }
 

@@ -26,7 +26,8 @@ use tempfile::TempDir;
 pub const SYSTEM: &str = "x86_64-linux";
 
 /// The Nix configuration every test process gets.
-pub const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nsubstituters =\nwarn-dirty = false\nsandbox = false\n";
+pub const NIX_CONFIG: &str =
+    "experimental-features = nix-command flakes\nsubstituters =\nwarn-dirty = false\nsandbox = false\n";
 
 /// A command for a Nix program with the test configuration.
 pub fn nix_cmd(program: &str) -> Command {

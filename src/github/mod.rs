@@ -1,0 +1,227 @@
+//! GitHub: the webhooks that start evaluations, the commit statuses that
+//! report them, and the credentials both use. Statuses are composed in the
+//! transaction of the state change that calls for them ([`statuses`]) and
+//! land in the outbox; [`sender`] delivers them through octocrab, in order
+//! per commit and context, through retries, rate limits and restarts.
+//! [`webhook`] verifies and handles what GitHub sends. Credentials are a
+//! token read from a file or a GitHub App's installation tokens
+//! ([`Credentials`]); they never reach logs, the database or git's config.
+
+pub mod sender;
+pub mod statuses;
+pub mod webhook;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use octocrab::Octocrab;
+use thiserror::Error;
+
+use crate::config::{Config, GithubConfig};
+use crate::db::projects::Project;
+
+#[derive(Debug, Error)]
+pub enum GithubError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadSecret { what: &'static str, path: String, source: std::io::Error },
+    #[error("{what} {path} is empty")]
+    EmptySecret { what: &'static str, path: String },
+    #[error("github.app_private_key_file: not an RSA private key in PEM: {0}")]
+    BadKey(String),
+    #[error("GitHub client: {0}")]
+    Client(String),
+    #[error("no GitHub App installation for {0}: is the app installed on it?")]
+    NoInstallation(String),
+}
+
+/// A GitHub repository, `owner/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Repo {
+    pub owner: String,
+    pub name: String,
+}
+
+impl Repo {
+    /// `owner/name`, as configured.
+    pub fn parse(s: &str) -> Option<Repo> {
+        let (owner, name) = s.trim().trim_end_matches('/').split_once('/')?;
+        let name = name.strip_suffix(".git").unwrap_or(name);
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && p != ".."
+        };
+        (ok(owner) && ok(name)).then(|| Repo { owner: owner.to_string(), name: name.to_string() })
+    }
+
+    /// The repository of a github.com URL: `https://github.com/o/n(.git)`,
+    /// `git@github.com:o/n.git`, `ssh://git@github.com/o/n`.
+    pub fn from_url(url: &str) -> Option<Repo> {
+        let rest = [
+            "https://github.com/",
+            "http://github.com/",
+            "ssh://git@github.com/",
+            "git@github.com:",
+            "git+https://github.com/",
+        ]
+        .iter()
+        .find_map(|p| url.strip_prefix(p))?;
+        Repo::parse(rest)
+    }
+
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+
+    /// Case-insensitively the same repository (GitHub's names are).
+    pub fn same(&self, full_name: &str) -> bool {
+        self.full_name().eq_ignore_ascii_case(full_name)
+    }
+}
+
+/// Where a project's statuses go: its `github` setting, else its URL.
+pub fn repo_of(p: &Project) -> Option<Repo> {
+    match &p.github_repo {
+        Some(r) => Repo::parse(r),
+        None => Repo::from_url(&p.repo),
+    }
+}
+
+/// The status policy of a configuration, if GitHub is configured.
+pub fn policy(config: &Config) -> Option<statuses::Policy> {
+    let gh = config.github.as_ref()?;
+    Some(statuses::Policy { base_url: config.base_url(), mode: gh.statuses, max_job_statuses: gh.max_job_statuses })
+}
+
+pub(crate) fn read_secret(what: &'static str, path: &Path) -> Result<String, GithubError> {
+    let s = std::fs::read_to_string(path).map_err(|source| GithubError::ReadSecret {
+        what,
+        path: path.display().to_string(),
+        source,
+    })?;
+    let s = s.trim().to_string();
+    if s.is_empty() {
+        return Err(GithubError::EmptySecret { what, path: path.display().to_string() });
+    }
+    Ok(s)
+}
+
+/// How Kiln authenticates to GitHub: a token, or an App's installations.
+#[derive(Clone)]
+pub struct Credentials {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Token {
+        client: Octocrab,
+        token: String,
+    },
+    App {
+        app: Octocrab,
+        installation: Option<u64>,
+        /// Installation clients by repository, each refreshing its token.
+        clients: tokio::sync::Mutex<std::collections::HashMap<String, Octocrab>>,
+    },
+}
+
+impl Credentials {
+    /// From `[github]`: `app_id` with `app_private_key_file` (and
+    /// optionally `app_installation_id`), else `token_file`; none if neither.
+    pub fn from_config(gh: &GithubConfig) -> Result<Option<Credentials>, GithubError> {
+        let builder =
+            || Octocrab::builder().base_uri(gh.api_url.as_str()).map_err(|e| GithubError::Client(e.to_string()));
+        let inner = if let (Some(id), Some(key_file)) = (gh.app_id, &gh.app_private_key_file) {
+            let pem = read_secret("github.app_private_key_file", key_file)?;
+            let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
+                .map_err(|e| GithubError::BadKey(e.to_string()))?;
+            let app = builder()?
+                .app(octocrab::models::AppId(id), key)
+                .build()
+                .map_err(|e| GithubError::Client(e.to_string()))?;
+            Inner::App { app, installation: gh.app_installation_id, clients: Default::default() }
+        } else if let Some(f) = &gh.token_file {
+            let token = read_secret("github.token_file", f)?;
+            let client =
+                builder()?.personal_token(token.clone()).build().map_err(|e| GithubError::Client(e.to_string()))?;
+            Inner::Token { client, token }
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(Credentials { inner: Arc::new(inner) }))
+    }
+
+    /// A client that may write statuses on `repo`.
+    pub async fn client(&self, repo: &Repo) -> Result<Octocrab, GithubError> {
+        match &*self.inner {
+            Inner::Token { client, .. } => Ok(client.clone()),
+            Inner::App { app, installation, clients } => {
+                let mut map = clients.lock().await;
+                let key = if installation.is_some() { String::new() } else { repo.full_name().to_lowercase() };
+                if let Some(c) = map.get(&key) {
+                    return Ok(c.clone());
+                }
+                let id = match installation {
+                    Some(id) => *id,
+                    None => lookup_installation(app, repo).await?,
+                };
+                let c = app
+                    .installation(octocrab::models::InstallationId(id))
+                    .map_err(|e| GithubError::Client(e.to_string()))?;
+                map.insert(key, c.clone());
+                Ok(c)
+            }
+        }
+    }
+
+    /// A token for git over HTTPS on `repo`, fresh for at least five minutes.
+    pub async fn git_token(&self, repo: &Repo) -> Result<String, GithubError> {
+        use secrecy::ExposeSecret;
+        match &*self.inner {
+            Inner::Token { token, .. } => Ok(token.clone()),
+            Inner::App { .. } => {
+                let c = self.client(repo).await?;
+                let t = c
+                    .installation_token_with_buffer(chrono::Duration::minutes(5))
+                    .await
+                    .map_err(|e| GithubError::Client(e.to_string()))?;
+                Ok(t.expose_secret().to_string())
+            }
+        }
+    }
+}
+
+async fn lookup_installation(app: &Octocrab, repo: &Repo) -> Result<u64, GithubError> {
+    #[derive(serde::Deserialize)]
+    struct Installation {
+        id: u64,
+    }
+    let route = format!("/repos/{}/{}/installation", repo.owner, repo.name);
+    let i: Installation =
+        app.get(route, None::<&()>).await.map_err(|_| GithubError::NoInstallation(repo.full_name()))?;
+    Ok(i.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_come_from_github_urls_or_the_setting() {
+        let r = Repo { owner: "acme".into(), name: "widgets".into() };
+        for u in [
+            "https://github.com/acme/widgets",
+            "https://github.com/acme/widgets.git",
+            "git@github.com:acme/widgets.git",
+            "ssh://git@github.com/acme/widgets",
+        ] {
+            assert_eq!(Repo::from_url(u), Some(r.clone()), "{u}");
+        }
+        assert_eq!(Repo::from_url("https://gitlab.com/acme/widgets"), None);
+        assert_eq!(Repo::from_url("/srv/git/widgets"), None);
+        assert_eq!(Repo::parse("acme/widgets"), Some(r.clone()));
+        assert_eq!(Repo::parse("acme/../etc"), None);
+        assert_eq!(Repo::parse("acme/wid gets"), None);
+        assert!(r.same("ACME/Widgets"));
+    }
+}

@@ -1,0 +1,269 @@
+//! Which commit statuses a state change calls for, written to the outbox in
+//! the caller's transaction. Each function first takes a write lock on the
+//! evaluations it reports on (a no-op UPDATE: a row lock on PostgreSQL, the
+//! write lock on SQLite), so two transactions reporting on one evaluation
+//! run one after the other and the later always reads what the earlier
+//! wrote: the last status queued for a context is the true one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::StatusMode;
+use crate::db::builds::BuildStatus;
+use crate::db::evaluations::{self, Cell};
+use crate::db::{DbError, Ex, jobsets, outbox, projects};
+
+use super::Repo;
+
+/// The outbox `kind` of a GitHub commit status.
+pub const KIND: &str = "github_status";
+/// GitHub cuts a status description at 140 characters.
+const MAX_DESCRIPTION: usize = 140;
+/// A build in more evaluations than this reports to the newest ones only.
+const MAX_EVALS_PER_BUILD: usize = 5;
+
+/// How statuses are written: where their links point and how many.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Kiln's public URL, for `target_url`.
+    pub base_url: String,
+    pub mode: StatusMode,
+    /// Beyond this many jobs in one evaluation, per-job statuses are sent
+    /// for failures only (GitHub's secondary rate limits).
+    pub max_job_statuses: usize,
+}
+
+/// One commit status as GitHub's `POST /repos/{owner}/{repo}/statuses/{sha}` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub owner: String,
+    pub repo: String,
+    pub sha: String,
+    pub state: String,
+    pub context: String,
+    pub description: String,
+    pub target_url: String,
+}
+
+impl Status {
+    /// The outbox target: one commit of one repository.
+    pub fn target(&self) -> String {
+        format!("{}/{}@{}", self.owner, self.repo, self.sha)
+    }
+}
+
+/// Cuts a description to GitHub's limit, on a character boundary.
+pub fn describe(s: &str) -> String {
+    if s.chars().count() <= MAX_DESCRIPTION {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(MAX_DESCRIPTION - 1).collect();
+    out.push('…');
+    out
+}
+
+/// The context of a jobset's summary status.
+pub fn summary_context(jobset: &str) -> String {
+    format!("kiln/{jobset}")
+}
+
+/// The context of one job's status.
+pub fn job_context(jobset: &str, job: &str) -> String {
+    format!("kiln/{jobset}/{job}")
+}
+
+/// Where an evaluation reports, if anywhere: its repository, commit and jobset.
+struct Target {
+    repo: Repo,
+    sha: String,
+    jobset: String,
+    eval: evaluations::Evaluation,
+}
+
+async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError> {
+    let Some(eval) = evaluations::get(ex.re(), eval_id).await? else { return Ok(None) };
+    let Some(jobset) = jobsets::get_by_id(ex.re(), eval.jobset_id).await? else { return Ok(None) };
+    // A closed pull request's jobset is disabled: its commits get no more statuses.
+    if !jobset.enabled {
+        return Ok(None);
+    }
+    let Some(project) = projects::get_by_id(ex.re(), jobset.project_id).await? else { return Ok(None) };
+    let Some(repo) = super::repo_of(&project) else { return Ok(None) };
+    if !is_sha(&eval.commit_sha) {
+        return Ok(None);
+    }
+    Ok(Some(Target { repo, sha: eval.commit_sha.clone(), jobset: jobset.name, eval }))
+}
+
+fn is_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn queue(
+    ex: Ex<'_>,
+    t: &Target,
+    state: &str,
+    context: String,
+    description: &str,
+    url: String,
+) -> Result<(), DbError> {
+    let s = Status {
+        owner: t.repo.owner.clone(),
+        repo: t.repo.name.clone(),
+        sha: t.sha.clone(),
+        state: state.to_string(),
+        context,
+        description: describe(description),
+        target_url: url,
+    };
+    let payload = serde_json::to_string(&s).map_err(|e| DbError::Invalid(e.to_string()))?;
+    outbox::enqueue(ex, KIND, &s.target(), &s.context, &payload).await?;
+    Ok(())
+}
+
+/// An evaluation started: its summary is pending.
+pub async fn eval_started(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
+    evaluations::lock(ex.re(), &[eval_id]).await?;
+    let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
+    let url = format!("{}/eval/{eval_id}", p.base_url);
+    queue(ex, &t, "pending", summary_context(&t.jobset), "Evaluating…", url).await
+}
+
+/// An evaluation ended (recorded, or failed as a whole): the summary and,
+/// by the policy, every job's status.
+pub async fn eval_finished(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
+    evaluations::lock(ex.re(), &[eval_id]).await?;
+    let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
+    let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
+    let per_job = p.per_job(cells.len());
+    for c in &cells {
+        if per_job == PerJob::All || (per_job == PerJob::Failures && failed(c)) {
+            job_status(ex.re(), p, &t, c).await?;
+        }
+    }
+    summary(ex, p, &t, &cells).await
+}
+
+/// A build finished or was queued again: its job's status in each
+/// evaluation it belongs to (the newest few), and their summaries.
+pub async fn build_changed(mut ex: Ex<'_>, p: &Policy, build_id: i64) -> Result<(), DbError> {
+    let mut evals = evaluations::of_build(ex.re(), build_id).await?;
+    evals.reverse();
+    evals.truncate(MAX_EVALS_PER_BUILD);
+    evals.sort_unstable();
+    if evals.is_empty() {
+        return Ok(());
+    }
+    // In id order, so two transactions never wait on each other in a circle.
+    evaluations::lock(ex.re(), &evals).await?;
+    for eval_id in evals {
+        let Some(t) = target(ex.re(), eval_id).await? else { continue };
+        // Statuses wait for the evaluation's end; it writes them all then.
+        if t.eval.status != "succeeded" {
+            continue;
+        }
+        let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
+        let per_job = p.per_job(cells.len());
+        for c in cells.iter().filter(|c| c.build_id == Some(build_id)) {
+            if per_job == PerJob::All || (per_job == PerJob::Failures && failed(c)) {
+                job_status(ex.re(), p, &t, c).await?;
+            }
+        }
+        summary(ex.re(), p, &t, &cells).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PerJob {
+    All,
+    Failures,
+    None,
+}
+
+impl Policy {
+    fn per_job(&self, jobs: usize) -> PerJob {
+        match self.mode {
+            StatusMode::PerJob if jobs <= self.max_job_statuses => PerJob::All,
+            StatusMode::PerJob | StatusMode::Failures => PerJob::Failures,
+            StatusMode::Summary => PerJob::None,
+        }
+    }
+}
+
+fn failed(c: &Cell) -> bool {
+    c.error.is_some() || (c.finished == Some(true) && c.build_status != Some(0))
+}
+
+async fn job_status(ex: Ex<'_>, p: &Policy, t: &Target, c: &Cell) -> Result<(), DbError> {
+    let context = job_context(&t.jobset, &c.job);
+    if let Some(e) = &c.error {
+        let first = e.lines().find(|l| !l.trim().is_empty()).unwrap_or("evaluation error");
+        let url = format!("{}/eval/{}", p.base_url, t.eval.id);
+        return queue(ex, t, "error", context, &format!("Evaluation error: {first}"), url).await;
+    }
+    let Some(build) = c.build_id else { return Ok(()) };
+    let url = format!("{}/build/{build}", p.base_url);
+    let (state, description) = match (c.finished, c.build_status) {
+        (Some(true), Some(0)) => ("success", format!("Build {build} succeeded")),
+        (Some(true), s) => {
+            let label = s.and_then(BuildStatus::from_i64).map(|s| s.label()).unwrap_or("failed");
+            ("failure", format!("Build {build}: {label}"))
+        }
+        _ => ("pending", format!("Build {build} is queued")),
+    };
+    queue(ex, t, state, context, &description, url).await
+}
+
+async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(), DbError> {
+    let url = format!("{}/eval/{}", p.base_url, t.eval.id);
+    let context = summary_context(&t.jobset);
+    if t.eval.status == "failed" {
+        let why = t.eval.error.as_deref().unwrap_or("evaluation failed");
+        return queue(ex, t, "error", context, &format!("Evaluation failed: {why}"), url).await;
+    }
+    let errors = cells.iter().filter(|c| c.error.is_some()).count();
+    let builds: Vec<&Cell> = cells.iter().filter(|c| c.build_id.is_some()).collect();
+    let done = builds.iter().filter(|c| c.finished == Some(true)).count();
+    let ok = builds.iter().filter(|c| c.finished == Some(true) && c.build_status == Some(0)).count();
+    let bad = done - ok;
+    let mut parts = vec![format!("{ok} succeeded")];
+    if bad > 0 {
+        parts.push(format!("{bad} failed"));
+    }
+    if errors > 0 {
+        parts.push(format!("{errors} evaluation errors"));
+    }
+    let (state, description) = if done < builds.len() {
+        ("pending", format!("{done} of {} built: {}", builds.len(), parts.join(", ")))
+    } else if bad > 0 || errors > 0 {
+        ("failure", parts.join(", "))
+    } else {
+        ("success", format!("{ok} jobs succeeded"))
+    };
+    queue(ex, t, state, context, &description, url).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_fit_githubs_limit_on_a_character_boundary() {
+        let long = "é".repeat(300);
+        let d = describe(&long);
+        assert_eq!(d.chars().count(), 140);
+        assert!(d.ends_with('…'));
+        assert_eq!(describe("short"), "short");
+    }
+
+    #[test]
+    fn per_job_statuses_are_bounded() {
+        let p = Policy { base_url: String::new(), mode: StatusMode::PerJob, max_job_statuses: 50 };
+        assert_eq!(p.per_job(50), PerJob::All);
+        assert_eq!(p.per_job(51), PerJob::Failures);
+        let f = Policy { mode: StatusMode::Failures, ..p.clone() };
+        assert_eq!(f.per_job(3), PerJob::Failures);
+        let s = Policy { mode: StatusMode::Summary, ..p };
+        assert_eq!(s.per_job(3), PerJob::None);
+    }
+}

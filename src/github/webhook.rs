@@ -1,0 +1,277 @@
+//! GitHub webhooks: the signature check (HMAC-SHA256 of the raw body with
+//! the shared secret, compared in constant time, before anything is
+//! parsed), the events Kiln uses, and what each does to the database, in
+//! one transaction with the record of its delivery id so a redelivery does
+//! nothing twice. `push` triggers the jobsets that follow the pushed
+//! branch; `pull_request` makes, triggers or disables a per-PR jobset from
+//! the project's pull-request template. A PR jobset takes its settings
+//! from that template, which comes from the default branch's `.kiln.toml`:
+//! a fork's own `.kiln.toml` is never read.
+
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::db::jobsets::{self, Jobset, JobsetSpec};
+use crate::db::{DbError, Ex, outbox, projects, webhook_deliveries};
+
+/// GitHub's payloads are at most 25 MB; what Kiln reads is far smaller.
+pub const MAX_BODY: usize = 5 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum WebhookError {
+    #[error("missing X-Hub-Signature-256")]
+    NoSignature,
+    #[error("the signature does not match the body and the configured secret")]
+    BadSignature,
+    #[error("malformed {event} payload: {reason}")]
+    Malformed { event: String, reason: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Checks `X-Hub-Signature-256: sha256=<hex>` against the body.
+pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), WebhookError> {
+    let header = header.ok_or(WebhookError::NoSignature)?;
+    let hex = header.trim().strip_prefix("sha256=").ok_or(WebhookError::BadSignature)?;
+    let given = decode_hex(hex).ok_or(WebhookError::BadSignature)?;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    // verify_slice compares in constant time.
+    mac.verify_slice(&given).map_err(|_| WebhookError::BadSignature)
+}
+
+/// The signature GitHub would send for `body` (for tests and tools).
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    format!("sha256={}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() != 64 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The events Kiln acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Ping,
+    Push {
+        repo: String,
+        default_branch: String,
+        branch: Option<String>,
+        deleted: bool,
+    },
+    PullRequest {
+        repo: String,
+        action: String,
+        number: i64,
+        head_sha: String,
+    },
+    /// Anything else: acknowledged, nothing done.
+    Other,
+}
+
+#[derive(Deserialize)]
+struct RepoPayload {
+    full_name: String,
+    #[serde(default)]
+    default_branch: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushPayload {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    deleted: bool,
+    repository: RepoPayload,
+}
+
+#[derive(Deserialize)]
+struct PrHead {
+    sha: String,
+}
+
+#[derive(Deserialize)]
+struct PrPayload {
+    number: i64,
+    head: PrHead,
+}
+
+#[derive(Deserialize)]
+struct PullRequestPayload {
+    action: String,
+    pull_request: PrPayload,
+    repository: RepoPayload,
+}
+
+/// Parses a verified body by its `X-GitHub-Event`.
+pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
+    let bad = |e: serde_json::Error| WebhookError::Malformed { event: event.to_string(), reason: e.to_string() };
+    match event {
+        "ping" => {
+            serde_json::from_slice::<serde_json::Value>(body).map_err(bad)?;
+            Ok(Event::Ping)
+        }
+        "push" => {
+            let p: PushPayload = serde_json::from_slice(body).map_err(bad)?;
+            Ok(Event::Push {
+                branch: p.git_ref.strip_prefix("refs/heads/").map(str::to_string),
+                default_branch: p.repository.default_branch.unwrap_or_default(),
+                repo: p.repository.full_name,
+                deleted: p.deleted,
+            })
+        }
+        "pull_request" => {
+            let p: PullRequestPayload = serde_json::from_slice(body).map_err(bad)?;
+            Ok(Event::PullRequest {
+                repo: p.repository.full_name,
+                action: p.action,
+                number: p.pull_request.number,
+                head_sha: p.pull_request.head.sha,
+            })
+        }
+        _ => Ok(Event::Other),
+    }
+}
+
+/// What a delivery did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Applied {
+    /// The delivery id was seen before: nothing was done again.
+    pub duplicate: bool,
+    /// `project:jobset` of every jobset triggered.
+    pub triggered: Vec<String>,
+    /// `project:jobset` of every jobset disabled (closed pull requests).
+    pub disabled: Vec<String>,
+}
+
+/// Records the delivery and applies the event, in the caller's transaction.
+pub async fn apply(mut ex: Ex<'_>, delivery: &str, event: &Event) -> Result<Applied, WebhookError> {
+    if !webhook_deliveries::record(ex.re(), delivery).await? {
+        return Ok(Applied { duplicate: true, ..Default::default() });
+    }
+    let mut applied = Applied::default();
+    let (repo, act) = match event {
+        Event::Push { repo, .. } | Event::PullRequest { repo, .. } => (repo, event),
+        Event::Ping | Event::Other => return Ok(applied),
+    };
+    for p in projects::list(ex.re()).await? {
+        if !p.enabled || !super::repo_of(&p).is_some_and(|r| r.same(repo)) {
+            continue;
+        }
+        let js = jobsets::list_for_project(ex.re(), p.id).await?;
+        match act {
+            Event::Push { default_branch, branch: Some(branch), deleted: false, .. } => {
+                for j in js.iter().filter(|j| j.enabled && !j.pull_requests && j.pr_number.is_none()) {
+                    let follows = j.branch.as_deref().unwrap_or(default_branch.as_str());
+                    if follows == branch {
+                        jobsets::trigger(ex.re(), j.id, false).await?;
+                        applied.triggered.push(format!("{}:{}", p.name, j.name));
+                    }
+                }
+            }
+            Event::PullRequest { action, number, .. } => {
+                let templates: Vec<&Jobset> = js.iter().filter(|j| j.pull_requests && j.enabled).collect();
+                for t in &templates {
+                    let name = pr_jobset_name(&t.name, *number, templates.len());
+                    match action.as_str() {
+                        "opened" | "synchronize" | "reopened" => {
+                            let j = jobsets::upsert(ex.re(), p.id, &pr_spec(t, &name, *number)).await?;
+                            jobsets::trigger(ex.re(), j.id, false).await?;
+                            applied.triggered.push(format!("{}:{}", p.name, name));
+                        }
+                        "closed" => {
+                            if let Some(j) = js.iter().find(|j| j.name == name && j.pr_number == Some(*number)) {
+                                jobsets::set_enabled(ex.re(), j.id, false).await?;
+                                // Statuses still waiting to be sent for it are dropped.
+                                let ctx = super::statuses::summary_context(&j.name);
+                                outbox::drop_pending_context(ex.re(), &ctx).await?;
+                                outbox::drop_pending_context(ex.re(), &format!("{ctx}/")).await?;
+                                applied.disabled.push(format!("{}:{}", p.name, name));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(applied)
+}
+
+/// `pr-<n>`, or `<template>-pr-<n>` when a project has several templates.
+pub fn pr_jobset_name(template: &str, number: i64, templates: usize) -> String {
+    if templates == 1 { format!("pr-{number}") } else { format!("{template}-pr-{number}") }
+}
+
+fn pr_spec(t: &Jobset, name: &str, number: i64) -> JobsetSpec {
+    JobsetSpec {
+        name: name.to_string(),
+        branch: None,
+        pr_number: Some(number),
+        flake_dir: t.flake_dir.clone(),
+        attributes: t.attribute_list(),
+        systems: t.system_list(),
+        check_interval: t.check_interval,
+        scheduling_shares: t.scheduling_shares,
+        keep_evaluations: t.keep_evaluations,
+        enabled: true,
+        pull_requests: false,
+        config_hash: t.config_hash.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_checked_against_the_body_and_secret() {
+        let body = br#"{"zen":"Keep it logically awesome."}"#;
+        let sig = sign(b"s3cret", body);
+        assert!(verify(b"s3cret", body, Some(&sig)).is_ok());
+        assert!(matches!(verify(b"other", body, Some(&sig)), Err(WebhookError::BadSignature)));
+        assert!(matches!(verify(b"s3cret", b"{}", Some(&sig)), Err(WebhookError::BadSignature)));
+        assert!(matches!(verify(b"s3cret", body, None), Err(WebhookError::NoSignature)));
+        assert!(matches!(verify(b"s3cret", body, Some("sha1=abc")), Err(WebhookError::BadSignature)));
+        assert!(matches!(verify(b"s3cret", body, Some("sha256=zz")), Err(WebhookError::BadSignature)));
+    }
+
+    #[test]
+    fn githubs_documented_example_signature_verifies() {
+        // From GitHub's "Validating webhook deliveries" page.
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(verify(b"It's a Secret to Everybody", b"Hello, World!", Some(sig)).is_ok());
+    }
+
+    #[test]
+    fn events_parse_into_what_kiln_needs() {
+        let push =
+            br#"{"ref":"refs/heads/main","after":"abc","repository":{"full_name":"acme/w","default_branch":"main"}}"#;
+        assert_eq!(
+            parse("push", push).unwrap(),
+            Event::Push {
+                repo: "acme/w".into(),
+                default_branch: "main".into(),
+                branch: Some("main".into()),
+                deleted: false
+            }
+        );
+        let tag = br#"{"ref":"refs/tags/v1","repository":{"full_name":"acme/w"}}"#;
+        assert!(matches!(parse("push", tag).unwrap(), Event::Push { branch: None, .. }));
+        let pr = br#"{"action":"opened","number":5,"pull_request":{"number":5,"head":{"sha":"0123"}},"repository":{"full_name":"acme/w"}}"#;
+        assert!(matches!(parse("pull_request", pr).unwrap(), Event::PullRequest { number: 5, .. }));
+        assert!(matches!(parse("push", b"{not json"), Err(WebhookError::Malformed { .. })));
+        assert!(matches!(parse("push", br#"{"ref":1}"#), Err(WebhookError::Malformed { .. })));
+        assert_eq!(parse("issues", b"whatever").unwrap(), Event::Other);
+        assert_eq!(pr_jobset_name("pulls", 5, 1), "pr-5");
+        assert_eq!(pr_jobset_name("pulls", 5, 2), "pulls-pr-5");
+    }
+}

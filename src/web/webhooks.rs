@@ -1,0 +1,82 @@
+//! `POST /api/webhooks/github`: what GitHub sends when someone pushes or
+//! opens a pull request. The body is read raw (up to
+//! [`webhook::MAX_BODY`], else 413) and its signature checked before
+//! anything else looks at it; the event's effect and the record of its
+//! delivery id commit together. Answers: 200 with what was done (also for
+//! repositories Kiln does not know, which it acknowledges and ignores), 204
+//! for event types Kiln does not use, 400 for a malformed payload, 401 for
+//! a missing or wrong signature, 404 when no webhook secret is configured.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tracing::{info, warn};
+
+use super::{AppState, ErrorBody, WebError};
+use crate::github::webhook::{self, Applied, Event, WebhookError};
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[utoipa::path(post, path = "/api/webhooks/github", tag = "github",
+    description = "GitHub webhooks (push, pull_request, ping), signed with the configured secret.",
+    params(
+        ("X-GitHub-Event" = String, Header, description = "the event type"),
+        ("X-GitHub-Delivery" = String, Header, description = "the delivery id; a redelivery does nothing twice"),
+        ("X-Hub-Signature-256" = String, Header, description = "sha256=HMAC of the body with the webhook secret"),
+    ),
+    request_body(content = String, content_type = "application/json", description = "GitHub's event payload"),
+    responses(
+        (status = 200, description = "handled (also for unknown repositories, which are ignored)", body = Applied),
+        (status = 204, description = "an event type Kiln does not use"),
+        (status = 400, description = "a malformed payload or missing headers", body = ErrorBody),
+        (status = 401, description = "a missing or wrong signature", body = ErrorBody),
+        (status = 404, description = "no webhook secret is configured", body = ErrorBody),
+        (status = 413, description = "the body is over the size limit", body = ErrorBody),
+    ))]
+pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, WebError> {
+    let Some(secret) = s.webhook_secret.as_ref() else {
+        return Err(WebError::NotFound("GitHub webhooks (set github.webhook_secret_file)".into()));
+    };
+    // Nothing of the request is trusted, or even parsed, before this.
+    if let Err(e) = webhook::verify(secret.as_bytes(), &body, header(&headers, "x-hub-signature-256")) {
+        warn!(error = %e, "webhook refused");
+        return Err(WebError::Unsigned(e.to_string()));
+    }
+    let event_type = header(&headers, "x-github-event")
+        .ok_or_else(|| WebError::BadRequest("missing X-GitHub-Event".into()))?
+        .to_string();
+    let delivery = header(&headers, "x-github-delivery")
+        .filter(|d| !d.is_empty() && d.len() <= 100)
+        .ok_or_else(|| WebError::BadRequest("missing X-GitHub-Delivery".into()))?
+        .to_string();
+    let event = match webhook::parse(&event_type, &body) {
+        Ok(e) => e,
+        Err(e) => return Err(WebError::BadRequest(e.to_string())),
+    };
+    if event == Event::Other {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let mut tx = s.db.begin().await?;
+    let applied = match webhook::apply(tx.ex(), &delivery, &event).await {
+        Ok(a) => a,
+        Err(WebhookError::Db(e)) => return Err(e.into()),
+        Err(e) => return Err(WebError::BadRequest(e.to_string())),
+    };
+    tx.commit().await?;
+    info!(
+        event = %event_type,
+        delivery = %delivery,
+        duplicate = applied.duplicate,
+        triggered = applied.triggered.len(),
+        disabled = applied.disabled.len(),
+        "webhook"
+    );
+    if !applied.triggered.is_empty() {
+        s.evaluator.wake();
+    }
+    Ok(Json(applied).into_response())
+}
