@@ -34,6 +34,28 @@ pub enum FetchError {
     Dir { path: String, source: std::io::Error },
 }
 
+/// An HTTP `Authorization` header for git, from a GitHub token. Its
+/// `Debug` does not show it.
+#[derive(Clone)]
+pub struct GitAuth {
+    header: String,
+}
+
+impl GitAuth {
+    /// GitHub's form for tokens over HTTPS: Basic `x-access-token:<token>`.
+    pub fn github_token(token: &str) -> GitAuth {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        GitAuth { header: format!("Authorization: Basic {b}") }
+    }
+}
+
+impl std::fmt::Debug for GitAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GitAuth(..)")
+    }
+}
+
 pub struct Mirrors {
     root: PathBuf,
     timeout: Duration,
@@ -65,6 +87,11 @@ impl Mirrors {
 
     /// Brings the mirror of `url` up to date: every branch, pruned.
     pub async fn fetch(&self, key: &str, url: &str) -> Result<Mirror, FetchError> {
+        self.fetch_with(key, url, None).await
+    }
+
+    /// [`Mirrors::fetch`] with credentials for a private repository.
+    pub async fn fetch_with(&self, key: &str, url: &str, auth: Option<&GitAuth>) -> Result<Mirror, FetchError> {
         let lock = self.lock_for(key);
         let _guard = lock.lock().await;
         // A "URL" that git would read as an option (`--upload-pack=…`) runs commands.
@@ -77,13 +104,17 @@ impl Mirrors {
                 .map_err(|source| FetchError::Dir { path: dir.display().to_string(), source })?;
             self.git(None, &["init", "--quiet", "--bare", &dir.to_string_lossy()]).await?;
         }
-        let heads = self.git(None, &["ls-remote", "--symref", "--", url, "HEAD"]).await?;
+        let heads = self.git_as(None, &["ls-remote", "--symref", "--", url, "HEAD"], auth).await?;
         let default_branch = String::from_utf8_lossy(&heads)
             .lines()
             .find_map(|l| l.strip_prefix("ref: refs/heads/").and_then(|r| r.split('\t').next()).map(str::to_string))
             .ok_or(FetchError::NoDefaultBranch)?;
-        self.git(Some(&dir), &["fetch", "--quiet", "--prune", "--no-tags", "--", url, "+refs/heads/*:refs/heads/*"])
-            .await?;
+        self.git_as(
+            Some(&dir),
+            &["fetch", "--quiet", "--prune", "--no-tags", "--", url, "+refs/heads/*:refs/heads/*"],
+            auth,
+        )
+        .await?;
         let head = format!("refs/heads/{default_branch}");
         self.git(Some(&dir), &["symbolic-ref", "HEAD", &head]).await?;
         debug!(project = key, default_branch, "fetched");
@@ -109,14 +140,20 @@ impl Mirrors {
 
     /// Fetches pull request `number`'s head (GitHub's `refs/pull/N/head`,
     /// which also carries a fork's commits) into [`pull_ref`].
-    pub async fn fetch_pull(&self, key: &str, url: &str, number: i64) -> Result<(), FetchError> {
+    pub async fn fetch_pull(
+        &self,
+        key: &str,
+        url: &str,
+        number: i64,
+        auth: Option<&GitAuth>,
+    ) -> Result<(), FetchError> {
         let lock = self.lock_for(key);
         let _guard = lock.lock().await;
         if url.starts_with('-') {
             return Err(FetchError::BadUrl(url.to_string()));
         }
         let spec = format!("+refs/pull/{number}/head:{}", pull_ref(number));
-        self.git(Some(&self.dir(key)), &["fetch", "--quiet", "--no-tags", "--", url, &spec]).await?;
+        self.git_as(Some(&self.dir(key)), &["fetch", "--quiet", "--no-tags", "--", url, &spec], auth).await?;
         Ok(())
     }
 
@@ -131,7 +168,18 @@ impl Mirrors {
     }
 
     async fn git(&self, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, FetchError> {
+        self.git_as(dir, args, None).await
+    }
+
+    async fn git_as(&self, dir: Option<&Path>, args: &[&str], auth: Option<&GitAuth>) -> Result<Vec<u8>, FetchError> {
         let mut cmd = tokio::process::Command::new("git");
+        if let Some(a) = auth {
+            // Configuration from the environment reaches only this process:
+            // never the mirror's config file, the command line or a log.
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", &a.header);
+        }
         if let Some(d) = dir {
             cmd.arg("-C").arg(d);
         }

@@ -61,6 +61,8 @@ pub struct Evaluator {
     wake: Notify,
     /// Where commit statuses go (none without `[github]`).
     statuses: Option<crate::github::statuses::Policy>,
+    /// GitHub credentials, for fetching private repositories.
+    github: Option<crate::github::Credentials>,
 }
 
 /// How often due jobsets are looked for when nothing wakes the loop.
@@ -75,8 +77,16 @@ impl Evaluator {
         queue: Option<crate::queue::Queue>,
         events: crate::events::Events,
     ) -> Arc<Self> {
+        let github = config.github.as_ref().and_then(|gh| match crate::github::Credentials::from_config(gh) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "GitHub credentials: private repositories cannot be fetched");
+                None
+            }
+        });
         Arc::new(Evaluator {
             statuses: crate::github::policy(&config),
+            github,
             queue,
             events,
             mirrors: Mirrors::new(&config.state_dir, Duration::from_secs(config.eval.timeout_s.max(60))),
@@ -184,7 +194,8 @@ impl Evaluator {
     }
 
     async fn sync_project_inner(&self, p: &Project) -> Result<Mirror, TriggerError> {
-        let mirror = self.mirrors.fetch(&p.name, &p.repo).await?;
+        let auth = self.git_auth(p).await;
+        let mirror = self.mirrors.fetch_with(&p.name, &p.repo, auth.as_ref()).await?;
         let head = self.mirrors.rev(&mirror, &mirror.default_branch).await?;
         let decls = match self.mirrors.read_file(&mirror, &head, repo_config::FILE).await? {
             Some(bytes) => repo_config::parse(&String::from_utf8_lossy(&bytes))?,
@@ -239,7 +250,8 @@ impl Evaluator {
             // A pull request's head is fetched as its own ref; a branch is in the mirror.
             let (git_ref, local_ref) = match jobset.pr_number {
                 Some(n) => {
-                    if let Err(e) = self.mirrors.fetch_pull(&project.name, &project.repo, n).await {
+                    let auth = self.git_auth(&project).await;
+                    if let Err(e) = self.mirrors.fetch_pull(&project.name, &project.repo, n, auth.as_ref()).await {
                         self.mark(jobset.id, Some(&e.to_string())).await?;
                         return Ok(Checked::Skipped);
                     }
@@ -274,6 +286,24 @@ impl Evaluator {
         }
         .instrument(span)
         .await
+    }
+
+    /// Credentials for fetching a GitHub project over HTTPS, if Kiln has
+    /// some and the URL is GitHub's.
+    async fn git_auth(&self, p: &Project) -> Option<fetch::GitAuth> {
+        let creds = self.github.as_ref()?;
+        let api = &self.config.github.as_ref()?.api_url;
+        let repo = crate::github::repo_of(p)?;
+        if !crate::github::may_send_token(&p.repo, api) {
+            return None;
+        }
+        match creds.git_token(&repo).await {
+            Ok(t) => Some(fetch::GitAuth::github_token(&t)),
+            Err(e) => {
+                warn!(project = %p.name, error = %e, "no GitHub token for fetching");
+                None
+            }
+        }
     }
 
     async fn mark(&self, jobset_id: i64, error: Option<&str>) -> Result<(), DbError> {

@@ -615,3 +615,98 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
     assert_eq!(later.auth, *minted.last().unwrap());
     fake.assert_valid();
 }
+
+/// A private repository over HTTP (git's dumb protocol, from a static
+/// server that wants GitHub's token form), like a private GitHub repository.
+struct PrivateRepo {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateRepo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn private_repo(source: &std::path::Path, token: &str) -> PrivateRepo {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("widgets.git");
+    run("git", &["clone", "-q", "--bare", source.to_str().unwrap(), bare.to_str().unwrap()], dir.path());
+    run("git", &["update-server-info"], &bare);
+    let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}")));
+    let port = free_port();
+    let script = format!(
+        r#"
+import http.server, functools
+class H(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Authorization") != {want:?}:
+            self.send_response(401); self.send_header("WWW-Authenticate", 'Basic realm="GitHub"'); self.end_headers(); return
+        super().do_GET()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", {port}), functools.partial(H, directory={dir:?})).serve_forever()
+"#,
+        dir = dir.path().display().to_string()
+    );
+    let child = std::process::Command::new("python3").args(["-c", &script]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the private repository server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    PrivateRepo { child, url: format!("http://127.0.0.1:{port}/widgets.git"), _dir: dir }
+}
+
+#[tokio::test]
+async fn a_private_repository_is_fetched_with_the_token_which_is_written_nowhere() {
+    use base64::Engine;
+    let fake = Fake::start().await;
+    let t = unique("priv");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo > $out")
+        ),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    );
+    let sha = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let repo = private_repo(flake.path(), TOKEN);
+
+    // Without credentials the repository cannot be read, and the project says so.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!("[[projects]]\nname = \"w\"\nrepo = \"{}\"\ngithub = \"{REPO}\"\n", repo.url),
+    )
+    .unwrap();
+    let anon = Kiln::start_in(dir, &[]);
+    let api = Api::new(&anon.url, None);
+    let err = wait_for(60, "the project's fetch error", || async {
+        api.get("/project/w").await.1["error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(err.contains("git"), "{err}");
+    drop(anon);
+
+    // With them it is evaluated and built.
+    let dir = kiln_dir(&fake.url, std::path::Path::new(&repo.url), "token_file = \"gh-token\"\nstatuses = \"summary\"");
+    let state = dir.path().to_path_buf();
+    let kiln = Kiln::start_in(dir, &[]);
+    wait_states(&fake, &kiln, &sha, &[("kiln/main", "success")], 90).await;
+
+    // The token is nowhere on disk or in the log.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{TOKEN}"));
+    let mirror_config = std::fs::read_to_string(state.join("kiln-state/git/w.git/config")).unwrap();
+    assert!(!mirror_config.contains(TOKEN) && !mirror_config.contains(&b64), "{mirror_config}");
+    let mut db = std::fs::read(state.join("kiln-state/kiln.db")).unwrap();
+    db.extend(std::fs::read(state.join("kiln-state/kiln.db-wal")).unwrap_or_default());
+    let contains = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(!contains(&db, TOKEN) && !contains(&db, &b64), "the token is in the database");
+    let log = kiln.log();
+    assert!(!log.contains(TOKEN) && !log.contains(&b64), "the token is in the log");
+    fake.assert_valid();
+}

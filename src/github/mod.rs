@@ -87,6 +87,27 @@ pub fn repo_of(p: &Project) -> Option<Repo> {
     }
 }
 
+/// The host of an `http(s)://` URL.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit('@').next()?;
+    Some(host.split(':').next().unwrap_or(host))
+}
+
+/// Whether git may send GitHub credentials to `repo_url`: over HTTP(S)
+/// to github.com or to the host of the configured API (GitHub Enterprise),
+/// and nowhere else, whatever a project's settings say.
+pub fn may_send_token(repo_url: &str, api_url: &str) -> bool {
+    match (host_of(repo_url), host_of(api_url)) {
+        (Some(h), Some(api)) => {
+            let h = h.to_ascii_lowercase();
+            h == "github.com" || h == api.to_ascii_lowercase()
+        }
+        _ => false,
+    }
+}
+
 /// The status policy of a configuration, if GitHub is configured.
 pub fn policy(config: &Config) -> Option<statuses::Policy> {
     let gh = config.github.as_ref()?;
@@ -223,5 +244,17 @@ mod tests {
         assert_eq!(Repo::parse("acme/../etc"), None);
         assert_eq!(Repo::parse("acme/wid gets"), None);
         assert!(r.same("ACME/Widgets"));
+    }
+
+    #[test]
+    fn tokens_go_to_github_or_the_configured_api_host_only() {
+        let api = "https://api.github.com";
+        assert!(may_send_token("https://github.com/acme/w.git", api));
+        assert!(!may_send_token("https://evil.example/acme/w.git", api));
+        assert!(!may_send_token("git@github.com:acme/w.git", api), "ssh uses its own keys");
+        assert!(!may_send_token("/srv/git/w", api));
+        assert!(may_send_token("https://ghe.corp/acme/w.git", "https://ghe.corp/api/v3"));
+        assert!(!may_send_token("https://github.com.evil.example/x", api));
+        assert!(!may_send_token("https://user@evil.example/x", api));
     }
 }
