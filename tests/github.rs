@@ -466,6 +466,11 @@ async fn pull_requests_get_their_own_jobset_and_statuses_on_each_head_and_closin
     let base = git(p.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     git(p.flake.path(), &["checkout", "-q", "-b", "feature"]);
     p.flake.write("feature.txt", "one\n");
+    // A fork may rewrite .kiln.toml: it must not count.
+    p.flake.write(
+        ".kiln.toml",
+        "[jobsets.pulls]\npull_requests = true\nattributes = [\"packages\"]\ncheck_interval = 5\n",
+    );
     let head1 = p.flake.commit("feature one");
     git(p.flake.path(), &["update-ref", "refs/pull/7/head", &head1]);
     git(p.flake.path(), &["checkout", "-q", "main"]);
@@ -482,6 +487,12 @@ async fn pull_requests_get_their_own_jobset_and_statuses_on_each_head_and_closin
     wait_states(&fake, &kiln, &head1, &[("kiln/pr-7", "failure")], 90).await;
     let e = evals(&api, "pr-7").await;
     assert_eq!(e.first().unwrap()["commit"], head1.as_str());
+    assert_eq!(e.first().unwrap()["nrjobs"], 3, "the default branch's settings: hydraJobs");
+    let (_, j) = api.get("/jobset/w/pr-7").await;
+    assert_eq!(
+        (j["attributes"].clone(), j["checkinterval"].clone()),
+        (serde_json::json!(["hydraJobs"]), serde_json::json!(0))
+    );
 
     // Synchronised: the new head is evaluated and gets its own statuses.
     git(p.flake.path(), &["checkout", "-q", "feature"]);

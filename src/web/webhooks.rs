@@ -5,7 +5,8 @@
 //! delivery id commit together. Answers: 200 with what was done (also for
 //! repositories Kiln does not know, which it acknowledges and ignores), 204
 //! for event types Kiln does not use, 400 for a malformed payload, 401 for
-//! a missing or wrong signature, 404 when no webhook secret is configured.
+//! a missing or wrong signature, or when no webhook secret is configured
+//! (nothing can be verified then).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -33,13 +34,14 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
         (status = 200, description = "handled (also for unknown repositories, which are ignored)", body = Applied),
         (status = 204, description = "an event type Kiln does not use"),
         (status = 400, description = "a malformed payload or missing headers", body = ErrorBody),
-        (status = 401, description = "a missing or wrong signature", body = ErrorBody),
-        (status = 404, description = "no webhook secret is configured", body = ErrorBody),
+        (status = 401, description = "a missing or wrong signature, or no webhook secret configured", body = ErrorBody),
         (status = 413, description = "the body is over the size limit", body = ErrorBody),
     ))]
 pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, WebError> {
     let Some(secret) = s.webhook_secret.as_ref() else {
-        return Err(WebError::NotFound("GitHub webhooks (set github.webhook_secret_file)".into()));
+        return Err(WebError::Unsigned(
+            "GitHub webhooks are not configured here: set github.webhook_secret_file".into(),
+        ));
     };
     // Nothing of the request is trusted, or even parsed, before this.
     if let Err(e) = webhook::verify(secret.as_bytes(), &body, header(&headers, "x-hub-signature-256")) {
