@@ -396,6 +396,7 @@ async fn the_openapi_document_describes_the_api_and_schemathesis_finds_no_failur
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     assert!(text.contains("passed"), "{text}");
-    // The fixture is still whole afterwards.
-    assert_eq!(api.get("/project/web").await.0, 200);
+    // Kiln is still healthy afterwards (schemathesis, holding a token, may
+    // well have deleted the fixture's project: that is allowed).
+    assert_eq!(api.get("/healthz").await.0, 200);
 }
