@@ -79,6 +79,11 @@ impl Events {
     }
 
     /// Ends every open stream: the server is stopping.
+    /// Whether Kiln is shutting down.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
     pub fn close(&self) {
         self.closed.send_replace(true);
     }

@@ -15,6 +15,7 @@ pub mod events;
 pub mod fetch;
 pub mod github;
 pub mod logs;
+pub mod metrics;
 pub mod nix;
 pub mod queue;
 pub mod repo_config;

@@ -510,3 +510,11 @@ pub async fn search(ex: Ex<'_>, needle: &str, limit: i64) -> Result<Vec<Listed>>
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(pattern).bind(limit).fetch_all(&mut *c).await?))
 }
+
+/// Finished builds per Hydra status.
+pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(i64, i64)>> {
+    Ok(run!(ex, c => sqlx::query_as(
+        "SELECT build_status, COUNT(*) FROM builds WHERE finished = TRUE AND build_status IS NOT NULL
+         GROUP BY build_status ORDER BY build_status")
+        .fetch_all(&mut *c).await?))
+}

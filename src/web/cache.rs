@@ -46,8 +46,14 @@ pub async fn get_narinfo(State(s): State<AppState>, Path(file): Path<String>) ->
     // A narinfo is a few hundred bytes, nearly always in the page cache:
     // reading it here is cheaper than handing it to the blocking pool.
     match std::fs::read(&path) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, NARINFO_TYPE)], bytes).into_response(),
-        Err(_) => not_found(),
+        Ok(bytes) => {
+            crate::metrics::count(&crate::metrics::CACHE_NARINFO_HITS, 1);
+            ([(header::CONTENT_TYPE, NARINFO_TYPE)], bytes).into_response()
+        }
+        Err(_) => {
+            crate::metrics::count(&crate::metrics::CACHE_NARINFO_MISSES, 1);
+            not_found()
+        }
     }
 }
 
@@ -97,6 +103,8 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
                 .into_response();
         }
     };
+    crate::metrics::count(&crate::metrics::CACHE_NARS, 1);
+    crate::metrics::count(&crate::metrics::CACHE_NAR_BYTES, count);
     // One blocking thread reads the whole range and hands over large
     // chunks: tokio's async file pays a thread hand-off per read.
     let stream = blocking_file_stream(f, start, count);

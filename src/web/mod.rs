@@ -49,6 +49,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(pages::home))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/project/{name}", get(pages::project).put(api::put_project).delete(api::delete_project))
         .route("/jobset/{project}/{jobset}", get(pages::jobset))
         .route("/jobset/{project}/{jobset}/evals", get(api::get_jobset_evals))
@@ -106,6 +108,26 @@ pub async fn healthz(State(s): State<AppState>) -> Response {
     (code, Json(Health { status: if database { "ok" } else { "degraded" }, database })).into_response()
 }
 
+/// Readiness: the database answers and Kiln is not shutting down; 503
+/// otherwise, so a load balancer stops sending requests.
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    responses((status = 200, description = "ready", body = Health), (status = 503, description = "not ready", body = Health)))]
+pub async fn readyz(State(s): State<AppState>) -> Response {
+    let database = s.db.ping().await;
+    let ready = database && !s.events.is_closed();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(Health { status: if ready { "ready" } else { "not ready" }, database })).into_response()
+}
+
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(s): State<AppState>) -> Result<Response, WebError> {
+    let status = s.queue.status.lock().expect("status").clone();
+    let text = crate::metrics::render(&s.db, &status).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
 async fn style() -> Response {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
@@ -126,8 +148,8 @@ async fn private_guard(
     }
     let path = req.uri().path();
     // GitHub signs its webhooks instead of sending a token.
-    let open =
-        matches!(path, "/login" | "/logout" | "/healthz" | "/api/webhooks/github") || path.starts_with("/static/");
+    let open = matches!(path, "/login" | "/logout" | "/healthz" | "/readyz" | "/api/webhooks/github")
+        || path.starts_with("/static/");
     if open || actions::signed_in(&s, req.headers()).is_some() {
         return next.run(req).await;
     }

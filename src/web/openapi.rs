@@ -48,6 +48,8 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
         builds::job_latest_output,
         live::events,
         super::healthz,
+        super::readyz,
+        super::metrics,
         openapi_json,
     ),
     modifiers(&Token),
