@@ -29,6 +29,7 @@
 
       checks = forAll (pkgs: {
         package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        vm = import ./nixos-module/test.nix { inherit pkgs; module = self.nixosModules.default; };
       });
     };
 }

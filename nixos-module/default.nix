@@ -3,11 +3,45 @@
 let
   cfg = config.services.kiln;
   format = pkgs.formats.toml { };
-  settings = {
-    listen = cfg.listen;
-    state_dir = cfg.stateDir;
-  } // cfg.settings;
+
+  # Secrets reach the service as systemd credentials: readable by it alone,
+  # never copied into the Nix store.
+  credentialPath = name: "/run/credentials/kiln.service/${name}";
+
+  # Nix's machines-file format, one line per build machine.
+  machineLine = m:
+    let
+      systems = if m.systems != [ ] then m.systems else lib.optional (m.system != null) m.system;
+      orDash = v: if v == null || v == "" || v == [ ] then "-" else v;
+      uri = if lib.hasInfix "://" m.hostName then m.hostName else "ssh://${lib.optionalString (m.sshUser != null) "${m.sshUser}@"}${m.hostName}";
+    in
+    lib.concatStringsSep " " [
+      uri
+      (orDash (lib.concatStringsSep "," systems))
+      (orDash m.sshKey)
+      (toString m.maxJobs)
+      (toString m.speedFactor)
+      (orDash (lib.concatStringsSep "," (m.supportedFeatures ++ m.mandatoryFeatures)))
+      (orDash (lib.concatStringsSep "," m.mandatoryFeatures))
+      (orDash m.publicHostKey)
+    ];
+  machinesFile = pkgs.writeText "kiln-machines" (lib.concatMapStrings (m: machineLine m + "\n") cfg.buildMachines);
+
+  databaseUrl =
+    if cfg.database == "postgresql"
+    then "postgres:///kiln?host=/run/postgresql&user=kiln"
+    else "sqlite://${cfg.stateDir}/kiln.db";
+
+  settings = lib.recursiveUpdate
+    ({
+      listen = cfg.listen;
+      state_dir = cfg.stateDir;
+      database_url = databaseUrl;
+      api_token_files = map credentialPath (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "api-token" n) cfg.secretFiles));
+    } // lib.optionalAttrs (cfg.buildMachines != [ ]) { machines_file = "${machinesFile}"; })
+    cfg.settings;
   configFile = format.generate "kiln.toml" settings;
+  port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
 in
 {
   options.services.kiln = {
@@ -16,6 +50,7 @@ in
     package = lib.mkOption {
       type = lib.types.package;
       default = pkgs.callPackage ./package.nix { src = ../.; };
+      defaultText = lib.literalExpression "the package from Kiln's flake";
       description = "The Kiln package to run.";
     };
 
@@ -34,13 +69,56 @@ in
     stateDir = lib.mkOption {
       type = lib.types.str;
       default = "/var/lib/kiln";
-      description = "Database, git mirrors, logs, cache and keys.";
+      description = "Database (SQLite), git mirrors, logs, the binary cache and keys.";
+    };
+
+    database = lib.mkOption {
+      type = lib.types.enum [ "sqlite" "postgresql" ];
+      default = "sqlite";
+      description = ''
+        `sqlite` keeps the database in the state directory. `postgresql`
+        sets up the local PostgreSQL server with a `kiln` database and role
+        reached over its Unix socket with peer authentication.
+      '';
+    };
+
+    buildMachines = lib.mkOption {
+      type = lib.types.listOf lib.types.attrs;
+      default = config.nix.buildMachines;
+      defaultText = lib.literalExpression "config.nix.buildMachines";
+      description = ''
+        Remote builders, in the form of `nix.buildMachines` (hostName,
+        system or systems, sshUser, sshKey, maxJobs, speedFactor,
+        supportedFeatures, mandatoryFeatures, publicHostKey). Rendered to a
+        machines file; empty builds on this machine.
+      '';
+    };
+
+    secretFiles = lib.mkOption {
+      type = lib.types.attrsOf lib.types.path;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          api-token = "/run/secrets/kiln-api-token";
+          github-token = "/run/secrets/github-token";
+          github-webhook = "/run/secrets/github-webhook";
+        }
+      '';
+      description = ''
+        Secret files handed to the service as systemd credentials (read by
+        systemd as root, visible to Kiln only, never in the Nix store).
+        Refer to one in `settings` as `/run/credentials/kiln.service/<name>`;
+        names starting with `api-token` become `api_token_files`.
+      '';
     };
 
     settings = lib.mkOption {
       inherit (format) type;
       default = { };
-      description = "Further kiln.toml settings (see kiln.example.toml). Secrets only as *_file paths.";
+      description = ''
+        Further kiln.toml settings (see kiln.example.toml), merged over what
+        the options above set. Secrets only as `*_file` paths.
+      '';
     };
   };
 
@@ -52,14 +130,26 @@ in
     };
     users.groups.kiln = { };
 
-    networking.firewall.allowedTCPPorts =
-      lib.mkIf cfg.openFirewall [ (lib.toInt (lib.last (lib.splitString ":" cfg.listen))) ];
+    # Kiln asks the Nix daemon to build and to copy paths.
+    nix.settings.trusted-users = [ "kiln" ];
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
+
+    services.postgresql = lib.mkIf (cfg.database == "postgresql") {
+      enable = true;
+      ensureDatabases = [ "kiln" ];
+      ensureUsers = [{
+        name = "kiln";
+        ensureDBOwnership = true;
+      }];
+    };
 
     systemd.services.kiln = {
       description = "Kiln CI coordinator";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional (cfg.database == "postgresql") "postgresql.service";
       wants = [ "network-online.target" ];
+      requires = lib.optional (cfg.database == "postgresql") "postgresql.service";
       path = [ config.nix.package pkgs.git pkgs.openssh ];
       environment.KILN_CONFIG = configFile;
       serviceConfig = {
@@ -67,12 +157,36 @@ in
         User = "kiln";
         Group = "kiln";
         StateDirectory = lib.mkIf (cfg.stateDir == "/var/lib/kiln") "kiln";
+        StateDirectoryMode = "0750";
         WorkingDirectory = cfg.stateDir;
+        LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.secretFiles;
         Restart = "on-failure";
+        # Open requests finish and state is recorded before Kiln exits.
+        TimeoutStopSec = "2min";
+        # Hardening: Kiln needs the network, the Nix daemon's socket and
+        # its state directory, nothing else.
         NoNewPrivileges = true;
         PrivateTmp = true;
+        PrivateDevices = true;
         ProtectSystem = "strict";
         ProtectHome = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        CapabilityBoundingSet = "";
+        UMask = "0027";
         ReadWritePaths = [ cfg.stateDir ];
       };
     };

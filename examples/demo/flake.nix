@@ -7,7 +7,7 @@
   outputs = _:
     let
       system = "x86_64-linux";
-      job = name: script: extra:
+      job = name: extra: script:
         builtins.derivation ({
           inherit name system;
           builder = "/bin/sh";
@@ -15,37 +15,37 @@
           args = [ "-c" script ];
         } // extra);
 
-      greeting = job "greeting" ''
+      greeting = job "greeting" { } ''
         echo "building the greeting"
         printf 'Hello from Kiln\n' > $out
-      '' { };
+      '';
 
-      slow = job "slow-report" ''
+      slow = job "slow-report" { } ''
         for i in 1 2 3 4 5 6 7 8 9 10; do
           echo "step $i of 10: still working"
           sleep 1
         done
         printf '\033[32mdone\033[0m after 10 steps\n'
         echo "report written at step 10" > $out
-      '' { };
+      '';
 
-      combined = job "combined" ''
+      combined = job "combined" { inherit greeting slow; } ''
         echo "combining $greeting and $slow"
         cat $greeting $slow > $out
-      '' { inherit greeting slow; };
+      '';
 
-      broken = job "broken-test" ''
+      broken = job "broken-test" { } ''
         echo "running 3 tests"
         echo "test 1: ok"
         echo "test 2: ok"
         printf '\033[31mtest 3: FAILED\033[0m expected 42, got 41\n'
         exit 1
-      '' { };
+      '';
 
-      needsBroken = job "needs-broken" ''
+      needsBroken = job "needs-broken" { inherit broken; } ''
         echo "this never runs: its input failed"
         cp $broken $out
-      '' { inherit broken; };
+      '';
     in
     {
       hydraJobs = {
