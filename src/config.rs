@@ -124,6 +124,9 @@ pub struct QueueConfig {
     /// A machine that fails this many steps in a row is paused.
     pub pause_after_failures: u32,
     pub pause_s: u64,
+    /// On SIGTERM, running steps get this long to finish before Kiln
+    /// exits; steps still running then are built again after a restart.
+    pub stop_timeout_s: u64,
 }
 
 impl Default for QueueConfig {
@@ -137,6 +140,7 @@ impl Default for QueueConfig {
             max_log_mib: 64,
             pause_after_failures: 3,
             pause_s: 300,
+            stop_timeout_s: 60,
         }
     }
 }

@@ -117,7 +117,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         evaluator,
         cache,
         logs,
-        queue,
+        queue: queue.clone(),
         session_key,
         events: events.clone(),
         webhook_secret,
@@ -140,6 +140,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         let _ = stop_tx.send(true);
     };
     let ((), _) = tokio::join!(server, signal);
+    // Running steps finish and are recorded, so nothing is half-done; what
+    // outlasts the timeout is built again after the next start.
+    let running = queue.status.lock().expect("status").running.len();
+    if running > 0 {
+        info!(running, timeout_s = config.queue.stop_timeout_s, "waiting for running steps");
+    }
+    if !queue.drain(std::time::Duration::from_secs(config.queue.stop_timeout_s)).await {
+        tracing::warn!("steps still running at the stop timeout: they are built again after a restart");
+    }
     let _ = eval_task.await;
     let _ = gc_task.await;
     if let Some(t) = sender_task {

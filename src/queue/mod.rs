@@ -109,6 +109,8 @@ enum Event {
     WhenIdle(oneshot::Sender<()>),
     /// Answered once everything sent before it is handled.
     Flush(oneshot::Sender<()>),
+    /// Stop dispatching; answered when no step is running any more.
+    Drain(oneshot::Sender<()>),
 }
 
 /// A handle on the running queue.
@@ -172,6 +174,8 @@ impl Queue {
             tx: tx.clone(),
             status: status.clone(),
             idle_waiters: Vec::new(),
+            draining: false,
+            drain_waiters: Vec::new(),
             latencies: Vec::new(),
             done: 0,
             failed: 0,
@@ -240,6 +244,16 @@ impl Queue {
         Ok(open.len())
     }
 
+    /// Stops dispatching and waits up to `timeout` for running steps to
+    /// finish and be recorded; false if some were still running.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Event::Drain(tx)).is_err() {
+            return true;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
     /// Returns once the runner has handled everything sent before (so a
     /// page loaded next shows a restarted build as queued).
     pub async fn flush(&self) {
@@ -280,6 +294,9 @@ struct Runner {
     tx: mpsc::UnboundedSender<Event>,
     status: Arc<Mutex<Status>>,
     idle_waiters: Vec<oneshot::Sender<()>>,
+    /// Shutting down: nothing new is dispatched.
+    draining: bool,
+    drain_waiters: Vec<oneshot::Sender<()>>,
     latencies: Vec<f64>,
     done: u64,
     failed: u64,
@@ -345,6 +362,10 @@ impl Runner {
             Event::WhenIdle(tx) => self.idle_waiters.push(tx),
             Event::Flush(tx) => {
                 let _ = tx.send(());
+            }
+            Event::Drain(tx) => {
+                self.draining = true;
+                self.drain_waiters.push(tx);
             }
             Event::Bump(id) => {
                 let mut c = self.db.conn().await?;
@@ -766,6 +787,14 @@ impl Runner {
     }
 
     async fn dispatch(&mut self) {
+        if self.draining {
+            if !self.steps.values().any(|s| s.running) {
+                for w in self.drain_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+            return;
+        }
         let platforms: Vec<Platform> = self.ready.iter().filter(|(_, r)| r.len > 0).map(|(p, _)| p.clone()).collect();
         for platform in platforms {
             let mut skip = HashSet::new();
