@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         session_key,
         events: events.clone(),
         webhook_secret,
+        memo: crate::web::Memos::new(&events),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -159,7 +159,19 @@ impl Sessions {
             Transport::Local => {
                 let mut c = crate::nix::command::nix_command(&m.remote_program);
                 c.args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-                let mut child = c.spawn().map_err(|e| spawn_err(e.to_string()))?;
+                // ETXTBSY: a program written a moment ago may still be open
+                // for writing in a process forked meanwhile; it passes.
+                let mut tries = 0;
+                let mut child = loop {
+                    match c.spawn() {
+                        Ok(child) => break child,
+                        Err(e) if e.raw_os_error() == Some(26) && tries < 20 => {
+                            tries += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                        }
+                        Err(e) => return Err(spawn_err(e.to_string())),
+                    }
+                };
                 let stdin = child.stdin.take().expect("piped");
                 let stdout = child.stdout.take().expect("piped");
                 let stderr = child.stderr.take().expect("piped");

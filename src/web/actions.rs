@@ -95,6 +95,7 @@ pub async fn build_action(
         other => return Err(WebError::NotFound(format!("action {other}"))),
     }
     s.queue.flush().await;
+    s.memo.forget();
     Ok(done(via, &action, 1, format!("/build/{id}")))
 }
 
@@ -115,6 +116,7 @@ pub async fn eval_action(
         other => return Err(WebError::NotFound(format!("action {other}"))),
     };
     s.queue.flush().await;
+    s.memo.forget();
     Ok(done(via, &action, n, format!("/eval/{id}")))
 }
 
@@ -141,6 +143,7 @@ pub async fn jobset_action(
         "disable" => jobsets::set_enabled(c.ex(), j.id, false).await?,
         other => return Err(WebError::NotFound(format!("action {other}"))),
     }
+    s.memo.forget();
     Ok(done(via, &action, 1, format!("/jobset/{project}/{name}")))
 }
 

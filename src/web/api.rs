@@ -138,6 +138,7 @@ pub async fn put_project(
     .await?;
     let js = jobsets::list_for_project(c.ex(), p.id).await?.into_iter().map(|j| j.name).collect();
     s.evaluator.wake();
+    s.memo.forget();
     let code = if existed.is_some() { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(project_view(p, js))).into_response())
 }
@@ -154,6 +155,7 @@ pub async fn delete_project(
     if !projects::delete(c.ex(), &name).await? {
         return Err(WebError::NotFound(format!("project {name}")));
     }
+    s.memo.forget();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

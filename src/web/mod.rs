@@ -24,6 +24,7 @@ pub mod badges;
 pub mod builds;
 pub mod cache;
 pub mod live;
+pub mod memo;
 pub mod openapi;
 pub mod pages;
 pub mod session;
@@ -42,6 +43,28 @@ pub struct AppState {
     pub events: crate::events::Events,
     /// The GitHub webhook secret, when `github.webhook_secret_file` is set.
     pub webhook_secret: Option<Arc<String>>,
+    pub memo: Memos,
+}
+
+/// What the busiest pages read, kept until their jobset changes.
+#[derive(Clone)]
+pub struct Memos {
+    pub jobsets: Arc<memo::Memo<(String, String), pages::JobsetData>>,
+    pub evals: Arc<memo::Memo<i64, pages::EvalData>>,
+}
+
+impl Memos {
+    /// Memos that follow `events`.
+    pub fn new(events: &crate::events::Events) -> Memos {
+        let g = memo::Generations::follow(events);
+        Memos { jobsets: Arc::new(memo::Memo::new(g.clone())), evals: Arc::new(memo::Memo::new(g)) }
+    }
+
+    /// Forgets everything (after an action, which may change what pages show
+    /// without an event).
+    pub fn forget(&self) {
+        self.jobsets.generations().bump_all();
+    }
 }
 
 pub fn router(state: AppState) -> Router {

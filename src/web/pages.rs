@@ -3,6 +3,7 @@
 //! JSON for `Accept: application/json` (through `api`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -78,6 +79,7 @@ pub fn status_of(finished: bool, status: Option<i64>) -> (String, &'static str) 
     }
 }
 
+#[derive(Clone)]
 pub struct Row {
     pub id: i64,
     pub project: String,
@@ -260,6 +262,7 @@ struct JobsetPage {
     matrix: Vec<(String, Vec<Cell>)>,
 }
 
+#[derive(Clone)]
 struct EvalLine {
     id: i64,
     status: String,
@@ -281,10 +284,41 @@ pub async fn jobset(
     if wants_json(&headers) {
         return Ok(api::get_jobset(State(s), Path((project, name))).await?.into_response());
     }
+    let key = (project.clone(), name.clone());
+    let d = match s.memo.jobsets.get(&key) {
+        Some(d) => d,
+        None => {
+            let d = Arc::new(jobset_data(&s, &project, &name).await?);
+            s.memo.jobsets.put(key, d.j.id, d.generation, d.clone());
+            d
+        }
+    };
+    html(JobsetPage {
+        nav: nav(&s, &headers),
+        title: format!("{project}:{name} · Kiln"),
+        project,
+        j: d.j.clone(),
+        evals: d.evals.clone(),
+        columns: d.columns.clone(),
+        matrix: d.matrix.clone(),
+    })
+}
+
+/// What the jobset page shows, as read from the database.
+pub struct JobsetData {
+    j: jobsets::Jobset,
+    evals: Vec<EvalLine>,
+    columns: Vec<i64>,
+    matrix: Vec<(String, Vec<Cell>)>,
+    generation: (u64, u64),
+}
+
+async fn jobset_data(s: &AppState, project: &str, name: &str) -> Result<JobsetData, WebError> {
     let mut c = s.db.conn().await?;
-    let j = jobsets::get(c.ex(), &project, &name)
+    let j = jobsets::get(c.ex(), project, name)
         .await?
         .ok_or_else(|| WebError::NotFound(format!("jobset {project}:{name}")))?;
+    let generation = s.memo.jobsets.generations().of(j.id);
     let evals = evaluations::latest(c.ex(), j.id, 10).await?;
     let columns: Vec<i64> = evals.iter().filter(|e| e.status == "succeeded").map(|e| e.id).take(8).collect();
     let cells = evaluations::cells(c.ex(), &columns).await?;
@@ -318,15 +352,7 @@ pub async fn jobset(
             error: e.error,
         })
         .collect();
-    html(JobsetPage {
-        nav: nav(&s, &headers),
-        title: format!("{project}:{name} · Kiln"),
-        project,
-        j,
-        evals,
-        columns,
-        matrix,
-    })
+    Ok(JobsetData { j, evals, columns, matrix, generation })
 }
 
 // ------------------------------------------------------------------ evaluation
@@ -354,8 +380,47 @@ pub async fn eval(State(s): State<AppState>, Path(id): Path<i64>, headers: Heade
     if wants_json(&headers) {
         return Ok(api::get_eval(State(s), Path(id)).await?.into_response());
     }
+    let d = match s.memo.evals.get(&id) {
+        Some(d) => d,
+        None => {
+            let d = Arc::new(eval_data(&s, id).await?);
+            s.memo.evals.put(id, d.e.jobset_id, d.generation, d.clone());
+            d
+        }
+    };
+    html(EvalPage {
+        nav: nav(&s, &headers),
+        title: format!("Evaluation {id} of {}:{} · Kiln", d.project, d.jobset),
+        project: d.project.clone(),
+        jobset: d.jobset.clone(),
+        started: when(d.e.started_at),
+        took: d.e.duration_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_default(),
+        e: d.e.clone(),
+        diff: d.diff.clone(),
+        fixed: d.fixed.clone(),
+        broken: d.broken.clone(),
+        errors: d.errors.clone(),
+        builds: d.builds.clone(),
+    })
+}
+
+/// What the evaluation page shows, as read from the database.
+pub struct EvalData {
+    project: String,
+    jobset: String,
+    e: evaluations::Evaluation,
+    diff: evaluations::Diff,
+    fixed: Vec<String>,
+    broken: Vec<String>,
+    errors: Vec<(String, String)>,
+    builds: Vec<Row>,
+    generation: (u64, u64),
+}
+
+async fn eval_data(s: &AppState, id: i64) -> Result<EvalData, WebError> {
     let mut c = s.db.conn().await?;
     let e = evaluations::get(c.ex(), id).await?.ok_or_else(|| WebError::NotFound(format!("evaluation {id}")))?;
+    let generation = s.memo.evals.generations().of(e.jobset_id);
     let j =
         jobsets::get_by_id(c.ex(), e.jobset_id).await?.ok_or_else(|| WebError::NotFound(format!("evaluation {id}")))?;
     let p = projects::get_by_id(c.ex(), j.project_id)
@@ -395,19 +460,16 @@ pub async fn eval(State(s): State<AppState>, Path(id): Path<i64>, headers: Heade
         }
     }
     let errors = members.into_iter().filter_map(|m| m.error.map(|e| (m.job, e))).collect();
-    html(EvalPage {
-        nav: nav(&s, &headers),
-        title: format!("Evaluation {id} of {}:{} · Kiln", p.name, j.name),
+    Ok(EvalData {
         project: p.name,
         jobset: j.name,
-        started: when(e.started_at),
-        took: e.duration_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_default(),
         e,
         diff,
         fixed,
         broken,
         errors,
         builds: listed.into_iter().map(row).collect(),
+        generation,
     })
 }
 

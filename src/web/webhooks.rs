@@ -80,5 +80,8 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
     if !applied.triggered.is_empty() {
         s.evaluator.wake();
     }
+    if !applied.disabled.is_empty() {
+        s.memo.forget();
+    }
     Ok(Json(applied).into_response())
 }
