@@ -97,6 +97,7 @@ pub async fn run(
         config.state_dir.clone(),
         Default::default(),
         None,
+        crate::queue::leader::Leadership::Alone,
     );
 
     let (jobset_id, eval_id) = {

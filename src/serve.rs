@@ -75,6 +75,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         config.state_dir.clone(),
         events.clone(),
         crate::github::policy(&config),
+        crate::queue::leader::Leadership::Database { db: db.clone(), state_dir: config.state_dir.clone() },
     );
     let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()), events.clone());
     evaluator.sync_config_projects().await?;

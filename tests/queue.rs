@@ -395,6 +395,7 @@ async fn cancel_restart_and_bump_builds() {
         state.path().to_path_buf(),
         events.clone(),
         None,
+        kiln::queue::leader::Leadership::Alone,
     );
     let (_, jobset) = make_jobset(&t.db, "p", "main").await;
     let tag = unique("crb");

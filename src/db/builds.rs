@@ -518,3 +518,9 @@ pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(i64, i64)>> {
          GROUP BY build_status ORDER BY build_status")
         .fetch_all(&mut *c).await?))
 }
+
+/// Ids of every unfinished build (the partial index `builds_unfinished`).
+pub async fn unfinished_ids(ex: Ex<'_>) -> Result<Vec<i64>> {
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT id FROM builds WHERE finished = FALSE ORDER BY id")
+        .fetch_all(&mut *c).await?))
+}

@@ -11,6 +11,7 @@
 //! so a runner killed at any moment and started again rebuilds this state
 //! from the unfinished builds and finishes each exactly once.
 
+pub mod leader;
 pub mod run;
 
 use std::cmp::Reverse;
@@ -123,6 +124,8 @@ pub struct Queue {
 /// What the queue is doing, for progress lines and pages.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
+    /// This process runs the queue (another may, on the same database).
+    pub leading: bool,
     pub runnable: usize,
     pub waiting: usize,
     pub running: Vec<(String, String)>,
@@ -147,9 +150,11 @@ impl Queue {
         state_dir: PathBuf,
         events: Events,
         statuses: Option<crate::github::statuses::Policy>,
+        leadership: leader::Leadership,
     ) -> Queue {
         let (tx, rx) = mpsc::unbounded_channel();
-        let status = Arc::new(Mutex::new(Status::default()));
+        let alone = matches!(leadership, leader::Leadership::Alone);
+        let status = Arc::new(Mutex::new(Status { leading: alone, ..Default::default() }));
         let runner = Runner {
             db,
             cache,
@@ -162,6 +167,7 @@ impl Queue {
             )),
             config,
             statuses,
+            leadership: Some(leadership),
             source: machines,
             source_mtime: None,
             machines: Vec::new(),
@@ -187,6 +193,11 @@ impl Queue {
     /// Adds builds (new, or unfinished after a restart); returns once they
     /// are in the queue (or finished because nothing needed building).
     pub async fn enqueue(&self, builds: Vec<i64>) {
+        // A standby has no runner yet: the leader finds the builds in the
+        // database, and so does this process when it takes over.
+        if !self.leading() {
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Enqueue(builds, tx)).is_ok() {
             let _ = rx.await;
@@ -244,9 +255,17 @@ impl Queue {
         Ok(open.len())
     }
 
+    /// Whether this process runs the queue.
+    pub fn leading(&self) -> bool {
+        self.status.lock().expect("status").leading
+    }
+
     /// Stops dispatching and waits up to `timeout` for running steps to
     /// finish and be recorded; false if some were still running.
     pub async fn drain(&self, timeout: Duration) -> bool {
+        if !self.leading() {
+            return true;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Drain(tx)).is_err() {
             return true;
@@ -257,6 +276,9 @@ impl Queue {
     /// Returns once the runner has handled everything sent before (so a
     /// page loaded next shows a restarted build as queued).
     pub async fn flush(&self) {
+        if !self.leading() {
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Flush(tx)).is_ok() {
             let _ = rx.await;
@@ -272,6 +294,9 @@ impl Queue {
     }
 }
 
+/// Ticks (seconds) between rescans of the database's unfinished builds.
+const RESCAN_TICKS: u64 = 5;
+
 struct Runner {
     db: Db,
     cache: Cache,
@@ -281,6 +306,8 @@ struct Runner {
     config: QueueConfig,
     /// Where commit statuses go (none without `[github]`).
     statuses: Option<crate::github::statuses::Policy>,
+    /// Taken once, at start: the runner waits to lead before it runs.
+    leadership: Option<leader::Leadership>,
     source: MachineSource,
     source_mtime: Option<std::time::SystemTime>,
     machines: Vec<MachineState>,
@@ -304,11 +331,23 @@ struct Runner {
 
 impl Runner {
     async fn main(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let leadership = self.leadership.take().expect("taken once");
+        let _guard = loop {
+            match leadership.acquire().await {
+                Ok(g) => break g,
+                Err(e) => {
+                    warn!(error = %e, "cannot learn which process runs the queue");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        self.status.lock().expect("status").leading = true;
         self.reload_machines();
         if let Err(e) = self.recover().await {
             warn!(error = %e, "cannot load the queue from the database");
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dispatch().await;
@@ -329,6 +368,11 @@ impl Runner {
                     None => return,
                 },
                 _ = tick.tick() => {
+                    ticks += 1;
+                    // Builds other processes recorded, reopened or finished.
+                    if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
+                        warn!(error = %e, "rescanning unfinished builds");
+                    }
                     self.reload_machines();
                     if let Err(e) = self.fail_unsupported().await {
                         warn!(error = %e, "checking unsupported steps");
@@ -477,6 +521,27 @@ impl Runner {
         };
         for b in unfinished {
             self.add_build(b.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the queue in line with the database: unfinished builds it
+    /// does not hold (recorded or reopened by another process) join it,
+    /// held builds the database has finished (cancelled elsewhere, or
+    /// deleted with their project) leave it.
+    async fn rescan(&mut self) -> Result<(), DbError> {
+        let ids: HashSet<i64> = {
+            let mut c = self.db.conn().await?;
+            builds::unfinished_ids(c.ex()).await?.into_iter().collect()
+        };
+        let gone: Vec<i64> = self.builds.keys().filter(|b| !ids.contains(b)).copied().collect();
+        for b in gone {
+            self.drop_build(b);
+        }
+        let mut new: Vec<i64> = ids.into_iter().filter(|b| !self.builds.contains_key(b)).collect();
+        new.sort_unstable();
+        for b in new {
+            self.add_build(b).await?;
         }
         Ok(())
     }
