@@ -21,7 +21,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator: web UI, API and binary cache.
-    Serve,
+    Serve {
+        /// The parts this process runs, of web,eval,queue,notify (default:
+        /// all). Processes with different roles share one database; one
+        /// queue runner per database, the others stand by.
+        #[arg(long, value_name = "ROLES", default_value = "web,eval,queue,notify")]
+        roles: String,
+    },
     /// Evaluate a flake attribute into jobs once and print them.
     Eval {
         /// One JSON object per job and line (nix-eval-jobs' fields).
@@ -227,10 +233,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             })
         }
-        Command::Serve => {
+        Command::Serve { roles } => {
+            let roles =
+                kiln::serve::Roles::parse(&roles).map_err(|e| Failure::Usage(anyhow::anyhow!("--roles: {e}")))?;
             let config = Config::load(cli.config.as_deref())?;
             init_logging(config.log_format);
-            runtime()?.block_on(kiln::serve::run(config)).map_err(|e| match e {
+            runtime()?.block_on(kiln::serve::run_roles(config, roles)).map_err(|e| match e {
                 kiln::serve::ServeError::Config(c) => Failure::Usage(c.into()),
                 e => Failure::Failed(e.into()),
             })

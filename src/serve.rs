@@ -43,7 +43,49 @@ pub async fn open_db(config: &Config) -> Result<Db, ServeError> {
     Ok(db)
 }
 
+/// The parts of `kiln serve` a process runs; all of them by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// The HTTP server: pages, API, binary cache, webhooks.
+    pub web: bool,
+    /// Fetching and evaluating jobsets.
+    pub eval: bool,
+    /// The queue runner (one per database; others stand by).
+    pub queue: bool,
+    /// Sending GitHub statuses from the outbox.
+    pub notify: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { web: true, eval: true, queue: true, notify: true };
+
+    /// `web,eval,queue,notify`, any subset.
+    pub fn parse(s: &str) -> Result<Roles, String> {
+        let mut r = Roles { web: false, eval: false, queue: false, notify: false };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "web" => r.web = true,
+                "eval" => r.eval = true,
+                "queue" => r.queue = true,
+                "notify" => r.notify = true,
+                other => return Err(format!("unknown role {other:?}: use web, eval, queue, notify")),
+            }
+        }
+        if r == (Roles { web: false, eval: false, queue: false, notify: false }) {
+            return Err("no role given".into());
+        }
+        Ok(r)
+    }
+}
+
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    run_roles(config, Roles::ALL).await
+}
+
+/// Runs the given roles; the others run in other processes on the same
+/// database (PostgreSQL, or SQLite on one machine).
+pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
+    info!(web = roles.web, eval = roles.eval, queue = roles.queue, notify = roles.notify, "roles");
     let db = open_db(&config).await?;
     {
         let tokens = config.api_tokens()?;
@@ -75,7 +117,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         config.state_dir.clone(),
         events.clone(),
         crate::github::policy(&config),
-        crate::queue::leader::Leadership::Database { db: db.clone(), state_dir: config.state_dir.clone() },
+        if roles.queue {
+            crate::queue::leader::Leadership::Database { db: db.clone(), state_dir: config.state_dir.clone() }
+        } else {
+            crate::queue::leader::Leadership::Never
+        },
     );
     let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()), events.clone());
     evaluator.sync_config_projects().await?;
@@ -86,7 +132,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let eval_task = tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone())));
+    let eval_task = roles.eval.then(|| tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone()))));
 
     let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
     let (webhook_secret, sender_task) = match &config.github {
@@ -96,6 +142,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 None => None,
             };
             let task = match crate::github::Credentials::from_config(gh)? {
+                Some(_) if !roles.notify => None,
                 Some(creds) => {
                     info!(api = %gh.api_url, "sending commit statuses to GitHub");
                     Some(tokio::spawn(crate::github::sender::run(db.clone(), creds, stopped(stop_rx.clone()))))
@@ -124,14 +171,25 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         webhook_secret,
         memo: crate::web::Memos::new(&events),
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
-    let addr = listener.local_addr()?;
     // Handlers first: a SIGTERM right after "listening" must stop us cleanly.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    info!("listening on http://{addr}");
-    let server = http1_serve(listener, web::router(state), stopped(stop_rx));
+    let server = if roles.web {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
+        let addr = listener.local_addr()?;
+        info!("listening on http://{addr}");
+        Some(http1_serve(listener, web::router(state), stopped(stop_rx.clone())))
+    } else {
+        info!("running without the web role: nothing listens");
+        None
+    };
+    let server = async {
+        match server {
+            Some(s) => s.await,
+            None => stopped(stop_rx).await,
+        }
+    };
     let signal = async {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
@@ -151,7 +209,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     if !queue.drain(std::time::Duration::from_secs(config.queue.stop_timeout_s)).await {
         tracing::warn!("steps still running at the stop timeout: they are built again after a restart");
     }
-    let _ = eval_task.await;
+    queue.stop();
+    if let Some(t) = eval_task {
+        let _ = t.await;
+    }
     let _ = gc_task.await;
     if let Some(t) = sender_task {
         let _ = t.await;

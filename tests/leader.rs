@@ -1,6 +1,8 @@
-//! Two coordinators on one PostgreSQL database: exactly one runs the queue
-//! (an advisory lock); the other stands by, still serving pages and
-//! evaluating, and takes over when the first dies, finishing its build.
+//! Coordinators on one PostgreSQL database: exactly one runs the queue (an
+//! advisory lock); another stands by, still serving pages and evaluating,
+//! and takes over when the first dies, finishing its build. With roles
+//! split across processes, one evaluates and serves, another builds, and
+//! actions taken where no queue runs reach the one that does.
 
 mod support;
 
@@ -71,4 +73,52 @@ async fn one_queue_runner_per_database_and_the_standby_takes_over_when_it_dies()
 
     // One queue runner still: the new leader built it, once.
     assert_eq!(second.log().matches("built step").count(), 1, "{}", second.log());
+}
+
+#[tokio::test]
+async fn roles_split_across_processes_evaluate_in_one_and_build_in_another() {
+    let pg = PgDatabase::create().await;
+    let t = unique("roles");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; bad = {}; }}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo > $out"),
+            drv_expr(&format!("bad-{t}"), "echo broken; exit 1"),
+        ),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    );
+    // The builder: queue (and web, to look at it), no project of its own.
+    let builder = Kiln::start_with(config(&pg.url, None), &[], &["--roles", "web,queue"]);
+    // The front: web and evaluation, where the project is declared and tokens live.
+    let front_dir = config(&pg.url, Some(flake.path()));
+    std::fs::write(front_dir.path().join("token"), "roles-token").unwrap();
+    let text = std::fs::read_to_string(front_dir.path().join("kiln.toml")).unwrap();
+    std::fs::write(front_dir.path().join("kiln.toml"), format!("api_token_files = [\"token\"]\n{text}")).unwrap();
+    let front = Kiln::start_with(front_dir, &[], &["--roles", "web,eval,notify"]);
+    let api = Api::new(&front.url, Some("roles-token"));
+
+    let (ok, bad) = wait_for(90, "both builds, built by the builder", || async {
+        let e = api.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
+        let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
+        let (ok, bad) = (d["jobs"]["ok"].as_i64()?, d["jobs"]["bad"].as_i64()?);
+        let done = |b: serde_json::Value| b["finished"] == 1;
+        (done(api.get(&format!("/build/{ok}")).await.1) && done(api.get(&format!("/build/{bad}")).await.1))
+            .then_some((ok, bad))
+    })
+    .await;
+    assert_eq!(api.get(&format!("/build/{ok}")).await.1["buildstatus"], 0);
+    assert_eq!(api.get(&format!("/build/{bad}")).await.1["buildstatus"], 1);
+    assert!(!front.log().contains("built step"), "the front builds nothing:\n{}", front.log());
+    assert!(!builder.log().contains("evaluating"), "the builder evaluates nothing");
+    assert!(builder.log().contains("built step"), "{}", builder.log());
+
+    // Restarted where no queue runs: the builder tries it again.
+    let (code, body) = api.send("POST", &format!("/build/{bad}/restart"), None).await;
+    assert_eq!(code, 200, "{body}");
+    wait_for(60, "the second attempt", || async { (builder.log().matches("step failed").count() >= 2).then_some(()) })
+        .await;
+    wait_for(30, "the restarted build to end", || async {
+        (api.get(&format!("/build/{bad}")).await.1["finished"] == 1).then_some(())
+    })
+    .await;
 }

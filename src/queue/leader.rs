@@ -21,6 +21,8 @@ pub enum Leadership {
     Alone,
     /// The holder of the database's lock.
     Database { db: Db, state_dir: std::path::PathBuf },
+    /// Never this process (`kiln serve` without the queue role).
+    Never,
 }
 
 /// Held while this process runs the queue.
@@ -35,6 +37,7 @@ impl Leadership {
     pub async fn acquire(&self) -> Result<Guard, DbError> {
         let (db, state_dir) = match self {
             Leadership::Alone => return Ok(Guard::Alone),
+            Leadership::Never => std::future::pending().await,
             Leadership::Database { db, state_dir } => (db, state_dir),
         };
         let mut said = false;

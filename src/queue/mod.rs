@@ -112,6 +112,8 @@ enum Event {
     Flush(oneshot::Sender<()>),
     /// Stop dispatching; answered when no step is running any more.
     Drain(oneshot::Sender<()>),
+    /// End the runner (after a drain), releasing the queue's lock.
+    Stop,
 }
 
 /// A handle on the running queue.
@@ -255,6 +257,12 @@ impl Queue {
         Ok(open.len())
     }
 
+    /// Ends the runner, which lets go of the queue's lock (call after
+    /// [`Queue::drain`]); another process may then take over.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Event::Stop);
+    }
+
     /// Whether this process runs the queue.
     pub fn leading(&self) -> bool {
         self.status.lock().expect("status").leading
@@ -332,13 +340,29 @@ struct Runner {
 impl Runner {
     async fn main(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         let leadership = self.leadership.take().expect("taken once");
-        let _guard = loop {
-            match leadership.acquire().await {
-                Ok(g) => break g,
-                Err(e) => {
-                    warn!(error = %e, "cannot learn which process runs the queue");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+        let acquire = async {
+            loop {
+                match leadership.acquire().await {
+                    Ok(g) => return g,
+                    Err(e) => {
+                        warn!(error = %e, "cannot learn which process runs the queue");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                 }
+            }
+        };
+        tokio::pin!(acquire);
+        let _guard = loop {
+            tokio::select! {
+                g = &mut acquire => break g,
+                ev = rx.recv() => match ev {
+                    Some(Event::Stop) | None => return,
+                    Some(ev) => {
+                        if let Err(e) = self.handle_standby(ev).await {
+                            warn!(error = %e, "queue action on a standby");
+                        }
+                    }
+                },
             }
         };
         self.status.lock().expect("status").leading = true;
@@ -354,18 +378,21 @@ impl Runner {
             self.publish();
             tokio::select! {
                 ev = rx.recv() => match ev {
+                    Some(Event::Stop) | None => return,
                     Some(ev) => {
                         if let Err(e) = self.handle(ev).await {
                             warn!(error = %e, "queue event failed");
                         }
                         // Take everything already waiting before dispatching.
                         while let Ok(ev) = rx.try_recv() {
+                            if matches!(ev, Event::Stop) {
+                                return;
+                            }
                             if let Err(e) = self.handle(ev).await {
                                 warn!(error = %e, "queue event failed");
                             }
                         }
                     }
-                    None => return,
                 },
                 _ = tick.tick() => {
                     ticks += 1;
@@ -411,6 +438,7 @@ impl Runner {
                 self.draining = true;
                 self.drain_waiters.push(tx);
             }
+            Event::Stop => {}
             Event::Bump(id) => {
                 let mut c = self.db.conn().await?;
                 builds::bump(c.ex(), id).await?;
@@ -1170,10 +1198,19 @@ impl Runner {
     }
 
     async fn restart(&mut self, id: i64) -> Result<(), DbError> {
+        if self.reopen(id).await? {
+            self.add_build(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Reopens a finished build in the database, its closure's failures
+    /// forgotten; false if it was not finished.
+    async fn reopen(&self, id: i64) -> Result<bool, DbError> {
         let mut c = self.db.conn().await?;
-        let Some(b) = builds::get(c.ex(), id).await? else { return Ok(()) };
+        let Some(b) = builds::get(c.ex(), id).await? else { return Ok(false) };
         if !b.finished {
-            return Ok(());
+            return Ok(false);
         }
         // Forget the failures in its closure, then queue it again.
         let mut stack = vec![b.drv_path.clone()];
@@ -1196,7 +1233,37 @@ impl Runner {
         builds::reopen(tx.ex(), id).await?;
         self.report(tx.ex(), id).await?;
         tx.commit().await?;
-        self.add_build(id).await
+        Ok(true)
+    }
+
+    /// While another process runs the queue: actions go to the database,
+    /// where that process's rescan finds them; nothing waits on a runner.
+    async fn handle_standby(&mut self, ev: Event) -> Result<(), DbError> {
+        match ev {
+            Event::Enqueue(_, done) => {
+                let _ = done.send(());
+            }
+            Event::Cancel(id) => {
+                let mut tx = self.db.begin().await?;
+                if builds::get(tx.ex(), id).await?.is_some_and(|b| !b.finished) {
+                    builds::finish(tx.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
+                    self.report(tx.ex(), id).await?;
+                }
+                tx.commit().await?;
+            }
+            Event::Restart(id) => {
+                self.reopen(id).await?;
+            }
+            Event::Bump(id) => {
+                let mut c = self.db.conn().await?;
+                builds::bump(c.ex(), id).await?;
+            }
+            Event::Flush(tx) | Event::Drain(tx) | Event::WhenIdle(tx) => {
+                let _ = tx.send(());
+            }
+            Event::Done { .. } | Event::Stop => {}
+        }
+        Ok(())
     }
 
     /// Queues the commit statuses a build's change calls for, in the

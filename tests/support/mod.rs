@@ -460,8 +460,13 @@ impl Kiln {
     }
 
     pub fn start_in(dir: TempDir, env: &[(&str, &str)]) -> Kiln {
+        Self::start_with(dir, env, &[])
+    }
+
+    /// `kiln serve ARGS…` in `dir`.
+    pub fn start_with(dir: TempDir, env: &[(&str, &str)], args: &[&str]) -> Kiln {
         let mut cmd = kiln_cmd();
-        cmd.arg("serve").current_dir(dir.path()).env("KILN_LISTEN", "127.0.0.1:0");
+        cmd.arg("serve").args(args).current_dir(dir.path()).env("KILN_LISTEN", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }
