@@ -277,6 +277,20 @@ fn project(kiln_toml_jobsets: &str) -> Project {
     Project { flake, gate, _gate_dir: gate_dir }
 }
 
+/// A flake with one quick job, `ok`, evaluated only when triggered; and its commit.
+fn one_job_flake(tag: &str) -> (Flake, String) {
+    let t = unique(tag);
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo > $out")
+        ),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    );
+    let sha = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    (flake, sha)
+}
+
 fn kiln_dir(fake_url: &str, repo: &std::path::Path, github_extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("gh-token"), TOKEN).unwrap();
@@ -518,15 +532,7 @@ async fn pull_requests_get_their_own_jobset_and_statuses_on_each_head_and_closin
 async fn a_status_arrives_exactly_once_through_a_500_and_a_429() {
     let fake = Fake::start().await;
     fake.hub.lock().unwrap().script = VecDeque::from([(500, vec![]), (429, vec![("retry-after", "1".to_string())])]);
-    let t = unique("ret");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
-            drv_expr(&format!("ok-{t}"), "echo > $out")
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
-    let sha = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let (flake, sha) = one_job_flake("ret");
     let dir = kiln_dir(&fake.url, flake.path(), "token_file = \"gh-token\"\nstatuses = \"summary\"");
     let kiln = Kiln::start_in(dir, &[]);
     wait_states(&fake, &kiln, &sha, &[("kiln/main", "success")], 90).await;
@@ -542,15 +548,7 @@ async fn a_status_arrives_exactly_once_through_a_500_and_a_429() {
 async fn statuses_waiting_when_kiln_is_killed_are_delivered_after_a_restart() {
     // GitHub is down (nothing listens) while Kiln evaluates and builds.
     let down = format!("http://127.0.0.1:{}", free_port());
-    let t = unique("rs");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
-            drv_expr(&format!("ok-{t}"), "echo > $out")
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
-    let sha = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let (flake, sha) = one_job_flake("rs");
     let dir = kiln_dir(&down, flake.path(), "token_file = \"gh-token\"");
     let mut kiln = Kiln::start_in(dir, &[]);
     let api = Api::new(&kiln.url, None);
@@ -596,15 +594,7 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
         // octocrab renews a token 30 s before it expires: this one, 3 s after.
         h.token_lifetime_s = 33;
     }
-    let t = unique("app");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
-            drv_expr(&format!("ok-{t}"), "echo > $out")
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
-    let sha1 = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let (flake, sha1) = one_job_flake("app");
     let dir = kiln_dir(
         &fake.url,
         flake.path(),
@@ -676,15 +666,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", {port}), functools.partial(H, dire
 async fn a_private_repository_is_fetched_with_the_token_which_is_written_nowhere() {
     use base64::Engine;
     let fake = Fake::start().await;
-    let t = unique("priv");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
-            drv_expr(&format!("ok-{t}"), "echo > $out")
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
-    let sha = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let (flake, sha) = one_job_flake("priv");
     let repo = private_repo(flake.path(), TOKEN);
 
     // Without credentials the repository cannot be read, and the project says so.

@@ -205,29 +205,11 @@ pub async fn failed_on(ex: Ex<'_>, machine: &str, limit: i64) -> Result<Vec<Step
 /// Counts per duration bucket (`bounds` in seconds; the last count is
 /// above the last bound) and the sum in seconds of finished steps.
 pub async fn duration_histogram(ex: Ex<'_>, bounds: &[f64]) -> Result<(Vec<i64>, f64)> {
-    let d = "(stop_time - start_time)";
-    let mut cols = Vec::new();
-    let mut lower: Option<f64> = None;
-    for b in bounds {
-        let lo = lower.map(|l| format!("{d} > {l} AND ")).unwrap_or_default();
-        cols.push(format!("CAST(COALESCE(SUM(CASE WHEN {lo}{d} <= {b} THEN 1 ELSE 0 END), 0) AS BIGINT)"));
-        lower = Some(*b);
-    }
-    let last = lower.unwrap_or(0.0);
-    cols.push(format!("CAST(COALESCE(SUM(CASE WHEN {d} > {last} THEN 1 ELSE 0 END), 0) AS BIGINT)"));
-    cols.push(format!("CAST(COALESCE(SUM({d}), 0) AS DOUBLE PRECISION)"));
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM steps WHERE state IN ('succeeded', 'failed') AND start_time IS NOT NULL AND stop_time IS NOT NULL",
-        cols.join(", ")
-    ));
-    let n = bounds.len() + 1;
-    Ok(run!(ex, c => {
-        use sqlx::Row;
-        let row = sqlx::query(sql).fetch_one(&mut *c).await?;
-        let mut counts = Vec::with_capacity(n);
-        for i in 0..n {
-            counts.push(row.try_get::<i64, _>(i)?);
-        }
-        (counts, row.try_get::<f64, _>(n)?)
-    }))
+    super::histogram(
+        ex,
+        "(stop_time - start_time)",
+        "steps WHERE state IN ('succeeded', 'failed') AND start_time IS NOT NULL AND stop_time IS NOT NULL",
+        bounds,
+    )
+    .await
 }
