@@ -603,7 +603,10 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
     let kiln = Kiln::start_in(dir, &[]);
     wait_states(&fake, &kiln, &sha1, &[("kiln/main", "success")], 90).await;
     let first = fake.accepted(&sha1, "kiln/main").last().cloned().unwrap();
-    assert_eq!(first.auth, "ghs_minted1", "statuses are sent with the installation token");
+    // An installation token (on a slow machine it may already be the
+    // second: this one lives 3 s before octocrab renews it).
+    assert!(first.auth.starts_with("ghs_minted"), "statuses are sent with an installation token: {}", first.auth);
+    let minted_first = fake.hub.lock().unwrap().minted.len();
 
     tokio::time::sleep(Duration::from_secs(4)).await;
     flake.write("README", "more\n");
@@ -612,7 +615,7 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
     wait_states(&fake, &kiln, &sha2, &[("kiln/main", "success")], 90).await;
     let later = fake.accepted(&sha2, "kiln/main").last().cloned().unwrap();
     let minted = fake.hub.lock().unwrap().minted.clone();
-    assert!(minted.len() >= 2, "the token was refreshed: {minted:?}");
+    assert!(minted.len() > minted_first, "the token was refreshed: {minted:?}");
     assert_eq!(later.auth, *minted.last().unwrap());
     fake.assert_valid();
 }
