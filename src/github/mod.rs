@@ -22,10 +22,8 @@ use crate::db::projects::Project;
 
 #[derive(Debug, Error)]
 pub enum GithubError {
-    #[error("cannot read {what} {path}: {source}")]
-    ReadSecret { what: &'static str, path: String, source: std::io::Error },
-    #[error("{what} {path} is empty")]
-    EmptySecret { what: &'static str, path: String },
+    #[error("{what}: {reason}")]
+    Secret { what: &'static str, reason: String },
     #[error("github.app_private_key_file: not an RSA private key in PEM: {0}")]
     BadKey(String),
     #[error("GitHub client: {0}")]
@@ -114,17 +112,17 @@ pub fn policy(config: &Config) -> Option<statuses::Policy> {
     Some(statuses::Policy { base_url: config.base_url(), mode: gh.statuses, max_job_statuses: gh.max_job_statuses })
 }
 
+/// A one-line secret (token, webhook secret), read as every secret file is.
 pub(crate) fn read_secret(what: &'static str, path: &Path) -> Result<String, GithubError> {
-    let s = std::fs::read_to_string(path).map_err(|source| GithubError::ReadSecret {
-        what,
-        path: path.display().to_string(),
-        source,
-    })?;
-    let s = s.trim().to_string();
-    if s.is_empty() {
-        return Err(GithubError::EmptySecret { what, path: path.display().to_string() });
-    }
-    Ok(s)
+    crate::config::read_secret(path).map_err(|reason| GithubError::Secret { what, reason })
+}
+
+/// The App's private key: the whole PEM file, not its first line.
+fn read_key(path: &Path) -> Result<String, GithubError> {
+    std::fs::read_to_string(path).map_err(|e| GithubError::Secret {
+        what: "github.app_private_key_file",
+        reason: format!("cannot read {}: {e}", path.display()),
+    })
 }
 
 /// How Kiln authenticates to GitHub: a token, or an App's installations.
@@ -153,7 +151,7 @@ impl Credentials {
         let builder =
             || Octocrab::builder().base_uri(gh.api_url.as_str()).map_err(|e| GithubError::Client(e.to_string()));
         let inner = if let (Some(id), Some(key_file)) = (gh.app_id, &gh.app_private_key_file) {
-            let pem = read_secret("github.app_private_key_file", key_file)?;
+            let pem = read_key(key_file)?;
             let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
                 .map_err(|e| GithubError::BadKey(e.to_string()))?;
             let app = builder()?

@@ -34,7 +34,7 @@ pub enum WebhookError {
 pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), WebhookError> {
     let header = header.ok_or(WebhookError::NoSignature)?;
     let hex = header.trim().strip_prefix("sha256=").ok_or(WebhookError::BadSignature)?;
-    let given = decode_hex(hex).ok_or(WebhookError::BadSignature)?;
+    let given = crate::nix::hash::from_hex(hex).filter(|b| b.len() == 32).ok_or(WebhookError::BadSignature)?;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     // verify_slice compares in constant time.
@@ -46,14 +46,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     let bytes = mac.finalize().into_bytes();
-    format!("sha256={}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    format!("sha256={}", crate::nix::hash::to_hex(&bytes))
 }
 
 /// The events Kiln acts on.

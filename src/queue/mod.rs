@@ -195,11 +195,6 @@ impl Queue {
     /// Adds builds (new, or unfinished after a restart); returns once they
     /// are in the queue (or finished because nothing needed building).
     pub async fn enqueue(&self, builds: Vec<i64>) {
-        // A standby has no runner yet: the leader finds the builds in the
-        // database, and so does this process when it takes over.
-        if !self.leading() {
-            return;
-        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Enqueue(builds, tx)).is_ok() {
             let _ = rx.await;
@@ -263,17 +258,9 @@ impl Queue {
         let _ = self.tx.send(Event::Stop);
     }
 
-    /// Whether this process runs the queue.
-    pub fn leading(&self) -> bool {
-        self.status.lock().expect("status").leading
-    }
-
     /// Stops dispatching and waits up to `timeout` for running steps to
     /// finish and be recorded; false if some were still running.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        if !self.leading() {
-            return true;
-        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Drain(tx)).is_err() {
             return true;
@@ -284,9 +271,6 @@ impl Queue {
     /// Returns once the runner has handled everything sent before (so a
     /// page loaded next shows a restarted build as queued).
     pub async fn flush(&self) {
-        if !self.leading() {
-            return;
-        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Event::Flush(tx)).is_ok() {
             let _ = rx.await;
