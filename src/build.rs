@@ -28,6 +28,8 @@ pub enum BuildError {
     Eval(#[from] eval::EvalError),
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
 }
 
 /// One job's result, as `--json` prints it.
@@ -98,6 +100,7 @@ pub async fn run(
         Default::default(),
         None,
         crate::queue::leader::Leadership::Alone,
+        crate::upstream::Upstreams::from_config(config)?,
     );
 
     let (jobset_id, eval_id) = {
@@ -147,7 +150,7 @@ pub async fn run(
     };
     let (job_tx, job_rx) = tokio::sync::mpsc::unbounded_channel();
     let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
-    let hooks = eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: true };
+    let hooks = eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: true, roots: None };
     let db2 = db.clone();
     let recorder =
         tokio::spawn(async move { eval::record::record_stream_with(&db2, jobset_id, eval_id, job_rx, hooks).await });

@@ -89,6 +89,11 @@ pub struct Config {
     /// Hide everything from anonymous users.
     pub private: bool,
     pub log_format: LogFormat,
+    /// Upstream binary caches (as in nix.conf) whose signed outputs are
+    /// substituted instead of built, e.g. `["https://cache.nixos.org"]`.
+    pub substituters: Vec<String>,
+    /// Keys (`name:base64`) an upstream narinfo must be signed with.
+    pub trusted_public_keys: Vec<String>,
     pub eval: EvalConfig,
     pub queue: QueueConfig,
     pub cache: CacheConfig,
@@ -127,6 +132,15 @@ pub struct QueueConfig {
     /// On SIGTERM, running steps get this long to finish before Kiln
     /// exits; steps still running then are built again after a restart.
     pub stop_timeout_s: u64,
+    /// Largest build output (NAR size) taken into the cache; beyond it the
+    /// build ends as "output limit exceeded" (11).
+    pub max_output_mib: u64,
+    /// Ask builders to substitute upstream inputs themselves (Nix's
+    /// `builders-use-substitutes`); what they cannot, Kiln sends.
+    pub builders_use_substitutes: bool,
+    /// Longest wait for an upstream's narinfo, and for any progress of a
+    /// download from it.
+    pub substitute_timeout_s: u64,
 }
 
 impl Default for QueueConfig {
@@ -141,6 +155,9 @@ impl Default for QueueConfig {
             pause_after_failures: 3,
             pause_s: 300,
             stop_timeout_s: 60,
+            max_output_mib: 4096,
+            builders_use_substitutes: true,
+            substitute_timeout_s: 10,
         }
     }
 }
@@ -168,6 +185,9 @@ pub struct CacheConfig {
     pub require_upload_signatures: bool,
     /// Public keys (`name:base64`) whose signatures uploads may carry.
     pub trusted_upload_keys: Vec<String>,
+    /// Keep the upstream paths Kiln's builds used in Kiln's own cache too,
+    /// so deployers need only Kiln.
+    pub mirror_upstream: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +237,8 @@ impl Default for Config {
             api_token_files: Vec::new(),
             private: false,
             log_format: LogFormat::Text,
+            substituters: Vec::new(),
+            trusted_public_keys: Vec::new(),
             eval: EvalConfig::default(),
             queue: QueueConfig::default(),
             cache: CacheConfig::default(),
@@ -252,6 +274,7 @@ impl Default for CacheConfig {
             gc_interval_s: 3600,
             require_upload_signatures: false,
             trusted_upload_keys: Vec::new(),
+            mirror_upstream: false,
         }
     }
 }
@@ -347,6 +370,29 @@ impl Config {
                 "eval.evaluator",
                 "\"nix-eval-jobs\" is not on PATH; use \"builtin\"",
             ));
+        }
+        crate::upstream::Upstreams::new(
+            &self.substituters,
+            &self.trusted_public_keys,
+            std::time::Duration::from_secs(1),
+        )
+        .map_err(|e| {
+            let key = if matches!(e, crate::upstream::UpstreamError::BadKey { .. }) {
+                "trusted_public_keys"
+            } else {
+                "substituters"
+            };
+            ConfigError::key(origin, key, e.to_string())
+        })?;
+        if !self.substituters.is_empty() && self.trusted_public_keys.is_empty() {
+            return Err(ConfigError::key(
+                origin,
+                "trusted_public_keys",
+                "substituters need the public keys their narinfos are signed with",
+            ));
+        }
+        if self.queue.substitute_timeout_s == 0 {
+            return Err(ConfigError::key(origin, "queue.substitute_timeout_s", "must be at least 1 s"));
         }
         if !(1..=19).contains(&self.cache.zstd_level) {
             return Err(ConfigError::key(origin, "cache.zstd_level", "must be between 1 and 19"));

@@ -29,6 +29,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Github(#[from] crate::github::GithubError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
 }
 
 /// Opens the database named by the configuration and applies migrations.
@@ -122,6 +124,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
         } else {
             crate::queue::leader::Leadership::Never
         },
+        crate::upstream::Upstreams::from_config(&config)?,
     );
     let evaluator = Evaluator::new(db.clone(), config.clone(), Some(queue.clone()), events.clone());
     evaluator.sync_config_projects().await?;

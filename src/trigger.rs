@@ -416,7 +416,11 @@ impl Evaluator {
         // New builds enter the queue as they are recorded: building starts
         // before the evaluation ends.
         let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
-        let hooks = eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: false };
+        let hooks = eval::record::Hooks {
+            new_builds: Some(new_tx),
+            fresh_builds: false,
+            roots: Some(crate::gcroots::GcRoots::open(&self.config.state_dir)),
+        };
         let recorder =
             tokio::spawn(async move { eval::record::record_stream_with(&db, jobset_id, eval_id, rx, hooks).await });
         let queue = self.queue.clone();

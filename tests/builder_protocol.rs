@@ -91,7 +91,7 @@ async fn exercise(machine: &Machine, sessions: &Sessions) {
     assert_eq!(infos[0].deriver.as_deref(), Some(drv_path.as_str()));
     assert!(infos[0].references.is_empty());
     let mut nar = Vec::new();
-    let n = conn.serve.dump_store_path(&out, &mut nar).await.unwrap();
+    let n = conn.serve.dump_store_path(&out, &mut nar, &mut |_| {}).await.unwrap();
     assert_eq!(n, infos[0].nar_size);
     assert_eq!(Hash::sha256(&nar), Hash::parse(&infos[0].nar_hash).unwrap());
     let unpacked = tempfile::tempdir().unwrap();

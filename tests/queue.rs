@@ -396,6 +396,7 @@ async fn cancel_restart_and_bump_builds() {
         events.clone(),
         None,
         kiln::queue::leader::Leadership::Alone,
+        kiln::upstream::Upstreams::none(),
     );
     let (_, jobset) = make_jobset(&t.db, "p", "main").await;
     let tag = unique("crb");

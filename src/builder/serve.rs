@@ -38,6 +38,17 @@ pub enum ServeError {
     Protocol(String),
     #[error("builder sent a bad NAR: {0}")]
     Nar(#[from] NarError),
+    /// Kiln's own side of a transfer failed: where a NAR came from (the
+    /// cache, an upstream) or where it went. Not the builder's fault.
+    #[error("{0}")]
+    Local(std::io::Error),
+}
+
+impl ServeError {
+    /// The error is of Kiln's own side of a transfer, not of the builder.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ServeError::Local(_))
+    }
 }
 
 /// Nix's `BuildResult::Status`.
@@ -275,10 +286,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
     pub async fn query_valid_paths(&mut self, paths: &[String], lock: bool) -> Result<Vec<String>, ServeError> {
         self.put(1);
         self.put(lock as u64);
-        self.put(0); // never substitute: Kiln's cache is the source
+        self.put(0);
         self.put_strs(paths.iter().map(String::as_str));
         self.flush().await?;
         self.get_strs().await
+    }
+
+    /// The same, after the builder has tried to substitute `paths` from its
+    /// own substituters (what Nix's `builders-use-substitutes` does);
+    /// failures to substitute are only warnings on its stderr. Nothing
+    /// arrives until it is done, so `wait` replaces the progress timeout.
+    pub async fn substitute_paths(&mut self, paths: &[String], wait: Duration) -> Result<Vec<String>, ServeError> {
+        self.put(1);
+        self.put(1);
+        self.put(1);
+        self.put_strs(paths.iter().map(String::as_str));
+        self.flush().await?;
+        let saved = self.progress_timeout;
+        self.progress_timeout = wait;
+        let r = self.get_strs().await;
+        self.progress_timeout = saved;
+        r
     }
 
     pub async fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<RemotePathInfo>, ServeError> {
@@ -333,9 +361,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
         let mut buf = vec![0u8; 256 * 1024];
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
-            let n = tokio::time::timeout(t, nar.read(&mut buf[..want])).await.map_err(|_| stalled())??;
+            let n = tokio::time::timeout(t, nar.read(&mut buf[..want]))
+                .await
+                .map_err(|_| ServeError::Local(std::io::Error::other(format!("the NAR of {} stalled", info.path))))?
+                .map_err(ServeError::Local)?;
             if n == 0 {
-                return Err(ServeError::Protocol(format!("NAR of {} ended {left} bytes early", info.path)));
+                let e = format!("the NAR of {} ended {left} bytes early", info.path);
+                return Err(ServeError::Local(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)));
             }
             tokio::time::timeout(t, self.w.write_all(&buf[..n])).await.map_err(|_| stalled())??;
             left -= n as u64;
@@ -425,6 +457,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
         &mut self,
         path: &str,
         sink: &mut (impl AsyncWrite + Unpin),
+        on_event: &mut impl FnMut(crate::nix::nar::Event<'_>),
     ) -> Result<u64, ServeError> {
         self.put(3);
         self.put_str(path);
@@ -439,11 +472,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeConn<R, W> {
             if buf.is_empty() {
                 return Err(ServeError::Eof);
             }
-            let n = parser.feed(buf, &mut |_| {})?;
-            sink.write_all(&buf[..n]).await?;
+            let n = parser.feed(buf, on_event)?;
+            sink.write_all(&buf[..n]).await.map_err(ServeError::Local)?;
             self.r.consume(n);
         }
-        sink.flush().await?;
+        sink.flush().await.map_err(ServeError::Local)?;
         Ok(parser.position())
     }
 }

@@ -46,6 +46,24 @@ pub enum CacheError {
     Compression(String),
 }
 
+impl CacheError {
+    /// The cache's storage ran out of space (or quota).
+    pub fn is_storage_full(&self) -> bool {
+        let io = match self {
+            CacheError::Storage(StorageError::Io { source, .. }) => source,
+            CacheError::Dir { source, .. } => source,
+            _ => return false,
+        };
+        matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    }
+
+    /// A fault of the coordinator's side (storage, database, key), as
+    /// opposed to the NAR it was given (short, invalid, too large).
+    pub fn is_coordinator_side(&self) -> bool {
+        matches!(self, CacheError::Storage(_) | CacheError::Dir { .. } | CacheError::Db(_) | CacheError::Key(_))
+    }
+}
+
 /// Where the public half of a generated key goes: beside the secret.
 pub fn public_key_path(secret: &Path) -> PathBuf {
     secret.with_extension("pub")
@@ -89,6 +107,8 @@ pub struct PathInfo {
 pub enum Origin {
     Build,
     Upload,
+    /// Substituted from a trusted upstream (`cache.mirror_upstream`).
+    Upstream,
 }
 
 impl Origin {
@@ -96,6 +116,7 @@ impl Origin {
         match self {
             Origin::Build => "build",
             Origin::Upload => "upload",
+            Origin::Upstream => "upstream",
         }
     }
 }
@@ -111,8 +132,12 @@ struct Inner {
     key: SigningKey,
     compression: Compression,
     zstd_level: i32,
+    /// Largest upload (`cache.max_upload_mib`).
     max_nar_bytes: u64,
+    /// Largest build output (`queue.max_output_mib`).
+    max_output_bytes: u64,
     priority: u32,
+    mirror_upstream: bool,
 }
 
 /// A NAR written to storage.
@@ -135,7 +160,9 @@ impl Cache {
                 compression: config.cache.compression,
                 zstd_level: config.cache.zstd_level,
                 max_nar_bytes: config.cache.max_upload_mib.saturating_mul(1024 * 1024).max(1),
+                max_output_bytes: config.queue.max_output_mib.saturating_mul(1024 * 1024).max(1),
                 priority: config.cache.priority,
+                mirror_upstream: config.cache.mirror_upstream,
             }),
         };
         cache.inner.storage.put_bytes("nix-cache-info", cache.cache_info().as_bytes())?;
@@ -158,6 +185,16 @@ impl Cache {
         self.inner.max_nar_bytes
     }
 
+    /// Whether upstream paths sent to builders are kept here too.
+    pub fn mirror_upstream(&self) -> bool {
+        self.inner.mirror_upstream
+    }
+
+    /// The largest build output taken in (`queue.max_output_mib`).
+    pub fn max_output_bytes(&self) -> u64 {
+        self.inner.max_output_bytes
+    }
+
     /// The `nix-cache-info` text.
     pub fn cache_info(&self) -> String {
         format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", crate::nix::STORE_DIR, self.inner.priority)
@@ -167,6 +204,24 @@ impl Cache {
     pub async fn contains(&self, path: &StorePath) -> Result<bool, CacheError> {
         let mut c = self.inner.db.conn().await?;
         Ok(cache_paths::contains(c.ex(), path.hash_part()).await?)
+    }
+
+    /// Which of `paths` the cache holds as Kiln's own (built here, or taken
+    /// from a trusted upstream), with their narinfo in storage: what the
+    /// queue counts as built. An upload never counts, and neither does an
+    /// index row whose files are gone (a cache directory emptied or swapped).
+    pub async fn own_paths(&self, paths: &[StorePath]) -> Result<std::collections::HashSet<String>, CacheError> {
+        let hashes: Vec<&str> = paths.iter().map(|p| p.hash_part()).collect();
+        let found: std::collections::HashSet<String> = {
+            let mut c = self.inner.db.conn().await?;
+            cache_paths::own_among(c.ex(), &hashes).await?.into_iter().collect()
+        };
+        Ok(paths
+            .iter()
+            .filter(|p| found.contains(p.hash_part()))
+            .filter(|p| self.inner.storage.exists(&format!("{}.narinfo", p.hash_part())))
+            .map(|p| p.to_string())
+            .collect())
     }
 
     /// Stores a NAR stream as `info.path`. With `expect`, the NAR must have
@@ -187,7 +242,14 @@ impl Cache {
         }
         let bridge = tokio_util::io::SyncIoBridge::new(nar);
         let inner = self.inner.clone();
-        let written = tokio::task::spawn_blocking(move || inner.write_nar(bridge, expect))
+        // Each origin has its own limit: a build's output is bounded by
+        // queue.max_output_mib, never by the upload limit.
+        let limit = match origin {
+            Origin::Build => self.inner.max_output_bytes,
+            Origin::Upload => self.inner.max_nar_bytes,
+            Origin::Upstream => u64::MAX,
+        };
+        let written = tokio::task::spawn_blocking(move || inner.write_nar(bridge, expect, limit))
             .await
             .map_err(|e| CacheError::Io(std::io::Error::other(e)))??;
         self.publish(info, written, origin).await
@@ -196,7 +258,7 @@ impl Cache {
     /// The same, for a NAR already in a synchronous reader (uploads being
     /// decompressed run here, on a blocking thread).
     fn ingest_blocking_nar(&self, nar: impl Read, expect: Option<(Hash, u64)>) -> Result<Written, CacheError> {
-        self.inner.write_nar(nar, expect)
+        self.inner.write_nar(nar, expect, self.inner.max_nar_bytes)
     }
 
     async fn publish(&self, info: PathInfo, w: Written, origin: Origin) -> Result<(NarInfo, bool), CacheError> {
@@ -290,7 +352,7 @@ impl Inner {
     /// Streams a NAR through the validator, the NAR hash and the compressor
     /// into a temporary file, then gives it its content-addressed name. On
     /// any error, or a NAR that does not match `expect`, nothing is kept.
-    fn write_nar(&self, mut nar: impl Read, expect: Option<(Hash, u64)>) -> Result<Written, CacheError> {
+    fn write_nar(&self, mut nar: impl Read, expect: Option<(Hash, u64)>, limit: u64) -> Result<Written, CacheError> {
         let ext = match self.compression {
             Compression::Zstd => ".zst",
             Compression::Xz => ".xz",
@@ -299,11 +361,15 @@ impl Inner {
         // The final name depends on the file hash, known only at the end.
         let (file, tmp) = self.storage.temp_for("nar/pending")?;
         let guard = RemoveOnDrop(Some(tmp.clone()));
+        // Writing is the storage's side: its errors (a full disk) are the
+        // coordinator's, never the NAR source's.
+        let store_err =
+            |e: std::io::Error| CacheError::Storage(StorageError::Io { path: tmp.display().to_string(), source: e });
         let hashing =
             HashingWriter { inner: std::io::BufWriter::with_capacity(256 * 1024, file), hash: Sha256Stream::new() };
         let mut enc: Box<dyn Encoder> = match self.compression {
             Compression::Zstd => {
-                Box::new(zstd::stream::write::Encoder::new(hashing, self.zstd_level).map_err(CacheError::Io)?)
+                Box::new(zstd::stream::write::Encoder::new(hashing, self.zstd_level).map_err(store_err)?)
             }
             Compression::Xz => Box::new(xz2::write::XzEncoder::new(hashing, 6)),
             Compression::None => Box::new(Plain(hashing)),
@@ -324,10 +390,10 @@ impl Inner {
                 return Err(CacheError::Nar(NarError::Trailing));
             }
             nar_hash.update(chunk);
-            if nar_hash.len() > self.max_nar_bytes {
-                return Err(CacheError::TooLarge(self.max_nar_bytes));
+            if nar_hash.len() > limit {
+                return Err(CacheError::TooLarge(limit));
             }
-            enc.write_all(chunk).map_err(CacheError::Io)?;
+            enc.write_all(chunk).map_err(store_err)?;
         }
         parser.finish()?;
         let nar_size = nar_hash.len();
@@ -339,11 +405,11 @@ impl Inner {
                 "narinfo says {h} ({size} bytes), the NAR is {nar_hash} ({nar_size} bytes)"
             )));
         }
-        let hashing = enc.finish_box().map_err(CacheError::Io)?;
+        let hashing = enc.finish_box().map_err(store_err)?;
         let file_size = hashing.hash.len();
         let file_hash = hashing.hash.finish();
-        let file = hashing.inner.into_inner().map_err(|e| CacheError::Io(e.into_error()))?;
-        file.sync_all().map_err(CacheError::Io)?;
+        let file = hashing.inner.into_inner().map_err(|e| store_err(e.into_error()))?;
+        file.sync_all().map_err(store_err)?;
         drop(file);
         let key = format!("nar/{}.nar{ext}", file_hash.to_base32());
         if self.storage.exists(&key) {

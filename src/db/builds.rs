@@ -366,15 +366,27 @@ pub async fn reopen(ex: Ex<'_>, id: i64) -> Result<bool> {
 
 /// The unfinished builds among `ids`.
 pub async fn unfinished_of(ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Build>> {
-    let mut out = Vec::new();
-    let mut ex = ex;
-    for id in ids {
-        if let Some(b) = get(ex.re(), *id).await?
-            && !b.finished
-        {
-            out.push(b);
-        }
+    Ok(get_many(ex, ids).await?.into_iter().filter(|b| !b.finished).collect())
+}
+
+/// The builds among `ids` that exist, in id order: a few hundred a query.
+pub async fn get_many(mut ex: Ex<'_>, ids: &[i64]) -> Result<Vec<Build>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            concat!("SELECT ", cols!(), " FROM builds WHERE id IN {} ORDER BY id"),
+            values_placeholders(ex.backend(), 1, chunk.len(), 1)
+        ));
+        let rows: Vec<Build> = run!(ex.re(), c => {
+            let mut q = sqlx::query_as(sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.fetch_all(&mut *c).await?
+        });
+        out.extend(rows);
     }
+    out.sort_by_key(|b| b.id);
     Ok(out)
 }
 
@@ -520,6 +532,12 @@ pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(i64, i64)>> {
 }
 
 /// Ids of every unfinished build (the partial index `builds_unfinished`).
+/// The derivations of unfinished builds (each once).
+pub async fn unfinished_drvs(ex: Ex<'_>) -> Result<Vec<String>> {
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT DISTINCT drv_path FROM builds WHERE finished = FALSE")
+        .fetch_all(&mut *c).await?))
+}
+
 pub async fn unfinished_ids(ex: Ex<'_>) -> Result<Vec<i64>> {
     Ok(run!(ex, c => sqlx::query_scalar("SELECT id FROM builds WHERE finished = FALSE ORDER BY id")
         .fetch_all(&mut *c).await?))

@@ -87,3 +87,24 @@ pub async fn all_for_gc(ex: Ex<'_>) -> Result<Vec<(String, String, String, i64)>
     Ok(run!(ex, c => sqlx::query_as("SELECT hash_part, refs, nar_file, file_size FROM cache_paths")
         .fetch_all(&mut *c).await?))
 }
+
+/// Which of `hash_parts` the cache holds as Kiln's own (any origin but an
+/// upload): a few hundred a query.
+pub async fn own_among(mut ex: Ex<'_>, hash_parts: &[&str]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for chunk in hash_parts.chunks(400) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT hash_part FROM cache_paths WHERE origin <> 'upload' AND hash_part IN {}",
+            super::builds::values_placeholders(ex.backend(), 1, chunk.len(), 1)
+        ));
+        let rows: Vec<String> = run!(ex.re(), c => {
+            let mut q = sqlx::query_scalar(sql);
+            for h in chunk {
+                q = q.bind(*h);
+            }
+            q.fetch_all(&mut *c).await?
+        });
+        out.extend(rows);
+    }
+    Ok(out)
+}

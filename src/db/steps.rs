@@ -13,7 +13,8 @@ pub struct Step {
     pub system: String,
     /// Space-separated `requiredSystemFeatures`.
     pub required_features: String,
-    /// `waiting`, `runnable`, `running`, `succeeded` or `failed`.
+    /// `waiting`, `runnable`, `running`, `succeeded`, `failed` (remembered
+    /// as a cached failure), `aborted` (not remembered) or `substituted`.
     pub state: String,
     pub build_status: Option<i64>,
     pub phase: Option<String>,
@@ -129,9 +130,16 @@ pub async fn set_phase(ex: Ex<'_>, id: i64, phase: &str) -> Result<()> {
     Ok(())
 }
 
-/// A finished step: `succeeded` (status 0) or `failed` with Hydra's status.
+/// A finished step: `succeeded` (status 0), `failed` (the derivation's own
+/// failure, 1 or 6: remembered, so other builds of it are cached failures
+/// until a restart) or `aborted` (any other status: timed out, a limit, a
+/// machine or coordinator fault; built again when a build needs it).
 pub async fn finish(ex: Ex<'_>, id: i64, build_status: i64, error: Option<&str>, log_file: Option<&str>) -> Result<()> {
-    let state = if build_status == 0 { "succeeded" } else { "failed" };
+    let state = match build_status {
+        0 => "succeeded",
+        1 | 6 => "failed",
+        _ => "aborted",
+    };
     run!(ex, c => sqlx::query(
         "UPDATE steps SET state = $2, build_status = $3, error = $4, log_file = COALESCE($5, log_file), stop_time = $6,
              phase = NULL WHERE id = $1")
@@ -197,7 +205,7 @@ pub async fn failed_on(ex: Ex<'_>, machine: &str, limit: i64) -> Result<Vec<Step
     let sql = concat!(
         "SELECT ",
         cols!(),
-        " FROM steps WHERE machine = $1 AND state = 'failed' ORDER BY stop_time DESC LIMIT $2"
+        " FROM steps WHERE machine = $1 AND state IN ('failed', 'aborted') ORDER BY stop_time DESC LIMIT $2"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(machine).bind(limit).fetch_all(&mut *c).await?))
 }
@@ -212,4 +220,136 @@ pub async fn duration_histogram(ex: Ex<'_>, bounds: &[f64]) -> Result<(Vec<i64>,
         bounds,
     )
     .await
+}
+
+/// A step to create if its derivation has none.
+pub struct NewStep<'a> {
+    pub drv_path: &'a str,
+    pub system: &'a str,
+    pub required_features: String,
+    pub state: &'a str,
+}
+
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// Creates the steps that do not exist yet (one multi-row statement per
+/// few hundred) and returns every asked-for step by derivation: the walk of
+/// a whole batch of builds costs a few round trips, not one per derivation.
+pub async fn get_or_create_many(
+    mut ex: Ex<'_>,
+    new: &[NewStep<'_>],
+) -> Result<std::collections::HashMap<String, Step>> {
+    let t = now();
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES {}
+             ON CONFLICT (drv_path) DO NOTHING",
+            super::builds::values_placeholders(ex.backend(), chunk.len(), 5, 1)
+        ));
+        run!(ex.re(), c => {
+            let mut q = sqlx::query(sql);
+            for s in chunk {
+                q = q.bind(s.drv_path).bind(s.system).bind(&s.required_features).bind(s.state).bind(t);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    let drvs: Vec<&str> = new.iter().map(|s| s.drv_path).collect();
+    Ok(get_many_by_drv(ex, &drvs).await?.into_iter().map(|s| (s.drv_path.clone(), s)).collect())
+}
+
+pub async fn get_many_by_drv(mut ex: Ex<'_>, drvs: &[&str]) -> Result<Vec<Step>> {
+    let mut out = Vec::with_capacity(drvs.len());
+    for chunk in drvs.chunks(ROWS_PER_STATEMENT) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            concat!("SELECT ", cols!(), " FROM steps WHERE drv_path IN {}"),
+            super::builds::values_placeholders(ex.backend(), 1, chunk.len(), 1)
+        ));
+        let rows: Vec<Step> = run!(ex.re(), c => {
+            let mut q = sqlx::query_as(sql);
+            for d in chunk {
+                q = q.bind(*d);
+            }
+            q.fetch_all(&mut *c).await?
+        });
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// Adds edges (step, the step it depends on), skipping those that exist.
+pub async fn add_deps_many(mut ex: Ex<'_>, edges: &[(i64, i64)]) -> Result<()> {
+    for chunk in edges.chunks(ROWS_PER_STATEMENT) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO step_deps (step_id, dep_id) VALUES {} ON CONFLICT DO NOTHING",
+            super::builds::values_placeholders(ex.backend(), chunk.len(), 2, 1)
+        ));
+        run!(ex.re(), c => {
+            let mut q = sqlx::query(sql);
+            for (s, d) in chunk {
+                q = q.bind(*s).bind(*d);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(())
+}
+
+/// Moves the given steps to `to`, except those in one of `unless` states
+/// (at least one).
+pub async fn set_state_many(mut ex: Ex<'_>, ids: &[i64], to: &str, unless: &[&str]) -> Result<u64> {
+    assert!(!unless.is_empty(), "set_state_many needs a state to leave alone");
+    let mut n = 0;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let b = ex.backend();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE steps SET state = {} WHERE state NOT IN {} AND id IN {}",
+            super::builds::values_placeholders(b, 1, 1, 1),
+            super::builds::values_placeholders(b, 1, unless.len(), 2),
+            super::builds::values_placeholders(b, 1, chunk.len(), 2 + unless.len())
+        ));
+        n += run!(ex.re(), c => {
+            let mut q = sqlx::query(sql).bind(to);
+            for u in unless {
+                q = q.bind(*u);
+            }
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(n)
+}
+
+/// Forgets every failure remembered in the closure of step `top` (a
+/// restart): those steps are built again.
+pub async fn reset_failed_closure(ex: Ex<'_>, top: i64) -> Result<u64> {
+    Ok(run!(ex, c => sqlx::query(
+        "WITH RECURSIVE closure(id) AS (SELECT $1 UNION SELECT d.dep_id FROM step_deps d JOIN closure c ON d.step_id = c.id)
+         UPDATE steps SET state = 'waiting', build_status = NULL, tries = 0, error = NULL, next_try_at = NULL
+         WHERE state = 'failed' AND id IN (SELECT id FROM closure)")
+        .bind(top).execute(&mut *c).await?.rows_affected()))
+}
+
+/// Moves those of `ids` that are in state `from` to `to`; returns how many.
+pub async fn transition_many(mut ex: Ex<'_>, ids: &[i64], from: &str, to: &str) -> Result<u64> {
+    let mut n = 0;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let b = ex.backend();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE steps SET state = {} WHERE state = {} AND id IN {}",
+            super::builds::values_placeholders(b, 1, 1, 1),
+            super::builds::values_placeholders(b, 1, 1, 2),
+            super::builds::values_placeholders(b, 1, chunk.len(), 3)
+        ));
+        n += run!(ex.re(), c => {
+            let mut q = sqlx::query(sql).bind(to).bind(from);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(n)
 }

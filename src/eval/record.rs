@@ -36,6 +36,9 @@ pub struct Hooks {
     /// Make a new build even when the jobset has one of the same
     /// derivation (`kiln build` reports every job of its own run).
     pub fresh_builds: bool,
+    /// Where new builds' derivations are rooted against Nix's garbage
+    /// collector, as soon as they are recorded (the queue lets them go).
+    pub roots: Option<crate::gcroots::GcRoots>,
 }
 
 /// Writes every job from `rx` as a member of evaluation `eval_id`.
@@ -79,6 +82,9 @@ pub async fn record_stream_with(
             let t = Instant::now();
             let n = batch.len();
             let before = r.build_ids.len();
+            if let Some(roots) = &hooks.roots {
+                roots.add_all(batch.iter().filter(|j| j.error.is_none()).filter_map(|j| j.drv_path.as_deref()));
+            }
             write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, hooks.fresh_builds)
                 .await?;
             tracing::debug!(jobs = n, ms = t.elapsed().as_millis() as u64, "recorded a batch");

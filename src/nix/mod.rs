@@ -8,6 +8,7 @@
 
 pub mod base32;
 pub mod command;
+pub mod compression;
 pub mod derivation;
 pub mod hash;
 pub mod nar;

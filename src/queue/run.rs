@@ -1,31 +1,42 @@
-//! Running one step on one machine: send the input closure the builder
-//! lacks (from Kiln's cache, or the local store for sources), build the
-//! derivation with the log streamed into the log store, and fetch each
+//! Running one step on one machine: get the input closure onto the builder
+//! (what it lacks: it substitutes upstream paths itself when it can, Kiln
+//! sends the rest from its cache, the local store or an upstream), build
+//! the derivation with the log streamed into the log store, and fetch each
 //! output with its path info straight into the cache. What goes wrong is
-//! sorted into the build's fault (the derivation failed) and the machine's
-//! (connection, protocol, transfer), which is retried elsewhere.
+//! sorted by whose fault it is: the derivation's (it failed), the
+//! machine's (connection, protocol, transfer: retried elsewhere), or the
+//! coordinator's own (cache storage full, an input gone, an upstream that
+//! no longer delivers), which never counts against the machine.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::io::AsyncReadExt;
 
 use crate::builder::connection::{ConnectError, Connection};
 use crate::builder::serve::{AddInfo, BuildOptions, BuildStatus as NixStatus, ServeError};
 use crate::cache::{Cache, CacheError, Origin, PathInfo};
 use crate::db::builds::BuildStatus;
-use crate::nix::{Derivation, Hash, StorePath};
+use crate::nix::nar::Event as NarEvent;
+use crate::nix::{Hash, StorePath};
+use crate::upstream::{Found, Lookup, Upstreams};
 
 /// The result of one attempt.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Built (or already there): output name and path.
-    Built { outputs: Vec<(String, String)>, log: Vec<u8> },
-    /// The derivation's own failure: not retried.
+    /// Built (or already there): output name and path. `failed_output`:
+    /// an output has `nix-support/failed` (Hydra's "failed with output").
+    Built { outputs: Vec<(String, String)>, log: Vec<u8>, failed_output: bool },
+    /// The derivation's own failure, or a limit it exceeded: not retried.
     Failed { status: BuildStatus, error: String, log: Vec<u8> },
     /// The machine's or the connection's fault: retried elsewhere.
     MachineFault { error: String, log: Vec<u8> },
+    /// The coordinator's own fault: reported as itself, never blamed on
+    /// the machine, not remembered as a failure of the derivation.
+    CoordinatorFault { error: String, log: Vec<u8> },
+    /// Inputs an upstream offered could not be had after all: they are to
+    /// be built instead.
+    Unsubstitutable { paths: Vec<String>, error: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +45,6 @@ pub enum StepError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Serve(#[from] ServeError),
-    #[error("cache: {0}")]
-    Cache(#[from] CacheError),
-    #[error("{0}")]
-    Other(String),
 }
 
 pub struct StepSpec<'a> {
@@ -45,34 +52,51 @@ pub struct StepSpec<'a> {
     pub max_silent_s: u64,
     pub timeout_s: u64,
     pub max_log_bytes: u64,
+    /// Ask the builder to substitute upstream inputs itself first.
+    pub builders_substitute: bool,
+    /// Keep upstream inputs in Kiln's cache as they are sent.
+    pub mirror_upstream: bool,
+    /// Written at the top of the log (why an upstream copy was not used).
+    pub note: Option<&'a str>,
 }
 
 /// Where an input path's NAR comes from.
 enum Source {
     Cache(Box<crate::nix::NarInfo>),
     Local,
+    Upstream(Arc<Found>),
+}
+
+/// Why the inputs could not be gathered.
+enum InputError {
+    /// The coordinator's own trouble (a `.drv` or an input gone).
+    Coordinator(String),
+    /// These upstream paths cannot be had any more.
+    Upstream(Vec<String>, String),
 }
 
 /// Builds one step on `conn`. `phase` is told of each phase as it starts.
 pub async fn run_step(
     conn: &mut Connection,
     cache: &Cache,
+    upstreams: &Upstreams,
     logs: &crate::logs::Logs,
     spec: &StepSpec<'_>,
     mut phase: impl FnMut(&'static str),
 ) -> Result<Outcome, StepError> {
-    let drv_bytes = tokio::fs::read(spec.drv_path)
-        .await
-        .map_err(|e| StepError::Other(format!("cannot read {}: {e}", spec.drv_path)))?;
-    let drv = Derivation::parse(&drv_bytes).map_err(|e| StepError::Other(format!("{}: {e}", spec.drv_path)))?;
+    let coordinator = |error: String| Ok(Outcome::CoordinatorFault { error, log: Vec::new() });
+    let drv = match super::walk::read_drv(spec.drv_path).await {
+        Ok(d) => d,
+        Err(e) => return coordinator(e),
+    };
 
     // The outputs of input derivations this one uses, and its sources.
     let mut inputs: Vec<String> = Vec::new();
     for (input, outs) in &drv.input_drvs {
-        let text = tokio::fs::read(input.to_string())
-            .await
-            .map_err(|e| StepError::Other(format!("cannot read {input}: {e}")))?;
-        let d = Derivation::parse(&text).map_err(|e| StepError::Other(format!("{input}: {e}")))?;
+        let d = match super::walk::read_drv(&input.to_string()).await {
+            Ok(d) => d,
+            Err(e) => return coordinator(e),
+        };
         for o in &d.outputs {
             if outs.contains(&o.name) && !o.path.is_empty() {
                 inputs.push(o.path.clone());
@@ -82,15 +106,41 @@ pub async fn run_step(
     let input_outputs = inputs.clone();
     inputs.extend(drv.input_srcs.iter().map(|p| p.to_string()));
 
-    // The closure of the inputs, references first.
-    let closure = input_closure(cache, &inputs).await?;
+    // The closure of the inputs, references first, and what the builder lacks.
+    let closure = match input_closure(cache, upstreams, &inputs).await {
+        Ok(c) => c,
+        Err(InputError::Coordinator(e)) => return coordinator(e),
+        Err(InputError::Upstream(paths, error)) => {
+            return Ok(unsubstitutable(cache, paths, &input_outputs, error).await);
+        }
+    };
     let names: Vec<String> = closure.iter().map(|(p, _, _)| p.clone()).collect();
-    let valid: HashSet<String> = conn.serve.query_valid_paths(&names, true).await?.into_iter().collect();
+    let mut valid: HashSet<String> = conn.serve.query_valid_paths(&names, true).await?.into_iter().collect();
+    let from_upstream: Vec<String> = closure
+        .iter()
+        .filter(|(p, _, s)| matches!(s, Source::Upstream(_)) && !valid.contains(p))
+        .map(|(p, _, _)| p.clone())
+        .collect();
+    // Mirroring means Kiln fetches upstream inputs itself, into its cache.
+    if spec.builders_substitute && !spec.mirror_upstream && !from_upstream.is_empty() {
+        phase("sending inputs");
+        // Substitution can take a while on a big closure; the build's own
+        // timeout bounds it.
+        let wait = Duration::from_secs(spec.timeout_s.max(600));
+        valid.extend(conn.serve.substitute_paths(&from_upstream, wait).await?);
+    }
     let missing: Vec<_> = closure.into_iter().filter(|(p, _, _)| !valid.contains(p)).collect();
     if !missing.is_empty() {
         phase("sending inputs");
         for (path, info, source) in &missing {
-            send_path(conn, cache, path, info, source).await?;
+            match send_path(conn, cache, upstreams, path, info, source, spec.mirror_upstream).await {
+                Ok(()) => {}
+                Err(SendError::Upstream(e)) => {
+                    return Ok(unsubstitutable(cache, vec![path.clone()], &input_outputs, e).await);
+                }
+                Err(SendError::Coordinator(e)) => return coordinator(e),
+                Err(SendError::Serve(e)) => return Err(e.into()),
+            }
         }
     }
 
@@ -108,6 +158,9 @@ pub async fn run_step(
         // The log goes to viewers as it arrives.
         let limit = spec.max_log_bytes.clamp(1 << 20, 256 << 20) as usize;
         logs.start_live(spec.drv_path, limit);
+        if let Some(note) = spec.note {
+            logs.append_live(spec.drv_path, format!("kiln: {note}\n").as_bytes());
+        }
         let live = logs.clone();
         let drv_name = spec.drv_path.to_string();
         let forwarder = tokio::spawn(async move {
@@ -146,105 +199,205 @@ pub async fn run_step(
             };
             return Ok(Outcome::Failed { status, error: result.error, log });
         }
+    } else if let Some(note) = spec.note {
+        log = format!("kiln: {note}\n").into_bytes();
     }
 
     phase("receiving outputs");
     let infos = conn.serve.query_path_infos(&out_paths).await?;
-    for (_, path) in &outputs {
-        let sp = StorePath::parse(path).map_err(|e| StepError::Other(e.to_string()))?;
-        if cache.contains(&sp).await? {
+    let parsed: Vec<StorePath> = match out_paths.iter().map(|p| StorePath::parse(p)).collect() {
+        Ok(v) => v,
+        Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),
+    };
+    let have = match cache.own_paths(&parsed).await {
+        Ok(h) => h,
+        Err(e) => return Ok(coordinator_fault(&e, log)),
+    };
+    let mut failed_output = false;
+    for ((_, path), sp) in outputs.iter().zip(parsed) {
+        if have.contains(path) {
             continue;
         }
-        let info = infos
-            .iter()
-            .find(|i| &i.path == path)
-            .ok_or_else(|| StepError::Other(format!("the builder lacks {path} after building it")))?;
-        let references = info
-            .references
-            .iter()
-            .map(|r| StorePath::parse(r))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StepError::Other(e.to_string()))?;
+        let Some(info) = infos.iter().find(|i| &i.path == path) else {
+            return Ok(Outcome::MachineFault { error: format!("the builder lacks {path} after building it"), log });
+        };
+        // Known before a byte moves: the output limit is the derivation's
+        // problem (Hydra's status 11), not a transfer to retry.
+        if info.nar_size > cache.max_output_bytes() {
+            let error = output_limit(path, info.nar_size, cache.max_output_bytes());
+            return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error, log });
+        }
+        let references = match info.references.iter().map(|r| StorePath::parse(r)).collect::<Result<Vec<_>, _>>() {
+            Ok(r) => r,
+            Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),
+        };
         let deriver = StorePath::parse(spec.drv_path).ok();
         let expect = Hash::parse(&info.nar_hash).ok().map(|h| (h, info.nar_size));
         let path_info = PathInfo { path: sp, references, deriver, ca: info.ca.clone() };
         // Straight from the connection into the cache: never whole in memory.
         let (rx, mut tx) = tokio::io::duplex(1 << 20);
         let ingest = cache.ingest(path_info, rx, expect, Origin::Build);
+        let mut marker = FailedMarker::default();
         let pump = async {
-            let r = conn.serve.dump_store_path(path, &mut tx).await;
+            let r = conn.serve.dump_store_path(path, &mut tx, &mut |e| marker.see(&e)).await;
             drop(tx);
             r
         };
         let (ingested, pumped) = tokio::join!(ingest, pump);
-        pumped?;
-        ingested?;
+        failed_output |= marker.found;
+        // The cache's error explains the pump's (a full disk closes the pipe).
+        match ingested {
+            Err(CacheError::TooLarge(limit)) => {
+                let error = output_limit(path, info.nar_size, limit);
+                return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error, log });
+            }
+            Err(e) if e.is_coordinator_side() => return Ok(coordinator_fault(&e, log)),
+            Err(e) => {
+                let error = match pumped {
+                    Err(p) if !p.is_local() => p.to_string(),
+                    _ => format!("the builder sent a bad output {path}: {e}"),
+                };
+                return Ok(Outcome::MachineFault { error, log });
+            }
+            Ok(_) => pumped?,
+        };
     }
-    Ok(Outcome::Built { outputs, log })
+    Ok(Outcome::Built { outputs, log, failed_output })
+}
+
+/// Upstream paths that did not arrive, with the step's own inputs that
+/// were to come from an upstream: those are what the next walk builds (a
+/// failed path deep in an upstream closure has no derivation in the walk).
+async fn unsubstitutable(cache: &Cache, mut paths: Vec<String>, inputs: &[String], error: String) -> Outcome {
+    let parsed: Vec<StorePath> = inputs.iter().filter_map(|p| StorePath::parse(p).ok()).collect();
+    let own = cache.own_paths(&parsed).await.unwrap_or_default();
+    paths.extend(inputs.iter().filter(|p| !own.contains(*p)).cloned());
+    paths.sort();
+    paths.dedup();
+    Outcome::Unsubstitutable { paths, error }
+}
+
+fn output_limit(path: &str, size: u64, limit: u64) -> String {
+    format!("output {path} is {} MiB, more than queue.max_output_mib ({} MiB)", size.div_ceil(1 << 20), limit >> 20)
+}
+
+fn coordinator_fault(e: &CacheError, log: Vec<u8>) -> Outcome {
+    let error = if e.is_storage_full() {
+        format!("cache storage full: {e}")
+    } else {
+        format!("the coordinator could not store the output: {e}")
+    };
+    Outcome::CoordinatorFault { error, log }
+}
+
+/// Spots `nix-support/failed` at the top of an output as its NAR passes.
+#[derive(Default)]
+struct FailedMarker {
+    path: Vec<Vec<u8>>,
+    found: bool,
+}
+
+impl FailedMarker {
+    fn see(&mut self, e: &NarEvent<'_>) {
+        match e {
+            NarEvent::Directory { name } => self.path.push(name.to_vec()),
+            NarEvent::DirectoryEnd => {
+                self.path.pop();
+            }
+            NarEvent::File { name, .. } | NarEvent::Symlink { name, .. } => {
+                if *name == b"failed" && self.path.len() == 2 && self.path[1] == b"nix-support" {
+                    self.found = true;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 type ClosureEntry = (String, Option<AddInfo>, Source);
 
 /// The closure of `roots`, references before referrers, each with where
-/// its NAR comes from: Kiln's cache if it has it, else the local store.
-async fn input_closure(cache: &Cache, roots: &[String]) -> Result<Vec<ClosureEntry>, StepError> {
+/// its NAR comes from: Kiln's cache if it has it, else the local store
+/// (sources, `.drv` files), else a trusted upstream.
+async fn input_closure(
+    cache: &Cache,
+    upstreams: &Upstreams,
+    roots: &[String],
+) -> Result<Vec<ClosureEntry>, InputError> {
     let mut infos: HashMap<String, (AddInfo, Source)> = HashMap::new();
     let mut todo: VecDeque<String> = roots.iter().cloned().collect();
     let mut local: Vec<String> = Vec::new();
-    while let Some(p) = todo.pop_front() {
-        if infos.contains_key(&p) || local.contains(&p) {
+    let mut elsewhere: Vec<StorePath> = Vec::new();
+    let mut queued: HashSet<String> = HashSet::new();
+    loop {
+        while let Some(p) = todo.pop_front() {
+            if infos.contains_key(&p) || !queued.insert(p.clone()) {
+                continue;
+            }
+            let sp = StorePath::parse(&p).map_err(|e| InputError::Coordinator(e.to_string()))?;
+            match cache.narinfo(&sp).await {
+                Ok(Some(ni)) => {
+                    let add = add_info(&ni);
+                    todo.extend(add.references.iter().filter(|r| **r != p).cloned());
+                    infos.insert(p, (add, Source::Cache(Box::new(ni))));
+                }
+                Ok(None) => elsewhere.push(sp),
+                Err(e) => return Err(InputError::Coordinator(format!("reading the cache: {e}"))),
+            }
+        }
+        if elsewhere.is_empty() {
+            break;
+        }
+        // What the local store has is sent from there; the rest must come
+        // from an upstream.
+        let batch = std::mem::take(&mut elsewhere);
+        let names: Vec<String> = batch.iter().map(|p| p.to_string()).collect();
+        let valid_here = local_valid(&names).await.map_err(InputError::Coordinator)?;
+        let mut ask = Vec::new();
+        for p in batch {
+            if valid_here.contains(&p.to_string()) {
+                local.push(p.to_string());
+            } else {
+                ask.push(p);
+            }
+        }
+        if ask.is_empty() {
             continue;
         }
-        let sp = StorePath::parse(&p).map_err(|e| StepError::Other(e.to_string()))?;
-        match cache.narinfo(&sp).await? {
-            Some(ni) => {
-                let add = AddInfo {
-                    path: p.clone(),
-                    deriver: ni.deriver.as_ref().map(|d| d.to_string()),
-                    nar_hash: ni.nar_hash.to_string(),
-                    references: ni.references.iter().map(|r| r.to_string()).collect(),
-                    nar_size: ni.nar_size,
-                    ca: ni.ca.clone(),
-                };
-                todo.extend(add.references.iter().filter(|r| **r != p).cloned());
-                infos.insert(p, (add, Source::Cache(Box::new(ni))));
+        let answers = upstreams.lookup_many(&ask).await;
+        let mut gone = Vec::new();
+        let mut why = Vec::new();
+        for p in ask {
+            let name = p.to_string();
+            match answers.get(&name) {
+                Some(Lookup::Found(f)) => {
+                    let add = add_info(&f.narinfo);
+                    todo.extend(add.references.iter().filter(|r| **r != name).cloned());
+                    infos.insert(name, (add, Source::Upstream(f.clone())));
+                }
+                Some(Lookup::Unusable(r)) => {
+                    why.push(r.to_string());
+                    gone.push(name);
+                }
+                _ => gone.push(name),
             }
-            None => local.push(p),
+        }
+        if !gone.is_empty() {
+            let error = format!(
+                "input {} is in neither Kiln's cache, the coordinator's store nor an upstream{}",
+                gone.join(", "),
+                if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) }
+            );
+            return Err(if upstreams.is_empty() {
+                InputError::Coordinator(error)
+            } else {
+                InputError::Upstream(gone, error)
+            });
         }
     }
     if !local.is_empty() {
-        // Sources and .drv inputs live in the coordinator's store.
-        let out = crate::nix::command::output(
-            "nix",
-            ["path-info", "--json", "--recursive"].into_iter().map(String::from).chain(local.iter().cloned()),
-        )
-        .await
-        .map_err(|e| StepError::Other(format!("an input is neither in the cache nor in the local store: {e}")))?;
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Info {
-            path: String,
-            nar_hash: String,
-            nar_size: u64,
-            #[serde(default)]
-            references: Vec<String>,
-            deriver: Option<String>,
-            ca: Option<String>,
-        }
-        let list: Vec<Info> = serde_json::from_slice(&out).map_err(|e| StepError::Other(e.to_string()))?;
-        for i in list {
-            if infos.contains_key(&i.path) {
-                continue;
-            }
-            let add = AddInfo {
-                path: i.path.clone(),
-                deriver: i.deriver,
-                nar_hash: i.nar_hash,
-                references: i.references,
-                nar_size: i.nar_size,
-                ca: i.ca,
-            };
-            infos.insert(i.path, (add, Source::Local));
+        for (path, add) in local_infos(&local).await.map_err(InputError::Coordinator)? {
+            infos.entry(path).or_insert((add, Source::Local));
         }
     }
     // References first (the builder refuses a path whose references are missing).
@@ -277,65 +430,144 @@ async fn input_closure(cache: &Cache, roots: &[String]) -> Result<Vec<ClosureEnt
         .collect())
 }
 
+fn add_info(ni: &crate::nix::NarInfo) -> AddInfo {
+    AddInfo {
+        path: ni.store_path.to_string(),
+        deriver: ni.deriver.as_ref().map(|d| d.to_string()),
+        nar_hash: ni.nar_hash.to_string(),
+        references: ni.references.iter().map(|r| r.to_string()).collect(),
+        nar_size: ni.nar_size,
+        ca: ni.ca.clone(),
+    }
+}
+
+/// Which of `paths` the coordinator's own Nix store holds.
+async fn local_valid(paths: &[String]) -> Result<HashSet<String>, String> {
+    let invalid = crate::nix::command::output(
+        "nix-store",
+        ["--check-validity", "--print-invalid"].into_iter().map(String::from).chain(paths.iter().cloned()),
+    )
+    .await
+    .map_err(|e| format!("asking the local store: {e}"))?;
+    let invalid: HashSet<&str> = std::str::from_utf8(&invalid).unwrap_or("").lines().collect();
+    Ok(paths.iter().filter(|p| !invalid.contains(p.as_str())).cloned().collect())
+}
+
+/// Path infos of local store paths and their closures.
+async fn local_infos(paths: &[String]) -> Result<Vec<(String, AddInfo)>, String> {
+    let out = crate::nix::command::output(
+        "nix",
+        ["path-info", "--json", "--recursive"].into_iter().map(String::from).chain(paths.iter().cloned()),
+    )
+    .await
+    .map_err(|e| format!("an input is missing from the coordinator's store: {e}"))?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Info {
+        path: String,
+        nar_hash: String,
+        nar_size: u64,
+        #[serde(default)]
+        references: Vec<String>,
+        deriver: Option<String>,
+        ca: Option<String>,
+    }
+    let list: Vec<Info> = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
+    Ok(list
+        .into_iter()
+        .map(|i| {
+            let add = AddInfo {
+                path: i.path.clone(),
+                deriver: i.deriver,
+                nar_hash: i.nar_hash,
+                references: i.references,
+                nar_size: i.nar_size,
+                ca: i.ca,
+            };
+            (i.path, add)
+        })
+        .collect())
+}
+
+enum SendError {
+    /// The connection failed: the machine's fault.
+    Serve(ServeError),
+    /// The coordinator could not read what it was to send.
+    Coordinator(String),
+    /// The upstream did not deliver.
+    Upstream(String),
+}
+
 async fn send_path(
     conn: &mut Connection,
     cache: &Cache,
+    upstreams: &Upstreams,
     path: &str,
     info: &Option<AddInfo>,
     source: &Source,
-) -> Result<(), StepError> {
+    mirror: bool,
+) -> Result<(), SendError> {
     let info = info.as_ref().expect("closure entries carry info");
+    let local_side = |e: ServeError, what: &dyn Fn(String) -> SendError| match e {
+        ServeError::Local(io) => what(format!("sending {path}: {io}")),
+        other => SendError::Serve(other),
+    };
     match source {
         Source::Local => {
-            let (rx, mut tx) = tokio::io::duplex(1 << 20);
+            let (mut rx, mut tx) = tokio::io::duplex(1 << 20);
             let p = Path::new(path).to_path_buf();
             let dump = tokio::spawn(async move { crate::nix::nar::dump_path_async(&p, &mut tx).await });
-            let mut rx = rx;
-            conn.serve.add_to_store_nar(info, &mut rx).await?;
-            dump.await.map_err(|e| StepError::Other(e.to_string()))?.map_err(|e| StepError::Other(e.to_string()))?;
+            let sent = conn.serve.add_to_store_nar(info, &mut rx).await;
+            let dumped = dump.await.map_err(|e| SendError::Coordinator(e.to_string()))?;
+            if let Err(e) = dumped {
+                return Err(SendError::Coordinator(format!("reading {path} from the local store: {e}")));
+            }
+            sent.map_err(|e| local_side(e, &SendError::Coordinator))
         }
         Source::Cache(ni) => {
-            // Decompressed on a blocking thread, streamed through a pipe.
-            let file = cache.storage().path(&ni.url).map_err(CacheError::from)?;
-            let compression = ni.compression.clone();
-            let (rx, tx) = tokio::io::duplex(1 << 20);
-            let writer = tokio::spawn(async move {
-                let mut tx = tx;
-                let (btx, mut brx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-                let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    let f = std::io::BufReader::new(std::fs::File::open(&file)?);
-                    let mut r: Box<dyn std::io::Read> = match compression.as_str() {
-                        "zstd" => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
-                        "xz" => Box::new(xz2::read::XzDecoder::new(f)),
-                        _ => Box::new(f),
+            let file = cache.storage().path(&ni.url).map_err(|e| SendError::Coordinator(e.to_string()))?;
+            let f = tokio::fs::File::open(&file).await.map_err(|e| {
+                SendError::Coordinator(format!("input {path} is in the cache index but its NAR cannot be read: {e}"))
+            })?;
+            let mut nar = crate::nix::compression::decompressing(&ni.compression, f)
+                .map_err(|e| SendError::Coordinator(e.to_string()))?;
+            conn.serve.add_to_store_nar(info, &mut nar).await.map_err(|e| local_side(e, &SendError::Coordinator))
+        }
+        Source::Upstream(found) => {
+            if mirror {
+                // Into Kiln's cache first (verified against its NarHash),
+                // then on from there.
+                let nar = upstreams.nar(found).await.map_err(|e| SendError::Upstream(e.to_string()))?;
+                let ni = &found.narinfo;
+                let pi = PathInfo {
+                    path: ni.store_path.clone(),
+                    references: ni.references.clone(),
+                    deriver: ni.deriver.clone(),
+                    ca: ni.ca.clone(),
+                };
+                let (stored, _) =
+                    match cache.ingest(pi, nar, Some((ni.nar_hash.clone(), ni.nar_size)), Origin::Upstream).await {
+                        Ok(r) => r,
+                        Err(e) if e.is_coordinator_side() => return Err(SendError::Coordinator(e.to_string())),
+                        Err(e) => return Err(SendError::Upstream(format!("{}: {e}", found.base))),
                     };
-                    loop {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        let n = r.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(());
-                        }
-                        buf.truncate(n);
-                        if btx.blocking_send(buf).is_err() {
-                            return Ok(());
-                        }
-                    }
-                });
-                use tokio::io::AsyncWriteExt;
-                while let Some(chunk) = brx.recv().await {
-                    if tx.write_all(&chunk).await.is_err() {
-                        break;
-                    }
-                }
-                reader.await.map_err(std::io::Error::other)?
-            });
-            let mut rx = rx;
-            conn.serve.add_to_store_nar(info, &mut rx).await?;
-            // Drain in case the NAR was longer than narinfo says.
-            let mut rest = Vec::new();
-            let _ = rx.read_to_end(&mut rest).await;
-            writer.await.map_err(|e| StepError::Other(e.to_string()))?.map_err(|e| StepError::Other(e.to_string()))?;
+                return Box::pin(send_path(
+                    conn,
+                    cache,
+                    upstreams,
+                    path,
+                    &Some(info.clone()),
+                    &Source::Cache(Box::new(stored)),
+                    false,
+                ))
+                .await;
+            }
+            let mut nar = upstreams.nar(found).await.map_err(|e| SendError::Upstream(e.to_string()))?;
+            // The builder checks the NAR against its NarHash as it adds it.
+            conn.serve
+                .add_to_store_nar(info, &mut nar)
+                .await
+                .map_err(|e| local_side(e, &|m| SendError::Upstream(format!("{}: {m}", found.base))))
         }
     }
-    Ok(())
 }

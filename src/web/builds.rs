@@ -60,7 +60,9 @@ pub struct StepView {
     id: i64,
     drvpath: String,
     system: String,
-    /// `waiting`, `runnable`, `running`, `succeeded` or `failed`.
+    /// `waiting`, `runnable`, `running`, `succeeded` (built), `substituted`
+    /// (taken from an upstream cache, not built), `failed` (remembered as
+    /// a cached failure) or `aborted` (not remembered: retried when needed).
     state: String,
     /// While running: connecting, sending inputs, building, receiving outputs, post-processing.
     phase: Option<String>,
@@ -114,6 +116,10 @@ pub struct BuildView {
     buildoutputs: BTreeMap<String, OutputView>,
     jobsetevals: Vec<i64>,
     error: Option<String>,
+    /// Steps of the build's closure Kiln built.
+    nrbuiltsteps: i64,
+    /// Steps of the build's closure substituted from upstream caches.
+    nrsubstitutedsteps: i64,
 }
 
 async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
@@ -124,7 +130,14 @@ async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
         projects::get_by_id(c.ex(), j.project_id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
     let outputs = builds::outputs(c.ex(), id).await?;
     let evals = evaluations::of_build(c.ex(), id).await?;
+    let steps = match b.top_step_id {
+        Some(top) => crate::db::steps::closure_of(c.ex(), top).await?,
+        None => Vec::new(),
+    };
+    let count = |state: &str| steps.iter().filter(|s| s.state == state).count() as i64;
     Ok(BuildView {
+        nrbuiltsteps: count("succeeded"),
+        nrsubstitutedsteps: count("substituted"),
         id: b.id,
         project: p.name,
         jobset: j.name,

@@ -489,6 +489,8 @@ struct BuildPage {
     error: Option<String>,
     outputs: Vec<(String, String, String)>,
     steps: Vec<StepLine>,
+    /// How many steps were built and how many substituted from upstreams.
+    step_summary: String,
     evals: Vec<i64>,
     running: bool,
 }
@@ -530,12 +532,13 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         None => Vec::new(),
     };
     let running = steps.iter().any(|s| s.state == "running");
+    let step_summary = step_summary(&steps);
     let steps = steps
         .into_iter()
         .map(|st| {
             let class = match st.state.as_str() {
-                "succeeded" => "ok",
-                "failed" => "bad",
+                "succeeded" | "substituted" => "ok",
+                "failed" | "aborted" => "bad",
                 "running" => "running",
                 _ => "queued",
             };
@@ -568,9 +571,22 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         b: row(listed),
         outputs,
         steps,
+        step_summary,
         evals,
         running,
     })
+}
+
+/// "2 built, 14 substituted": what a build's closure took.
+pub(crate) fn step_summary(steps: &[crate::db::steps::Step]) -> String {
+    let n = |state: &str| steps.iter().filter(|s| s.state == state).count();
+    let (built, substituted) = (n("succeeded"), n("substituted"));
+    let rest = steps.len() - built - substituted;
+    let mut parts = vec![format!("{built} built"), format!("{substituted} substituted from upstream caches")];
+    if rest > 0 {
+        parts.push(format!("{rest} not built yet or failed"));
+    }
+    parts.join(", ")
 }
 
 // ------------------------------------------------------------------ logs

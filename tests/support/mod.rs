@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use kiln::db::Db;
 use tempfile::TempDir;
 
+pub mod upstream;
+
 pub const SYSTEM: &str = "x86_64-linux";
 
 /// The Nix configuration every test process gets.
@@ -408,12 +410,20 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(sshd: &Sshd, name: &str, max_jobs: u32) -> Builder {
+        Self::with_nix_config(sshd, name, max_jobs, "substituters =")
+    }
+
+    /// A builder whose Nix also reads `nix_config` (its own substituters,
+    /// say; `substituters =` gives it none).
+    pub fn with_nix_config(sshd: &Sshd, name: &str, max_jobs: u32, nix_config: &str) -> Builder {
         let root = sshd.dir.path().join(name);
         std::fs::create_dir_all(&root).unwrap();
         let wrapper = sshd.dir.path().join(format!("{name}-nix-store"));
         std::fs::write(
             &wrapper,
-            "#!/bin/sh\nexport NIX_CONFIG=\"sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =\"\nexec nix-store \"$@\"\n",
+            format!(
+                "#!/bin/sh\nexport NIX_CONFIG=\"sandbox-paths = /bin/sh=/bin/busybox\n{nix_config}\"\nexec nix-store \"$@\"\n"
+            ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;

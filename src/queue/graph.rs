@@ -1,0 +1,500 @@
+//! The step graph: which unfinished builds need which steps, and the steps'
+//! edges to the steps they wait for. Builds join it from the database (at
+//! start, after a rescan, or when recorded) and leave it when they finish.
+
+use super::*;
+
+pub(super) struct Step {
+    pub(super) id: i64,
+    pub(super) drv_path: String,
+    pub(super) platform: Platform,
+    pub(super) deps: HashSet<i64>,
+    pub(super) dependents: HashSet<i64>,
+    /// Unfinished builds that need this step (directly or through others).
+    pub(super) builds: HashSet<i64>,
+    pub(super) running: bool,
+    pub(super) tries: u32,
+    pub(super) not_before: Option<Instant>,
+    pub(super) avoid: HashSet<String>,
+    pub(super) queued_since: Instant,
+    /// When it last entered a ready queue.
+    pub(super) runnable_since: Option<Instant>,
+    pub(super) key: Option<(i64, Key)>,
+    /// Said first in its log (why an upstream's copy was not used).
+    pub(super) note: Option<String>,
+}
+
+pub(super) struct LiveBuild {
+    /// Its derivation, rooted against Nix's garbage collector while live.
+    pub(super) drv: String,
+    pub(super) jobset: i64,
+    pub(super) top: i64,
+    pub(super) global: i64,
+    pub(super) priority: i64,
+    pub(super) timeout: i64,
+    pub(super) max_silent: i64,
+}
+
+/// What a walked derivation comes to.
+pub(super) enum Resolved {
+    /// A live step builds it.
+    Live(i64),
+    /// Its outputs are in the cache.
+    Cached,
+    /// Its outputs come from an upstream; the step row records that.
+    Substituted(i64),
+    /// It, or something it needs, failed before (that step).
+    Failed(i64),
+    /// It, or something it needs, has no `.drv` any more.
+    Missing(String),
+}
+
+/// Builds walked together when many join at once (start, rescan).
+const ADD_BATCH: usize = 1000;
+
+impl Runner {
+    // ------------------------------------------------------------ building the graph
+
+    /// Loads every unfinished build (after a start or a crash).
+    pub(super) async fn recover(&mut self) -> Result<(), DbError> {
+        let (unfinished, drvs) = {
+            let mut c = self.db.conn().await?;
+            let n = steps::reset_running(c.ex()).await?;
+            if n > 0 {
+                info!(steps = n, "steps left running by the last run go back to the queue");
+            }
+            (builds::unfinished_ids(c.ex()).await?, builds::unfinished_drvs(c.ex()).await?)
+        };
+        // Roots of builds that ended while no runner was here go.
+        self.roots.reconcile(&drvs.into_iter().collect());
+        for chunk in unfinished.chunks(ADD_BATCH) {
+            self.add_builds(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the queue in line with the database: unfinished builds it
+    /// does not hold (recorded or reopened by another process) join it,
+    /// held builds the database has finished (cancelled elsewhere, or
+    /// deleted with their project) leave it.
+    pub(super) async fn rescan(&mut self) -> Result<(), DbError> {
+        let ids: HashSet<i64> = {
+            let mut c = self.db.conn().await?;
+            builds::unfinished_ids(c.ex()).await?.into_iter().collect()
+        };
+        let gone: Vec<i64> = self.builds.keys().filter(|b| !ids.contains(b)).copied().collect();
+        for b in gone {
+            self.drop_build(b);
+        }
+        let mut new: Vec<i64> = ids.into_iter().filter(|b| !self.builds.contains_key(b)).collect();
+        new.sort_unstable();
+        for chunk in new.chunks(ADD_BATCH) {
+            self.add_builds(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds unfinished builds to the graph, walking all their closures
+    /// together (see [`walk`]): a build whose outputs are all in the cache
+    /// or substitutable finishes at once, one that needs a step that failed
+    /// before finishes as a cached or dependency failure, one whose
+    /// derivation is gone fails alone with the path named; the others wait
+    /// for their steps.
+    pub(super) async fn add_builds(&mut self, ids: &[i64]) -> Result<(), DbError> {
+        let ids: Vec<i64> = ids.iter().copied().filter(|id| !self.builds.contains_key(id)).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<builds::Build> = {
+            let mut c = self.db.conn().await?;
+            let list: Vec<builds::Build> =
+                builds::get_many(c.ex(), &ids).await?.into_iter().filter(|b| !b.finished).collect();
+            for b in &list {
+                if !self.shares.contains_key(&b.jobset_id) {
+                    let j = crate::db::jobsets::get_by_id(c.ex(), b.jobset_id).await?;
+                    self.shares.insert(b.jobset_id, j.map(|j| j.scheduling_shares).unwrap_or(100).max(1));
+                }
+            }
+            list
+        };
+        if list.is_empty() {
+            return Ok(());
+        }
+        let tops: Vec<String> = list.iter().map(|b| b.drv_path.clone()).collect();
+        // Rooted before anything is read, so a collection cannot take them.
+        self.roots.add_all(tops.iter().map(String::as_str));
+        let by_drv = &self.by_drv;
+        let nodes = walk::explore(tops, |d| by_drv.contains_key(d), &self.cache, &self.upstreams)
+            .await
+            .map_err(|e| DbError::Invalid(format!("looking up the cache: {e}")))?;
+        let rows = self.record_nodes(&nodes).await?;
+        let resolved = self.resolve(&nodes, &rows, list.iter().map(|b| b.drv_path.as_str()));
+
+        let drvs: HashMap<i64, String> = list.iter().map(|b| (b.id, b.drv_path.clone())).collect();
+        let mut finished: Vec<(i64, i64, BuildStatus, bool, Option<i64>, Option<String>)> = Vec::new();
+        let mut tops: Vec<(i64, i64)> = Vec::new();
+        let mut queued: Vec<(builds::Build, i64)> = Vec::new();
+        for b in list {
+            let top_row = rows.get(&b.drv_path).map(|r| r.id);
+            match resolved.get(&b.drv_path) {
+                Some(Resolved::Live(top)) => {
+                    tops.push((b.id, *top));
+                    queued.push((b, *top));
+                }
+                Some(Resolved::Cached) | None => {
+                    finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
+                }
+                Some(Resolved::Substituted(step)) => {
+                    tops.push((b.id, *step));
+                    finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
+                }
+                Some(Resolved::Failed(step)) => {
+                    let top = top_row.is_none_or(|t| t == *step);
+                    let status = if top { BuildStatus::CachedFailure } else { BuildStatus::DepFailed };
+                    let msg = "a step failed before (not retried); restart the build to try again".to_string();
+                    if let Some(t) = top_row {
+                        tops.push((b.id, t));
+                    }
+                    finished.push((b.id, b.jobset_id, status, false, Some(*step), Some(msg)));
+                }
+                Some(Resolved::Missing(msg)) => {
+                    warn!(build = b.id, error = %msg, "a derivation of the build is missing");
+                    if let Some(t) = top_row {
+                        tops.push((b.id, t));
+                    }
+                    finished.push((b.id, b.jobset_id, BuildStatus::Aborted, false, None, Some(msg.clone())));
+                }
+            }
+        }
+        {
+            let mut tx = self.db.begin().await?;
+            for (b, s) in &tops {
+                builds::set_top_step(tx.ex(), *b, *s).await?;
+            }
+            for (b, _, status, cached, step, msg) in &finished {
+                builds::finish(tx.ex(), *b, *status, *cached, *step, msg.as_deref()).await?;
+                self.report(tx.ex(), *b).await?;
+            }
+            tx.commit().await?;
+        }
+        for (b, jobset, status, ..) in finished {
+            if let Some(drv) = drvs.get(&b) {
+                self.release(drv);
+            }
+            debug!(build = b, status = status.label(), "finished without building");
+            self.announce(Announce::BuildFinished { build: b, jobset: Some(jobset), buildstatus: status as i64 });
+        }
+        for (b, top) in queued {
+            *self.live_drvs.entry(b.drv_path.clone()).or_default() += 1;
+            self.builds.insert(
+                b.id,
+                LiveBuild {
+                    drv: b.drv_path.clone(),
+                    jobset: b.jobset_id,
+                    top,
+                    global: b.global_priority,
+                    priority: b.priority,
+                    timeout: b.timeout,
+                    max_silent: b.max_silent,
+                },
+            );
+            self.announce(Announce::BuildQueued { build: b.id, jobset: Some(b.jobset_id) });
+            // The build needs every step of its closure; those with nothing
+            // left to wait for are runnable.
+            let mut stack = vec![top];
+            let mut ready = Vec::new();
+            while let Some(s) = stack.pop() {
+                if let Some(st) = self.steps.get_mut(&s)
+                    && st.builds.insert(b.id)
+                {
+                    if st.deps.is_empty() && !st.running {
+                        ready.push(s);
+                    }
+                    stack.extend(st.deps.iter().copied());
+                }
+            }
+            for s in ready {
+                self.requeue(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the walk's steps to the database: one row per derivation to
+    /// build (`waiting`) or to substitute (`substituted`, for the build
+    /// pages), and the edges between them, in a few multi-row statements.
+    async fn record_nodes(&self, nodes: &HashMap<String, walk::Node>) -> Result<HashMap<String, steps::Step>, DbError> {
+        let mut new = Vec::new();
+        for (drv, n) in nodes {
+            match n {
+                walk::Node::Build { system, features, .. } => new.push(steps::NewStep {
+                    drv_path: drv,
+                    system,
+                    required_features: features.join(" "),
+                    state: "waiting",
+                }),
+                walk::Node::Substitutable => new.push(steps::NewStep {
+                    drv_path: drv,
+                    system: "",
+                    required_features: String::new(),
+                    state: "substituted",
+                }),
+                walk::Node::Cached | walk::Node::Missing(_) => {}
+            }
+        }
+        if new.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut tx = self.db.begin().await?;
+        let mut rows = steps::get_or_create_many(tx.ex(), &new).await?;
+        // A derivation substituted now may have a row from an earlier build.
+        let subst: HashSet<i64> = nodes
+            .iter()
+            .filter(|(_, n)| matches!(n, walk::Node::Substitutable))
+            .filter_map(|(d, _)| rows.get(d))
+            .filter(|r| r.state != "substituted")
+            .map(|r| r.id)
+            .collect();
+        if !subst.is_empty() {
+            let ids: Vec<i64> = subst.iter().copied().collect();
+            steps::set_state_many(tx.ex(), &ids, "substituted", &["running"]).await?;
+            for r in rows.values_mut() {
+                if subst.contains(&r.id) && r.state != "running" {
+                    r.state = "substituted".into();
+                }
+            }
+        }
+        // A derivation to build now may have been substituted before.
+        let rebuild: HashSet<i64> = nodes
+            .iter()
+            .filter(|(_, n)| matches!(n, walk::Node::Build { .. }))
+            .filter_map(|(d, _)| rows.get(d))
+            .filter(|r| r.state == "substituted")
+            .map(|r| r.id)
+            .collect();
+        if !rebuild.is_empty() {
+            let ids: Vec<i64> = rebuild.iter().copied().collect();
+            steps::set_state_many(tx.ex(), &ids, "waiting", &["running"]).await?;
+            for r in rows.values_mut() {
+                if rebuild.contains(&r.id) {
+                    r.state = "waiting".into();
+                }
+            }
+        }
+        let mut edges = Vec::new();
+        for (drv, n) in nodes {
+            if let (walk::Node::Build { inputs, .. }, Some(row)) = (n, rows.get(drv)) {
+                for i in inputs {
+                    let dep = rows.get(i).map(|r| r.id).or_else(|| self.by_drv.get(i).copied());
+                    if let Some(dep) = dep {
+                        edges.push((row.id, dep));
+                    }
+                }
+            }
+        }
+        steps::add_deps_many(tx.ex(), &edges).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// What each walked derivation comes to, children before parents: live
+    /// steps are made for what must be built and can be; a failure or a
+    /// missing `.drv` below a derivation is its fate too.
+    fn resolve<'a>(
+        &mut self,
+        nodes: &HashMap<String, walk::Node>,
+        rows: &HashMap<String, steps::Step>,
+        tops: impl Iterator<Item = &'a str>,
+    ) -> HashMap<String, Resolved> {
+        let mut done: HashMap<String, Resolved> = HashMap::new();
+        for top in tops {
+            let mut stack: Vec<(&str, bool)> = vec![(top, false)];
+            while let Some((drv, inputs_done)) = stack.pop() {
+                if done.contains_key(drv) {
+                    continue;
+                }
+                if let Some(&id) = self.by_drv.get(drv) {
+                    done.insert(drv.to_string(), Resolved::Live(id));
+                    continue;
+                }
+                let r = match nodes.get(drv) {
+                    None | Some(walk::Node::Cached) => Resolved::Cached,
+                    Some(walk::Node::Missing(m)) => Resolved::Missing(m.clone()),
+                    Some(walk::Node::Substitutable) => match rows.get(drv) {
+                        Some(row) => Resolved::Substituted(row.id),
+                        None => Resolved::Cached,
+                    },
+                    Some(walk::Node::Build { inputs, system, features, note }) => {
+                        if !inputs_done {
+                            stack.push((drv, true));
+                            stack.extend(
+                                inputs.iter().filter(|i| !done.contains_key(i.as_str())).map(|i| (i.as_str(), false)),
+                            );
+                            continue;
+                        }
+                        let Some(row) = rows.get(drv) else {
+                            done.insert(drv.to_string(), Resolved::Missing(format!("no step for {drv}")));
+                            continue;
+                        };
+                        if row.state == "failed" {
+                            Resolved::Failed(row.id)
+                        } else {
+                            let mut deps = HashSet::new();
+                            let mut bad = None;
+                            for i in inputs {
+                                match done.get(i.as_str()) {
+                                    Some(Resolved::Live(id)) => {
+                                        deps.insert(*id);
+                                    }
+                                    Some(Resolved::Failed(s)) => bad = Some(Resolved::Failed(*s)),
+                                    Some(Resolved::Missing(m)) if bad.is_none() => {
+                                        bad = Some(Resolved::Missing(m.clone()))
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            match bad {
+                                Some(b) => b,
+                                None => {
+                                    self.make_step(row, drv, system, features, deps, note.clone());
+                                    Resolved::Live(row.id)
+                                }
+                            }
+                        }
+                    }
+                };
+                done.insert(drv.to_string(), r);
+            }
+        }
+        done
+    }
+
+    fn make_step(
+        &mut self,
+        row: &steps::Step,
+        drv: &str,
+        system: &str,
+        features: &[String],
+        deps: HashSet<i64>,
+        note: Option<String>,
+    ) {
+        let mut f = features.to_vec();
+        f.sort();
+        let platform: Platform = (Arc::from(system), f);
+        for d in &deps {
+            if let Some(s) = self.steps.get_mut(d) {
+                s.dependents.insert(row.id);
+            }
+        }
+        let now = db::now();
+        self.steps.insert(
+            row.id,
+            Step {
+                id: row.id,
+                drv_path: drv.to_string(),
+                platform,
+                deps,
+                dependents: HashSet::new(),
+                builds: HashSet::new(),
+                running: false,
+                tries: row.tries.max(0) as u32,
+                not_before: row
+                    .next_try_at
+                    .filter(|t| *t > now)
+                    .map(|t| Instant::now() + Duration::from_secs((t - now) as u64)),
+                avoid: HashSet::new(),
+                queued_since: Instant::now(),
+                runnable_since: None,
+                key: None,
+                note,
+            },
+        );
+        self.by_drv.insert(drv.to_string(), row.id);
+    }
+
+    /// Forgets a finished build, and the steps nothing else needs (only its
+    /// own closure is looked at).
+    pub(super) fn drop_build(&mut self, id: i64) {
+        let Some(b) = self.forget_build(id) else {
+            self.idle_check();
+            return;
+        };
+        let mut orphans = Vec::new();
+        let mut stack = vec![b.top];
+        while let Some(s) = stack.pop() {
+            if let Some(st) = self.steps.get_mut(&s)
+                && st.builds.remove(&id)
+            {
+                if st.builds.is_empty() && !st.running {
+                    orphans.push(s);
+                }
+                stack.extend(st.deps.iter().copied());
+            }
+        }
+        for s in orphans {
+            self.remove_step(s);
+        }
+        self.idle_check();
+    }
+
+    /// Takes an ended build out of the live set; its derivation's GC root
+    /// goes unless another live build has the same derivation.
+    pub(super) fn forget_build(&mut self, id: i64) -> Option<LiveBuild> {
+        let b = self.builds.remove(&id)?;
+        if let Some(n) = self.live_drvs.get_mut(&b.drv) {
+            *n -= 1;
+            if *n == 0 {
+                self.live_drvs.remove(&b.drv);
+            }
+        }
+        self.release(&b.drv);
+        Some(b)
+    }
+
+    /// Drops the GC root of `drv` if no live build needs it.
+    pub(super) fn release(&mut self, drv: &str) {
+        if !self.live_drvs.contains_key(drv) {
+            self.roots.remove(drv);
+        }
+    }
+
+    pub(super) fn remove_step(&mut self, id: i64) {
+        self.unqueue(id);
+        if let Some(s) = self.steps.remove(&id) {
+            self.by_drv.remove(&s.drv_path);
+            for d in s.deps {
+                if let Some(ds) = self.steps.get_mut(&d) {
+                    ds.dependents.remove(&id);
+                }
+            }
+        }
+    }
+
+    pub(super) async fn restart(&mut self, id: i64) -> Result<(), DbError> {
+        if self.reopen(id).await? {
+            self.add_builds(&[id]).await?;
+        }
+        Ok(())
+    }
+
+    /// Reopens a finished build in the database, the failures remembered
+    /// in its closure forgotten; false if it was not finished.
+    pub(super) async fn reopen(&self, id: i64) -> Result<bool, DbError> {
+        let mut tx = self.db.begin().await?;
+        let Some(b) = builds::get(tx.ex(), id).await? else { return Ok(false) };
+        if !b.finished {
+            return Ok(false);
+        }
+        let top = match b.top_step_id {
+            Some(t) => Some(t),
+            None => steps::get_by_drv(tx.ex(), &b.drv_path).await?.map(|s| s.id),
+        };
+        if let Some(top) = top {
+            steps::reset_failed_closure(tx.ex(), top).await?;
+        }
+        builds::reopen(tx.ex(), id).await?;
+        self.report(tx.ex(), id).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,120 @@
+//! The runner's view of its machines: the list from the machines file
+//! (reloaded when it changes), each machine's running steps, idle
+//! connections and failure count, and the choice of machine for a step.
+//! Only machine faults count here: a failure of the coordinator's own
+//! never pauses a machine.
+
+use super::*;
+
+pub(super) struct MachineState {
+    pub(super) m: Machine,
+    pub(super) running: u32,
+    pub(super) failures: u32,
+    pub(super) paused_until: Option<Instant>,
+    pub(super) idle: Vec<Connection>,
+}
+
+impl Runner {
+    // ------------------------------------------------------------ machines
+
+    pub(super) fn reload_machines(&mut self) {
+        let list = match &self.source {
+            MachineSource::List(l) => {
+                if !self.machines.is_empty() || l.is_empty() {
+                    return;
+                }
+                l.clone()
+            }
+            MachineSource::File(path) => {
+                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                if mtime == self.source_mtime && !self.machines.is_empty() {
+                    return;
+                }
+                self.source_mtime = mtime;
+                match crate::builder::machines::load(path) {
+                    Ok((list, errors)) => {
+                        for e in &errors {
+                            warn!(file = %path.display(), "machines file {e}; skipped");
+                        }
+                        self.status.lock().expect("status").machine_errors =
+                            errors.iter().map(|e| e.to_string()).collect();
+                        list
+                    }
+                    Err(e) => {
+                        warn!(file = %path.display(), error = %e, "cannot read the machines file");
+                        return;
+                    }
+                }
+            }
+        };
+        let mut old: HashMap<String, MachineState> = self.machines.drain(..).map(|m| (m.m.uri.clone(), m)).collect();
+        for m in list {
+            match old.remove(&m.uri) {
+                Some(mut st) if st.m == m => {
+                    st.m = m;
+                    self.machines.push(st);
+                }
+                Some(st) => self.machines.push(MachineState {
+                    m,
+                    running: st.running,
+                    failures: 0,
+                    paused_until: None,
+                    idle: vec![],
+                }),
+                None => {
+                    self.machines.push(MachineState { m, running: 0, failures: 0, paused_until: None, idle: vec![] })
+                }
+            }
+        }
+        info!(machines = self.machines.len(), "machines loaded");
+    }
+
+    /// The free machine that fits, lowest load per speed factor, avoiding
+    /// those that failed this step when another one could take it.
+    pub(super) fn pick_machine(&self, platform: &Platform, avoid: &HashSet<String>) -> Option<usize> {
+        let now = Instant::now();
+        let usable = |m: &MachineState| m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now);
+        let free = |m: &MachineState| m.running < m.m.max_jobs.max(1);
+        let load = |m: &MachineState| m.running as f64 / m.m.max_jobs.max(1) as f64 / m.m.speed_factor;
+        let best = |skip_avoided: bool| {
+            self.machines
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| usable(m) && free(m) && !(skip_avoided && avoid.contains(&m.m.uri)))
+                .min_by(|a, b| load(a.1).partial_cmp(&load(b.1)).unwrap_or(std::cmp::Ordering::Equal))
+                .map(|(i, _)| i)
+        };
+        if let Some(i) = best(true) {
+            return Some(i);
+        }
+        // Only avoided machines are free: wait if another could take it.
+        let other_exists = self.machines.iter().any(|m| usable(m) && !avoid.contains(&m.m.uri));
+        if other_exists { None } else { best(false) }
+    }
+
+    pub(super) async fn machine_ok(&mut self, uri: &str) -> Result<(), DbError> {
+        if let Some(m) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
+            m.failures = 0;
+        }
+        let mut c = self.db.conn().await?;
+        machine_db::record_success(c.ex(), uri).await
+    }
+
+    pub(super) async fn machine_failed(&mut self, uri: &str, error: &str) -> Result<(), DbError> {
+        let mut pause = None;
+        if let Some(m) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
+            m.failures += 1;
+            m.idle.clear();
+            if m.failures >= self.config.pause_after_failures {
+                m.paused_until = Some(Instant::now() + Duration::from_secs(self.config.pause_s));
+                pause = Some(db::now() + self.config.pause_s as i64);
+                warn!(machine = uri, failures = m.failures, pause_s = self.config.pause_s, "machine paused");
+            }
+            let m = m.m.clone();
+            self.sessions.forget(&m).await;
+        }
+        let mut c = self.db.conn().await?;
+        machine_db::record_failure(c.ex(), uri, error, pause).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,257 @@
+//! Results: what a finished attempt does to its step, its builds and its
+//! machine. A build failure finishes the builds that need the step; a
+//! machine fault is retried elsewhere; the coordinator's own fault is
+//! reported as itself and never blamed on the machine.
+
+use super::*;
+
+/// Walks again after inputs promised by an upstream did not arrive.
+const MAX_REWALKS: u32 = 3;
+
+impl Runner {
+    pub(super) async fn step_done(
+        &mut self,
+        id: i64,
+        uri: &str,
+        outcome: Result<Outcome, String>,
+        secs: f64,
+        conn: Option<Box<Connection>>,
+    ) -> Result<(), DbError> {
+        if let Some(ms) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
+            ms.running = ms.running.saturating_sub(1);
+            if let Some(c) = conn {
+                ms.idle.push(*c);
+            }
+        }
+        let jobsets: HashSet<i64> = self
+            .steps
+            .get(&id)
+            .map(|s| s.builds.iter().filter_map(|b| self.builds.get(b).map(|lb| lb.jobset)).collect())
+            .unwrap_or_default();
+        for j in jobsets {
+            *self.usage.entry(j).or_default() += secs;
+        }
+        let Some(step) = self.steps.get_mut(&id) else { return Ok(()) };
+        step.running = false;
+        let drv = step.drv_path.clone();
+        match outcome {
+            Ok(Outcome::Built { outputs, log, failed_output }) => {
+                let log_file = self.store_log(&drv, &log);
+                self.machine_ok(uri).await?;
+                if failed_output {
+                    // Hydra's "failed with output": the outputs are kept and
+                    // served, the builds that need them fail.
+                    let mut c = self.db.conn().await?;
+                    for (name, path) in &outputs {
+                        steps::set_output(c.ex(), id, name, path).await?;
+                    }
+                    drop(c);
+                    let error = "the build marked its output as failed ($out/nix-support/failed)";
+                    self.fail_step(id, BuildStatus::FailedWithOutput, error, log_file.as_deref()).await?;
+                } else {
+                    self.step_built(id, &drv, uri, &outputs, log_file.as_deref(), secs).await?;
+                }
+            }
+            Ok(Outcome::Failed { status, error, log }) => {
+                let log_file = self.store_log(&drv, &log);
+                self.machine_ok(uri).await?;
+                self.fail_step(id, status, &error, log_file.as_deref()).await?;
+            }
+            Ok(Outcome::MachineFault { error, log }) => {
+                let _ = log;
+                self.machine_failed(uri, &error).await?;
+                self.retry_or_abort(id, uri, &error).await?;
+            }
+            Ok(Outcome::CoordinatorFault { error, mut log }) => {
+                // Neither the machine's fault nor the derivation's: the
+                // builds end as aborted with the reason, the machine is not
+                // blamed, and a restart builds the step again.
+                warn!(step = id, drv = %drv, machine = %uri, %error, "the coordinator could not finish a step");
+                log.extend_from_slice(format!("kiln: {error}\n").as_bytes());
+                let log_file = self.store_log(&drv, &log);
+                self.fail_step(id, BuildStatus::Aborted, &error, log_file.as_deref()).await?;
+            }
+            Ok(Outcome::Unsubstitutable { paths, error }) => self.unsubstitutable(id, &drv, &paths, &error).await?,
+            Err(error) => {
+                self.machine_failed(uri, &error).await?;
+                self.retry_or_abort(id, uri, &error).await?;
+            }
+        }
+        self.idle_check();
+        Ok(())
+    }
+
+    /// A step built: its outputs recorded, the builds it tops finished,
+    /// its dependents one input closer to runnable.
+    async fn step_built(
+        &mut self,
+        id: i64,
+        drv: &str,
+        uri: &str,
+        outputs: &[(String, String)],
+        log_file: Option<&str>,
+        secs: f64,
+    ) -> Result<(), DbError> {
+        let finished: Vec<i64> = self
+            .steps
+            .get(&id)
+            .map(|s| s.builds.iter().copied().filter(|b| self.builds.get(b).is_some_and(|lb| lb.top == id)).collect())
+            .unwrap_or_default();
+        let mut tx = self.db.begin().await?;
+        for (name, path) in outputs {
+            steps::set_output(tx.ex(), id, name, path).await?;
+        }
+        steps::finish(tx.ex(), id, 0, None, log_file).await?;
+        for b in &finished {
+            builds::finish(tx.ex(), *b, BuildStatus::Succeeded, false, None, None).await?;
+            self.report(tx.ex(), *b).await?;
+        }
+        tx.commit().await?;
+        self.done += 1;
+        info!(step = id, drv = %drv, machine = %uri, secs = format!("{secs:.2}"), "built");
+        for b in finished {
+            self.announce_finished(b, BuildStatus::Succeeded);
+            self.forget_build(b);
+        }
+        let dependents: Vec<i64> =
+            self.steps.get(&id).map(|s| s.dependents.iter().copied().collect()).unwrap_or_default();
+        self.remove_step(id);
+        for d in dependents {
+            if let Some(s) = self.steps.get_mut(&d) {
+                s.deps.remove(&id);
+            }
+            self.requeue(d);
+        }
+        Ok(())
+    }
+
+    /// Inputs an upstream offered did not arrive: they are not
+    /// substitutable after all, so the builds that need the step are
+    /// walked again and build them instead. A step that keeps meeting
+    /// this is aborted rather than walked forever.
+    async fn unsubstitutable(&mut self, id: i64, drv: &str, paths: &[String], error: &str) -> Result<(), DbError> {
+        for p in paths {
+            if let Ok(sp) = StorePath::parse(p) {
+                self.upstreams.forget_found(&sp, error);
+            }
+        }
+        let rounds = self.rewalks.entry(drv.to_string()).or_default();
+        *rounds += 1;
+        if *rounds > MAX_REWALKS {
+            let msg = format!("inputs promised by an upstream never arrived: {error}");
+            return self.fail_step(id, BuildStatus::Aborted, &msg, None).await;
+        }
+        info!(step = id, drv, error, "upstream inputs could not be had: building them instead");
+        {
+            let mut c = self.db.conn().await?;
+            steps::transition(c.ex(), id, "running", "waiting").await?;
+        }
+        let builds: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
+        for b in &builds {
+            self.drop_build(*b);
+        }
+        self.remove_step(id);
+        self.add_builds(&builds).await
+    }
+
+    pub(super) fn store_log(&self, drv: &str, log: &[u8]) -> Option<String> {
+        // An empty log is kept too: "it printed nothing" is an answer.
+        match self.logs.write(drv, log) {
+            Ok(p) => Some(p.display().to_string()),
+            Err(e) => {
+                warn!(drv, error = %e, "cannot store a build log");
+                None
+            }
+        }
+    }
+
+    pub(super) async fn retry_or_abort(&mut self, id: i64, uri: &str, error: &str) -> Result<(), DbError> {
+        let tries = self.steps.get(&id).map(|s| s.tries).unwrap_or(0);
+        if tries >= self.config.max_tries {
+            warn!(step = id, tries, error, "giving up on a step after machine failures");
+            return self
+                .fail_step(id, BuildStatus::Aborted, &format!("aborted after {tries} attempts: {error}"), None)
+                .await;
+        }
+        let delay = self.config.retry_delay_s.saturating_mul(3u64.saturating_pow(tries.saturating_sub(1)));
+        {
+            let mut c = self.db.conn().await?;
+            steps::retry_later(c.ex(), id, error, db::now() + delay as i64).await?;
+        }
+        info!(step = id, machine = uri, tries, retry_in_s = delay, error, "step will be retried");
+        if let Some(s) = self.steps.get_mut(&id) {
+            s.avoid.insert(uri.to_string());
+            s.not_before = (delay > 0).then(|| Instant::now() + Duration::from_secs(delay));
+        }
+        self.requeue(id);
+        Ok(())
+    }
+
+    /// A step's failure finishes every build that needs it: the one it is
+    /// the top of with the step's status, the others as "dependency failed".
+    pub(super) async fn fail_step(
+        &mut self,
+        id: i64,
+        status: BuildStatus,
+        error: &str,
+        log_file: Option<&str>,
+    ) -> Result<(), DbError> {
+        let builds: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
+        let mut tx = self.db.begin().await?;
+        steps::finish(tx.ex(), id, status as i64, Some(error), log_file).await?;
+        for b in &builds {
+            let top = self.builds.get(b).is_some_and(|lb| lb.top == id);
+            let (st, msg) = if top {
+                (status, error.to_string())
+            } else {
+                (BuildStatus::DepFailed, format!("a dependency failed: {error}"))
+            };
+            builds::finish(tx.ex(), *b, st, false, Some(id), Some(&msg)).await?;
+            self.report(tx.ex(), *b).await?;
+        }
+        tx.commit().await?;
+        self.failed += 1;
+        warn!(step = id, status = status.label(), builds = builds.len(), "step failed");
+        for b in builds {
+            let top = self.builds.get(&b).is_some_and(|lb| lb.top == id);
+            self.announce_finished(b, if top { status } else { BuildStatus::DepFailed });
+            self.drop_build(b);
+        }
+        self.remove_step(id);
+        Ok(())
+    }
+
+    /// Steps no machine could ever take fail after the grace period.
+    pub(super) async fn fail_unsupported(&mut self) -> Result<(), DbError> {
+        let grace = Duration::from_secs(self.config.unsupported_grace_s);
+        let hopeless: Vec<i64> = self
+            .steps
+            .values()
+            .filter(|s| s.key.is_some() && s.queued_since.elapsed() >= grace)
+            .filter(|s| !self.machines.iter().any(|m| m.m.fits(&s.platform.0, &s.platform.1)))
+            .map(|s| s.id)
+            .collect();
+        for id in hopeless {
+            let p = self.steps[&id].platform.clone();
+            let what =
+                if p.1.is_empty() { p.0.to_string() } else { format!("{} with features {}", p.0, p.1.join(", ")) };
+            let msg = format!("no machine builds for {what}");
+            let builds: Vec<i64> = self.steps[&id].builds.iter().copied().collect();
+            let mut tx = self.db.begin().await?;
+            // Not remembered as failed: tried again when a machine appears.
+            steps::finish(tx.ex(), id, BuildStatus::Unsupported as i64, Some(&msg), None).await?;
+            for b in &builds {
+                builds::finish(tx.ex(), *b, BuildStatus::Unsupported, false, Some(id), Some(&msg)).await?;
+                self.report(tx.ex(), *b).await?;
+            }
+            tx.commit().await?;
+            warn!(step = id, %msg, "unsupported");
+            for b in builds {
+                self.announce_finished(b, BuildStatus::Unsupported);
+                self.drop_build(b);
+            }
+            self.remove_step(id);
+        }
+        Ok(())
+    }
+}
