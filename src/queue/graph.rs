@@ -45,6 +45,8 @@ pub(super) enum Resolved {
     Substituted(i64),
     /// It, or something it needs, failed before (that step).
     Failed(i64),
+    /// Its outputs are in the cache, from a build that marked them failed.
+    FailedOutput(i64),
     /// It, or something it needs, has no `.drv` any more.
     Missing(String),
 }
@@ -144,6 +146,12 @@ impl Runner {
                 Some(Resolved::Cached) | None => {
                     finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
                 }
+                Some(Resolved::FailedOutput(step)) => {
+                    // As Hydra does: the kept outputs are the result, failed.
+                    tops.push((b.id, *step));
+                    let msg = "the build marked its output as failed ($out/nix-support/failed)".to_string();
+                    finished.push((b.id, b.jobset_id, BuildStatus::FailedWithOutput, true, Some(*step), Some(msg)));
+                }
                 Some(Resolved::Substituted(step)) => {
                     tops.push((b.id, *step));
                     finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
@@ -242,11 +250,17 @@ impl Runner {
                 walk::Node::Cached | walk::Node::Missing(_) => {}
             }
         }
-        if new.is_empty() {
+        let cached: Vec<&str> =
+            nodes.iter().filter(|(_, n)| matches!(n, walk::Node::Cached)).map(|(d, _)| d.as_str()).collect();
+        if new.is_empty() && cached.is_empty() {
             return Ok(HashMap::new());
         }
         let mut tx = self.db.begin().await?;
         let mut rows = steps::get_or_create_many(tx.ex(), &new).await?;
+        // A cached derivation's row says whether its outputs are a failure's.
+        for r in steps::get_many_by_drv(tx.ex(), &cached).await? {
+            rows.insert(r.drv_path.clone(), r);
+        }
         // A derivation substituted now may have a row from an earlier build.
         let subst: HashSet<i64> = nodes
             .iter()
@@ -318,7 +332,12 @@ impl Runner {
                     continue;
                 }
                 let r = match nodes.get(drv) {
-                    None | Some(walk::Node::Cached) => Resolved::Cached,
+                    // Outputs kept from a build that marked them failed.
+                    Some(walk::Node::Cached) => match rows.get(drv) {
+                        Some(r) if r.state == "failed" && r.build_status == Some(6) => Resolved::FailedOutput(r.id),
+                        _ => Resolved::Cached,
+                    },
+                    None => Resolved::Cached,
                     Some(walk::Node::Missing(m)) => Resolved::Missing(m.clone()),
                     Some(walk::Node::Substitutable) => match rows.get(drv) {
                         Some(row) => Resolved::Substituted(row.id),
@@ -346,7 +365,9 @@ impl Runner {
                                     Some(Resolved::Live(id)) => {
                                         deps.insert(*id);
                                     }
-                                    Some(Resolved::Failed(s)) => bad = Some(Resolved::Failed(*s)),
+                                    Some(Resolved::Failed(s) | Resolved::FailedOutput(s)) => {
+                                        bad = Some(Resolved::Failed(*s))
+                                    }
                                     Some(Resolved::Missing(m)) if bad.is_none() => {
                                         bad = Some(Resolved::Missing(m.clone()))
                                     }
