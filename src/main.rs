@@ -51,10 +51,15 @@ enum Command {
         /// Nix machines file (default: machines_file, else this machine).
         #[arg(long, value_name = "FILE")]
         machines: Option<PathBuf>,
-        /// Cache directory to build into (default: cache.dir).
+        /// Keep the state (database, logs, signing key) here and reuse it in
+        /// later runs (default: a temporary directory, removed at exit).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Binary cache directory to build into, kept after the run
+        /// (default: <state>/cache, temporary without --state).
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
-        /// One JSON object per job (job, drvPath, buildstatus, outputs, machine).
+        /// One JSON object per job (job, drvPath, buildstatus, status, outputs, machine, error, cache).
         #[arg(long)]
         json: bool,
         #[arg(value_name = "FLAKE_REF#ATTR")]
@@ -118,6 +123,8 @@ enum DbCommand {
 enum Failure {
     Usage(anyhow::Error),
     Failed(anyhow::Error),
+    /// Stopped by SIGINT or SIGTERM (exit 130, as a shell reports SIGINT).
+    Interrupted,
 }
 
 impl From<kiln::config::ConfigError> for Failure {
@@ -138,17 +145,29 @@ fn main() -> ExitCode {
             eprintln!("kiln: {e:#}");
             ExitCode::from(1)
         }
+        Err(Failure::Interrupted) => {
+            eprintln!("kiln: interrupted");
+            ExitCode::from(130)
+        }
     }
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_to(format, std::io::stderr)
+}
+
+/// Logging to `writer`, which writes to stderr (colours when it is a terminal).
+fn init_logging_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -167,13 +186,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", key.public());
             Ok(())
         }
-        Command::Build { machines, cache, json, installable } => {
-            let mut config = Config::load(cli.config.as_deref())?;
-            if cache.is_some() {
-                config.cache.dir = cache;
+        Command::Build { machines, state, cache, json, installable } => {
+            use std::io::IsTerminal;
+            let config = Config::load(cli.config.as_deref())?;
+            let places = kiln::build::Places::new(state, cache)
+                .map_err(|e| Failure::Failed(anyhow::anyhow!("cannot make the state directory: {e}")))?;
+            let config = places.configure(config);
+            let tty = std::io::stderr().is_terminal();
+            let progress = (!json || tty).then(|| kiln::build::Progress::new(tty));
+            match &progress {
+                Some(p) => {
+                    let p = p.clone();
+                    init_logging_to(config.log_format, move || p.log_writer())
+                }
+                None => init_logging(config.log_format),
             }
-            init_logging(config.log_format);
-            runtime()?.block_on(build_command(config, machines, json, installable))
+            let rt = runtime()?;
+            let result = rt.block_on(build_command(config, &places, machines, json, installable, progress));
+            // The queue's tasks (SSH masters, local builders) end before
+            // the directory that holds their sockets is removed.
+            rt.shutdown_timeout(std::time::Duration::from_secs(10));
+            drop(places);
+            result
         }
         Command::Machines { command: MachinesCommand::Check { machines } } => {
             let config = Config::load(cli.config.as_deref())?;
@@ -319,35 +353,79 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
 
 async fn build_command(
     config: Config,
+    places: &kiln::build::Places,
     machines: Option<PathBuf>,
     json: bool,
     installable: String,
+    progress: Option<std::sync::Arc<kiln::build::Progress>>,
 ) -> Result<(), Failure> {
-    use std::io::IsTerminal;
+    use tokio::signal::unix::{SignalKind, signal};
     let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
+    let machines = kiln::build::load_machines(&config, machines).map_err(|e| Failure::Usage(e.into()))?;
     let db = kiln::serve::open_db(&config).await.map_err(|e| fail(&e))?;
     let (key, _) = kiln::cache::load_or_generate_key(&config.cache_secret_key_file(), &config.cache.key_name)
         .map_err(|e| fail(&e))?;
+    let public_key = key.public().to_string();
     let cache = kiln::cache::Cache::open(&config, db.clone(), key).map_err(|e| fail(&e))?;
-    let source = kiln::build::machine_source(&config, machines);
-    let progress = !json || std::io::stderr().is_terminal();
-    let results =
-        kiln::build::run(&config, db.clone(), cache, source, &installable, progress).await.map_err(|e| fail(&e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| fail(&e))?;
+    let run = kiln::build::run(&config, db.clone(), cache, machines, &installable, progress.clone());
+    let outcome = tokio::select! {
+        r = run => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+    };
+    let mut results = match outcome {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            progress.iter().for_each(|p| p.end());
+            return Err(fail(&e));
+        }
+        None => {
+            progress.iter().for_each(|p| p.end());
+            return Err(Failure::Interrupted);
+        }
+    };
+    db.close().await;
+    let cache_url = places.cache_url();
+    for r in &mut results {
+        r.cache = cache_url.clone();
+    }
+
+    // The end of each failed step's log, once per step, as Nix shows it.
+    let mut shown = std::collections::HashSet::new();
+    for r in &results {
+        if let Some(l) = &r.failed_log
+            && shown.insert(l.drv_path.clone())
+        {
+            eprintln!("kiln: {}: {}; last lines of the log of {}:", r.job, r.status, l.drv_path);
+            for line in l.tail.lines() {
+                eprintln!("  > {line}");
+            }
+        }
+    }
     if json {
         for r in &results {
             println!("{}", serde_json::to_string(r).expect("results serialise"));
         }
     } else {
         let w = results.iter().map(|r| r.job.len()).max().unwrap_or(3).max(3);
-        println!("{:<w$}  {:<20}  {:<28}  output", "job", "status", "machine");
+        println!("{:<w$}  {:<20}  {:<28}  output or error", "job", "status", "machine");
         for r in &results {
-            let out = r.outputs.get("out").or_else(|| r.outputs.values().next()).cloned().unwrap_or_default();
+            let out = r.outputs.get("out").or_else(|| r.outputs.values().next()).cloned();
+            let error = r.error.as_deref().and_then(|e| e.lines().next()).map(str::to_string);
             let machine = r.machine.as_deref().unwrap_or("-");
             let machine = machine.split('?').next().unwrap_or(machine);
-            println!("{:<w$}  {:<20}  {:<28}  {}", r.job, r.status, machine, out);
+            println!("{:<w$}  {:<20}  {:<28}  {}", r.job, r.status, machine, out.or(error).unwrap_or_default());
+        }
+        if let Some(url) = &cache_url {
+            // Without --state the key is made for this run alone.
+            let whose = if places.temporary() { ", a key made for this run" } else { "" };
+            println!("outputs are in the binary cache {url} (signed by {public_key}{whose})");
         }
     }
-    db.close().await;
+    if cache_url.is_none() && results.iter().any(|r| !r.outputs.is_empty()) {
+        eprintln!("kiln: the binary cache of this run was temporary; --cache DIR or --state DIR keeps it");
+    }
     if kiln::build::any_failed(&results) {
         return Err(Failure::Failed(anyhow::anyhow!(
             "{} of {} jobs failed",

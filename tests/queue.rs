@@ -61,9 +61,9 @@ fn kiln_build(
     attr: &str,
     config: &str,
 ) -> (Option<i32>, BTreeMap<String, serde_json::Value>, String) {
-    std::fs::write(dir.join("kiln-build.toml"), format!("state_dir = \"state\"\n{config}")).unwrap();
+    std::fs::write(dir.join("kiln-build.toml"), config).unwrap();
     let out = kiln_cmd()
-        .args(["build", "--json", "--config", "kiln-build.toml", "--machines"])
+        .args(["build", "--json", "--state", "state", "--config", "kiln-build.toml", "--machines"])
         .arg(machines)
         .arg(format!(".#{attr}"))
         .current_dir(dir)
@@ -232,11 +232,8 @@ async fn a_builder_that_dies_mid_build_has_its_step_finished_elsewhere() {
     )
     .replace("@T@", &t);
     let flake = Flake::new(&flake_text, &[]);
-    std::fs::write(
-        flake.path().join("kiln-build.toml"),
-        "state_dir = \"state\"\n[queue]\nretry_delay_s = 0\nconnect_timeout_s = 5\n",
-    )
-    .unwrap();
+    std::fs::write(flake.path().join("kiln-build.toml"), "[queue]\nretry_delay_s = 0\nconnect_timeout_s = 5\n")
+        .unwrap();
     let child = kiln_cmd()
         .args(["build", "--json", "--config", "kiln-build.toml", "--machines"])
         .arg(farm.file.path())
