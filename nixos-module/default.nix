@@ -8,24 +8,9 @@ let
   # never copied into the Nix store.
   credentialPath = name: "/run/credentials/kiln.service/${name}";
 
-  # Nix's machines-file format, one line per build machine.
-  machineLine = m:
-    let
-      systems = if m.systems != [ ] then m.systems else lib.optional (m.system != null) m.system;
-      orDash = v: if v == null || v == "" || v == [ ] then "-" else v;
-      uri = if lib.hasInfix "://" m.hostName then m.hostName else "ssh://${lib.optionalString (m.sshUser != null) "${m.sshUser}@"}${m.hostName}";
-    in
-    lib.concatStringsSep " " [
-      uri
-      (orDash (lib.concatStringsSep "," systems))
-      (orDash m.sshKey)
-      (toString m.maxJobs)
-      (toString m.speedFactor)
-      (orDash (lib.concatStringsSep "," (m.supportedFeatures ++ m.mandatoryFeatures)))
-      (orDash (lib.concatStringsSep "," m.mandatoryFeatures))
-      (orDash m.publicHostKey)
-    ];
-  machinesFile = pkgs.writeText "kiln-machines" (lib.concatMapStrings (m: machineLine m + "\n") cfg.buildMachines);
+  # Rendered as NixOS renders /etc/nix/machines, `protocol = "ssh-ng"`,
+  # ports and store settings in hostName included.
+  machinesFile = pkgs.writeText "kiln-machines" (import ./machines.nix cfg.buildMachines);
 
   databaseUrl =
     if cfg.database == "postgresql"
@@ -88,9 +73,10 @@ in
       defaultText = lib.literalExpression "config.nix.buildMachines";
       description = ''
         Remote builders, in the form of `nix.buildMachines` (hostName,
-        system or systems, sshUser, sshKey, maxJobs, speedFactor,
-        supportedFeatures, mandatoryFeatures, publicHostKey). Rendered to a
-        machines file; empty builds on this machine.
+        protocol (`ssh`, `ssh-ng` or null), system or systems, sshUser,
+        sshKey, maxJobs, speedFactor, supportedFeatures, mandatoryFeatures,
+        publicHostKey). Rendered to a machines file as NixOS renders
+        /etc/nix/machines; empty builds on this machine.
       '';
     };
 

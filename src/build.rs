@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::builder::machines::{self, Machine, Transport};
+use crate::builder::machines::{self, Machine};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::db::builds::BuildStatus;
@@ -131,19 +131,7 @@ impl Places {
 /// The coordinator itself as a builder, when no machines file is given.
 pub fn local_machine() -> Machine {
     let jobs = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    Machine {
-        uri: "localhost".into(),
-        transport: Transport::Local,
-        systems: vec![crate::builder::local_system().to_string()],
-        ssh_key: None,
-        max_jobs: jobs,
-        speed_factor: 1.0,
-        supported_features: vec![],
-        mandatory_features: vec![],
-        host_key: None,
-        remote_store: None,
-        remote_program: "nix-store".into(),
-    }
+    Machine::local(jobs)
 }
 
 /// Machines from `--machines`, else the configured file, else this machine.

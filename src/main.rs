@@ -443,7 +443,7 @@ async fn machines_check(config: Config, machines: Option<PathBuf>) -> Result<(),
     let (list, errors) =
         kiln::builder::machines::load(&file).map_err(|e| Failure::Usage(anyhow::anyhow!("{}: {e}", file.display())))?;
     for e in &errors {
-        eprintln!("kiln: {}: {e}; skipped", file.display());
+        eprintln!("kiln: {}: {e}; skipped: {}", file.display(), e.entry);
     }
     let sessions = kiln::builder::connection::Sessions::new(
         &config.state_dir,
@@ -464,13 +464,20 @@ async fn machines_check(config: Config, machines: Option<PathBuf>) -> Result<(),
         .await;
         match r {
             Ok((v, rtt)) => println!(
-                "{:<40}  {:<24}  {:<8}  {:>8.1}  ok (connected in {:.0} ms; features: {})",
+                "{:<40}  {:<24}  {:<8}  {:>8.1}  ok (connected in {:.0} ms; features: {}; {}: {}{})",
                 name,
                 m.systems.join(","),
                 format!("{}.{}", v >> 8, v & 0xff),
                 rtt.as_secs_f64() * 1000.0,
                 (start.elapsed() - rtt).as_secs_f64() * 1000.0,
-                if m.supported_features.is_empty() { "-".to_string() } else { m.supported_features.join(",") }
+                if m.supported_features.is_empty() { "-".to_string() } else { m.supported_features.join(",") },
+                m.protocol(),
+                m.remote_command(),
+                if m.inert_settings.is_empty() {
+                    String::new()
+                } else {
+                    format!("; no effect in Kiln: {}", m.inert_settings.join(" "))
+                }
             ),
             Err(e) => {
                 bad = true;

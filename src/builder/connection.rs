@@ -1,6 +1,8 @@
 //! Opening a serve connection to a machine: `nix-store --serve --write`
 //! (or the machine's `remote-program`, with `--store` for its
-//! `remote-store`), over the machine's multiplexed SSH master, or as a local
+//! `remote-store`; for `ssh-ng://` machines the `nix-store` beside their
+//! `nix-daemon`), over the machine's multiplexed SSH master (its key, its
+//! pinned host key, compression as the machines file says), or as a local
 //! process for `localhost`. The process's stderr carries the build log; a
 //! reader task forwards it to whichever step is building on the connection.
 
@@ -14,7 +16,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
-use super::machines::{Machine, Transport};
+use super::machines::{Machine, Scheme, Transport};
 use super::serve::{ServeConn, ServeError};
 
 #[derive(Debug, Error)]
@@ -23,8 +25,11 @@ pub enum ConnectError {
     Ssh { machine: String, message: String },
     #[error("cannot start {program} on {machine}: {message}")]
     Spawn { machine: String, program: String, message: String },
-    #[error("{machine}: {source}")]
-    Handshake { machine: String, source: ServeError },
+    #[error("{machine}: {source}{hint}")]
+    Handshake { machine: String, source: ServeError, hint: String },
+    /// The remote program printed an error instead of answering.
+    #[error("{machine}: `{command}` failed: {said}{hint}")]
+    Remote { machine: String, command: String, said: String, hint: String },
     #[error("{machine}: connecting timed out after {secs} s")]
     Timeout { machine: String, secs: u64 },
 }
@@ -114,6 +119,9 @@ impl Sessions {
         if let Some(k) = &m.ssh_key {
             b.keyfile(k);
         }
+        if m.compress {
+            b.compression(true);
+        }
         if let Some(key) = &m.host_key {
             // The machines file pins the host key: a known_hosts of our own.
             let name = crate::nix::Hash::sha256(m.uri.as_bytes()).to_hex();
@@ -128,7 +136,25 @@ impl Sessions {
         let connect = b.connect(host);
         let s = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(5), connect).await {
             Ok(Ok(s)) => Arc::new(s),
-            Ok(Err(e)) => return Err(err(format!("{e}: {}", source_chain(&e)))),
+            Ok(Err(e)) => {
+                let mut message = format!("{e}: {}", source_chain(&e));
+                // Strict checking refuses a changed or unknown key; say
+                // where the expected one came from.
+                if message.contains("Host key verification failed") {
+                    // ssh's banner says it at length; the key it got is
+                    // what a reader needs from it.
+                    let got = message.split_whitespace().find(|w| w.starts_with("SHA256:"));
+                    message = format!(
+                        "Host key verification failed: the host's key{} is not {}",
+                        got.map(|k| format!(" ({})", k.trim_end_matches('.'))).unwrap_or_default(),
+                        match m.host_key {
+                            Some(_) => "the one the machines file pins (its 8th field or base64-ssh-public-host-key)",
+                            None => "in known_hosts, and the machines file pins none (its 8th field)",
+                        }
+                    );
+                }
+                return Err(err(message));
+            }
             Err(_) => {
                 return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
             }
@@ -145,11 +171,7 @@ impl Sessions {
 
     /// Opens a serve connection to `m` and does the handshake.
     pub async fn connect(&self, m: &Machine) -> Result<Connection, ConnectError> {
-        let mut args = vec!["--serve".to_string(), "--write".to_string()];
-        if let Some(store) = &m.remote_store {
-            args.push("--store".into());
-            args.push(store.clone());
-        }
+        let args = m.serve_args();
         let spawn_err = |message: String| ConnectError::Spawn {
             machine: m.uri.clone(),
             program: m.remote_program.clone(),
@@ -157,8 +179,16 @@ impl Sessions {
         };
         let (stdin, stdout, stderr, proc): (Writer, Reader, Reader, Proc) = match &m.transport {
             Transport::Local => {
-                let mut c = crate::nix::command::nix_command(&m.remote_program);
-                c.args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+                // The remote program is a shell word list in Nix; here
+                // without a shell, its words.
+                let mut words = m.remote_program.split_whitespace();
+                let mut c = crate::nix::command::nix_command(words.next().unwrap_or("nix-store"));
+                c.args(words)
+                    .args(&args)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true);
                 // ETXTBSY: a program written a moment ago may still be open
                 // for writing in a process forked meanwhile; it passes.
                 let mut tries = 0;
@@ -179,7 +209,8 @@ impl Sessions {
             }
             Transport::Ssh { .. } => {
                 let session = self.session(m).await?;
-                let mut cmd = openssh::Session::to_command(session, m.remote_program.clone());
+                // Unquoted, as Nix sends it: the remote shell reads it.
+                let mut cmd = openssh::Session::to_raw_command(session, m.remote_program.clone());
                 cmd.args(&args)
                     .stdin(openssh::Stdio::piped())
                     .stdout(openssh::Stdio::piped())
@@ -211,8 +242,16 @@ impl Sessions {
                 // The remote's own words say more than "end of file".
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let said = String::from_utf8_lossy(&tail.lock().expect("tail")).trim().to_string();
-                let source = if said.is_empty() { source } else { ServeError::Protocol(said) };
-                return Err(ConnectError::Handshake { machine: m.uri.clone(), source });
+                let hint = match m.scheme {
+                    Scheme::SshNg => " (ssh-ng://: Kiln runs the nix-store beside nix-daemon)".to_string(),
+                    Scheme::Ssh | Scheme::Local => String::new(),
+                };
+                let machine = m.uri.clone();
+                return Err(if said.is_empty() {
+                    ConnectError::Handshake { machine, source, hint }
+                } else {
+                    ConnectError::Remote { machine, command: m.remote_command(), said, hint }
+                });
             }
             Err(_) => {
                 return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });

@@ -2,7 +2,9 @@
 //! to them. A connection is a `nix-store --serve --write` process, over one
 //! multiplexed SSH master per machine (OpenSSH through the `openssh`
 //! crate, host keys checked against the machines file) or run locally for
-//! `localhost`. `serve` speaks Nix's serve protocol on it.
+//! `localhost`; `ssh-ng://` machines get the same, with the `nix-store`
+//! beside their `nix-daemon` (decision 013). `serve` speaks Nix's serve
+//! protocol on it.
 
 pub mod connection;
 pub mod machines;

@@ -2,7 +2,7 @@
 //! struct and renders a template from `templates/`; the same URL answers
 //! JSON for `Accept: application/json` (through `api`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use askama::Template;
@@ -807,7 +807,8 @@ struct MachinesPage {
     title: String,
     nav: Nav,
     machines: Vec<MachineLine>,
-    file_errors: Vec<String>,
+    machines_file: Option<String>,
+    file_errors: Vec<MachineFileError>,
     outbox: crate::db::outbox::Stats,
     github: bool,
 }
@@ -827,8 +828,10 @@ pub struct QueueView {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct MachinesView {
     machines: Vec<MachineLine>,
-    /// Problems in the machines file.
-    errors: Vec<String>,
+    /// The machines file the page read (none: this machine builds).
+    machines_file: Option<String>,
+    /// Entries of the machines file Kiln cannot use, and why.
+    errors: Vec<MachineFileError>,
     /// GitHub statuses waiting to be sent.
     outbox: crate::db::outbox::Stats,
 }
@@ -842,12 +845,29 @@ pub struct SearchView {
     builds: Vec<build_api::BuildSummary>,
 }
 
+/// An entry of the machines file that Kiln cannot use.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MachineFileError {
+    /// Its line number (none when the file itself cannot be read).
+    line: Option<usize>,
+    /// The entry as written.
+    entry: String,
+    reason: String,
+}
+
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct MachineLine {
     uri: String,
     name: String,
     systems: String,
     features: String,
+    /// How Kiln talks to it (`ssh-ng://` machines: the serve protocol to
+    /// the `nix-store` beside their `nix-daemon`).
+    protocol: String,
+    /// The command Kiln runs there.
+    command: String,
+    /// Store settings Nix accepts that have no effect on Kiln's builds.
+    inert_settings: Vec<String>,
     running: u32,
     slots: u32,
     speed: f64,
@@ -864,15 +884,30 @@ pub struct MachineLine {
     responses((status = 200, description = "the build machines", content((MachinesView = "application/json"), (String = "text/html")))))]
 pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
     let status = s.queue.status.lock().expect("status").clone();
-    let configured = crate::build::machine_source(&s.config, None);
-    let list = match configured {
-        crate::queue::MachineSource::File(f) => crate::builder::machines::load(&f).map(|(m, _)| m).unwrap_or_default(),
-        crate::queue::MachineSource::List(l) => l,
+    // The file is read here rather than taken from the queue runner, which
+    // a `--roles web` process does not have; it is small.
+    let (list, file_errors, machines_file) = match crate::build::machine_source(&s.config, None) {
+        crate::queue::MachineSource::File(f) => {
+            let (list, errors) = match crate::builder::machines::load(&f) {
+                Ok((list, errors)) => (
+                    list,
+                    errors
+                        .into_iter()
+                        .map(|e| MachineFileError { line: Some(e.line), entry: e.entry, reason: e.reason })
+                        .collect(),
+                ),
+                Err(e) => (
+                    vec![],
+                    vec![MachineFileError { line: None, entry: String::new(), reason: format!("cannot read it: {e}") }],
+                ),
+            };
+            (list, errors, Some(f.display().to_string()))
+        }
+        crate::queue::MachineSource::List(l) => (l, vec![], None),
     };
     let mut c = s.db.conn().await?;
     let running_steps = steps::running(c.ex()).await?;
     let mut lines = Vec::new();
-    let known: BTreeSet<String> = list.iter().map(|m| m.uri.clone()).collect();
     for m in list {
         let st = crate::db::machines::get(c.ex(), &m.uri).await?;
         let failures = steps::failed_on(c.ex(), &m.uri, 5).await?;
@@ -881,6 +916,9 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
             name: m.uri.split('?').next().unwrap_or(&m.uri).to_string(),
             systems: m.systems.join(", "),
             features: m.supported_features.join(", "),
+            protocol: m.protocol(),
+            command: m.remote_command(),
+            inert_settings: m.inert_settings.clone(),
             running,
             slots: m.max_jobs,
             speed: m.speed_factor,
@@ -898,16 +936,18 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
             uri: m.uri,
         });
     }
-    let _ = known;
     let outbox = crate::db::outbox::stats(c.ex()).await?;
     if wants_json(&headers) {
-        return Ok(axum::Json(MachinesView { machines: lines, errors: status.machine_errors, outbox }).into_response());
+        return Ok(
+            axum::Json(MachinesView { machines: lines, machines_file, errors: file_errors, outbox }).into_response()
+        );
     }
     html(MachinesPage {
         nav: nav(&s, &headers),
         title: "Machines · Kiln".into(),
         machines: lines,
-        file_errors: status.machine_errors,
+        machines_file,
+        file_errors,
         outbox,
         github: s.config.github.is_some(),
     })

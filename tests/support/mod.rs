@@ -317,6 +317,11 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        Self::start_with("")
+    }
+
+    /// An sshd with `extra` lines in its sshd_config (e.g. `LogLevel DEBUG1`).
+    pub fn start_with(extra: &str) -> Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["hostkey", "userkey"] {
@@ -332,7 +337,7 @@ impl Sshd {
         let cfg = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/hostkey\nAuthorizedKeysFile {dir}/authorized_keys\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-             StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n",
+             StrictModes no\nUsePAM no\nPidFile {dir}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n{extra}\n",
             dir = d.display()
         );
         std::fs::write(d.join("sshd_config"), cfg).unwrap();
