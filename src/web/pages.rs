@@ -491,6 +491,8 @@ struct BuildPage {
     steps: Vec<StepLine>,
     evals: Vec<i64>,
     running: bool,
+    /// Pinned: garbage collection keeps its outputs.
+    keep: bool,
 }
 
 struct StepLine {
@@ -570,6 +572,7 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         steps,
         evals,
         running,
+        keep: b.keep,
     })
 }
 
