@@ -130,7 +130,10 @@ async fn input_outputs(drvs: &[String]) -> Vec<String> {
                 outputs.insert(input.clone(), outs);
             }
             roots.extend(
-                outputs[&input].iter().filter(|(name, path)| wanted.contains(name) && !path.is_empty()).map(|(_, p)| p.clone()),
+                outputs[&input]
+                    .iter()
+                    .filter(|(name, path)| wanted.contains(name) && !path.is_empty())
+                    .map(|(_, p)| p.clone()),
             );
         }
     }

@@ -467,7 +467,8 @@ impl Inner {
             None => (self.storage.path(&key)?, None),
         };
         let f = std::fs::File::open(&tmp).map_err(CacheError::Io)?;
-        let mut file = HashingReader { inner: std::io::BufReader::with_capacity(256 * 1024, f), hash: Sha256Stream::new() };
+        let mut file =
+            HashingReader { inner: std::io::BufReader::with_capacity(256 * 1024, f), hash: Sha256Stream::new() };
         match ext {
             "" => check_nar(&mut file, &ni.nar_hash, ni.nar_size)?,
             ".xz" => check_nar(xz2::read::XzDecoder::new_multi_decoder(&mut file), &ni.nar_hash, ni.nar_size)?,
