@@ -257,3 +257,46 @@ async fn an_upload_of_a_jobs_output_does_not_stop_kiln_building_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(root.join(out_path.trim_start_matches('/'))).unwrap(), format!("real-{t}\n"));
 }
+
+#[tokio::test]
+async fn a_nar_file_the_cache_already_has_is_checked_in_place() {
+    let kiln = start("");
+    let http = reqwest::Client::new();
+    let nar = file_nar(&format!("same contents {}\n", unique("same")));
+    let hash = Hash::sha256(&nar);
+    let file = format!("nar/{}.nar", hash.to_base32());
+    let text = |path: &str, nar_hash: &Hash| {
+        format!(
+            "StorePath: {path}\nURL: {file}\nCompression: none\nNarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
+            nar.len()
+        )
+    };
+    let put = |url: String, body: Vec<u8>| {
+        let http = http.clone();
+        async move { http.put(url).bearer_auth(TOKEN).body(body).send().await.unwrap().status().as_u16() }
+    };
+    let first = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-one";
+    assert_eq!(put(format!("{}/{file}", kiln.url), nar.clone()).await, 200);
+    assert_eq!(
+        put(format!("{}/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz.narinfo", kiln.url), text(first, &hash).into_bytes()).await,
+        200
+    );
+
+    // Another path with the same contents: Nix finds the file (HEAD) and
+    // sends only the narinfo, which must still match the file.
+    assert_eq!(reqwest::Client::new().head(format!("{}/{file}", kiln.url)).send().await.unwrap().status(), 200);
+    let second = "/nix/store/8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-two";
+    let wrong = Hash::sha256(b"other");
+    let r =
+        put(format!("{}/8h7qgvs4kgzsn8a6rb273saxyqh4jxlz.narinfo", kiln.url), text(second, &wrong).into_bytes()).await;
+    assert_eq!(r, 400);
+    assert_eq!(
+        reqwest::get(format!("{}/8h7qgvs4kgzsn8a6rb273saxyqh4jxlz.narinfo", kiln.url)).await.unwrap().status(),
+        404
+    );
+    let r =
+        put(format!("{}/8h7qgvs4kgzsn8a6rb273saxyqh4jxlz.narinfo", kiln.url), text(second, &hash).into_bytes()).await;
+    assert_eq!(r, 200);
+    assert_eq!(narinfo(&kiln, second).await.url, file);
+    assert!(kiln.dir.path().join("kiln-state/cache").join(&file).exists(), "the shared file stays");
+}
