@@ -1,7 +1,8 @@
 //! The binary cache served by `kiln serve`, used by the real Nix client:
 //! uploads with `nix copy --to` (only with a token), substitution with
-//! Kiln's key (refused with another), `nix path-info` over HTTP, the
-//! deployer URLs, logs, and every kind of bad request.
+//! the key that signed them (refused with another), `nix path-info` over
+//! HTTP, the deployer URLs, pinning builds, logs, and every kind of bad
+//! request. What uploads are trusted for is tests/cache_trust.rs.
 
 mod support;
 
@@ -24,8 +25,13 @@ fn public_key(kiln: &Kiln) -> String {
 }
 
 fn upload(client: &NixClient, kiln: &Kiln, token: Option<&str>, path: &str) -> std::process::Output {
+    upload_to(client, &kiln.url, token, path)
+}
+
+/// `nix copy --to URL` (the URL may carry `?secret-key=`).
+fn upload_to(client: &NixClient, url: &str, token: Option<&str>, path: &str) -> std::process::Output {
     let mut c = client.cmd("nix");
-    c.args(["copy", "--to", &kiln.url, path]);
+    c.args(["copy", "--to", url, path]);
     if let Some(t) = token {
         c.args(["--option", "netrc-file", client.netrc(t).to_str().unwrap()]);
     }
@@ -41,6 +47,11 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
     let kiln = start("");
     let (top, closure) = build_closure("http");
     assert_eq!(closure.len(), 3);
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("up.sec"), keys.path().join("up.pub"));
+    nix("nix-store", &["--generate-binary-cache-key", "uploader-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let uploader_key = std::fs::read_to_string(&pk).unwrap();
+    let signed_url = format!("{}?secret-key={}", kiln.url, sk.display());
 
     // Without credentials, or with a wrong token: refused, nothing kept.
     let uploader = NixClient::new();
@@ -49,8 +60,8 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
     let sp = kiln::nix::StorePath::parse(&top).unwrap();
     assert_eq!(status(&format!("{}/{}.narinfo", kiln.url, sp.hash_part())).await, 404);
 
-    // With the token in a netrc file, as Nix sends it.
-    let out = upload(&uploader, &kiln, Some(TOKEN), &top);
+    // With the token in a netrc file, as Nix sends it, signed on the way.
+    let out = upload_to(&uploader, &signed_url, Some(TOKEN), &top);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // `nix path-info --store http://…` lists the closure.
@@ -63,7 +74,7 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
     expected.sort();
     assert_eq!(listed, expected);
 
-    // Substitution into a fresh store, checking Kiln's signatures.
+    // Substitution into a fresh store, checking the uploader's signatures.
     let (store, root) = client.store("good");
     let out = client
         .cmd("nix")
@@ -75,7 +86,7 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
             &store,
             "--option",
             "trusted-public-keys",
-            public_key(&kiln).trim(),
+            uploader_key.trim(),
             &top,
         ])
         .output()
@@ -87,13 +98,14 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
     let copied = std::fs::read_to_string(root.join(top.trim_start_matches('/'))).unwrap();
     assert_eq!(copied, std::fs::read_to_string(&top).unwrap());
 
-    // With another key trusted, the client refuses.
+    // Trusting another key, here Kiln's own (Kiln did not build it), the
+    // client refuses.
     let other = NixClient::new();
     let (store, _) = other.store("bad");
     let out = other
         .cmd("nix")
         .args(["copy", "--from", &kiln.url, "--to", &store])
-        .args(["--option", "trusted-public-keys", "other-1:M0UOOK9tewAMKv9W+oeRzOByZgve3T0gTr6c0Y39jYQ=", &top])
+        .args(["--option", "trusted-public-keys", public_key(&kiln).trim(), &top])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -105,17 +117,7 @@ async fn nix_uploads_with_a_token_and_substitutes_with_the_key() {
     let url = format!("file://{}", kiln.dir.path().join("kiln-state/cache").display());
     let out = file
         .cmd("nix")
-        .args([
-            "copy",
-            "--from",
-            &url,
-            "--to",
-            &store,
-            "--option",
-            "trusted-public-keys",
-            public_key(&kiln).trim(),
-            &top,
-        ])
+        .args(["copy", "--from", &url, "--to", &store, "--option", "trusted-public-keys", uploader_key.trim(), &top])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -279,11 +281,12 @@ async fn uploads_must_be_signed_when_required() {
     nix("nix", &["store", "sign", "--key-file", sec.to_str().unwrap(), "-r", &top]);
     let out = upload(&NixClient::new(), &kiln, Some(TOKEN), &top);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Published under Kiln's own signature.
+    // Published under Kiln's own signature beside the uploader's.
     let sp = kiln::nix::StorePath::parse(&top).unwrap();
     let text = reqwest::get(format!("{}/{}.narinfo", kiln.url, sp.hash_part())).await.unwrap().text().await.unwrap();
     let info = kiln::nix::NarInfo::parse(&text).unwrap();
     assert!(info.verify(&[kiln::nix::PublicKey::parse(public_key(&kiln).trim()).unwrap()]));
+    assert!(info.verify(&[kiln::nix::PublicKey::parse(std::fs::read_to_string(&pk).unwrap().trim()).unwrap()]));
 }
 
 /// Records a succeeded build of `job` whose `out` is `path`, as the queue
@@ -330,13 +333,94 @@ async fn record_build(db: &Db, job: &str, drv: &str, path: &str) -> i64 {
     b.id
 }
 
+/// Stores paths of the local store in the running Kiln's cache as its own
+/// builds, as the queue does after a builder built them.
+async fn store_as_built(kiln: &Kiln, db: &Db, paths: &[String]) {
+    let state = kiln.dir.path().join("kiln-state");
+    let config = kiln::config::Config { state_dir: state.clone(), ..Default::default() };
+    let key = kiln::nix::SigningKey::load(&state.join("keys/cache.sec")).unwrap();
+    let cache = kiln::cache::Cache::open(&config, db.clone(), key).unwrap();
+    kiln::cache::ingest_local(&cache, paths, kiln::cache::Origin::Build).await.unwrap();
+}
+
+#[tokio::test]
+async fn builds_are_pinned_with_hydras_keep_url() {
+    let kiln = start("");
+    let db = Db::connect(&format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display())).await.unwrap();
+    let id = record_build(
+        &db,
+        "pinned",
+        "/nix/store/00000000000000000000000000000000-p.drv",
+        "/nix/store/00000000000000000000000000000000-p",
+    )
+    .await;
+    let anon = Api::new(&kiln.url, None);
+    let api = Api::new(&kiln.url, Some(TOKEN));
+    assert_eq!(anon.get(&format!("/build/{id}")).await.1["keep"], false);
+    let page = |html: bool| {
+        let url = format!("{}/build/{id}", kiln.url);
+        async move {
+            let r =
+                reqwest::Client::new().get(url).header("Accept", if html { "text/html" } else { "application/json" });
+            r.send().await.unwrap().text().await.unwrap()
+        }
+    };
+    assert!(page(true).await.contains(&format!("action=\"/build/{id}/keep/1\"")));
+
+    // Writing needs a token, as every action does.
+    assert_eq!(anon.send("POST", &format!("/build/{id}/keep/1"), None).await.0, 401);
+    assert_eq!(anon.get(&format!("/build/{id}")).await.1["keep"], false);
+    let (code, done) = api.send("POST", &format!("/build/{id}/keep/1"), None).await;
+    assert_eq!((code, done["action"].as_str()), (200, Some("keep")));
+    assert_eq!(anon.get(&format!("/build/{id}")).await.1["keep"], true);
+    let html = page(true).await;
+    assert!(html.contains(&format!("action=\"/build/{id}/keep/0\"")) && html.contains("id=\"unkeep\""), "{html}");
+    assert!(page(false).await.contains("\"keep\":true"));
+
+    assert_eq!(api.send("POST", &format!("/build/{id}/keep/2"), None).await.0, 400);
+    assert_eq!(api.send("POST", "/build/999999/keep/1", None).await.0, 404);
+    let (code, done) = api.send("POST", &format!("/build/{id}/keep/0"), None).await;
+    assert_eq!((code, done["action"].as_str()), (200, Some("unkeep")));
+    assert_eq!(anon.get(&format!("/build/{id}")).await.1["keep"], false);
+    let (_, doc) = anon.get("/api/openapi.json").await;
+    assert_eq!(doc["paths"]["/build/{id}/keep/{flag}"]["post"]["security"][0]["token"], serde_json::json!([]));
+
+    // From the build page, signed in: the Keep button's form.
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = browser.post(format!("{}/login", kiln.url)).form(&[("token", TOKEN)]).send().await.unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let html = browser
+        .get(format!("{}/build/{id}", kiln.url))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let keep_form = html.split(&format!("action=\"/build/{id}/keep/1\"")).nth(1).expect("a Keep form");
+    let csrf = keep_form.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap();
+    let post = |csrf: &str| {
+        browser
+            .post(format!("{}/build/{id}/keep/1", kiln.url))
+            .header("Cookie", &cookie)
+            .form(&[("csrf", csrf.to_string())])
+            .send()
+    };
+    assert_eq!(post("stale").await.unwrap().status(), 403);
+    let r = post(csrf).await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("/build/{id}").as_str());
+    assert_eq!(anon.get(&format!("/build/{id}")).await.1["keep"], true);
+}
+
 #[tokio::test]
 async fn deployers_find_the_latest_green_output_and_fetch_it() {
     let kiln = start("");
     let (top, closure) = build_closure("deploy");
     let drv = nix("nix-store", &["-qd", &top]).trim().to_string();
-    assert!(upload(&NixClient::new(), &kiln, Some(TOKEN), &top).status.success());
     let db = Db::connect(&format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display())).await.unwrap();
+    store_as_built(&kiln, &db, &closure).await;
     let id = record_build(&db, "server.toplevel", &drv, &top).await;
 
     let api = Api::new(&kiln.url, None);

@@ -312,6 +312,7 @@ async fn cache_paths_first_insert_wins() {
             ca: None,
             origin: "build".into(),
             created_at: now(),
+            kiln_signed: true,
         };
         assert!(cache_paths::insert(c.ex(), &p).await.unwrap());
         assert!(!cache_paths::insert(c.ex(), &cache_paths::CachePath { nar_size: 999, ..p.clone() }).await.unwrap());

@@ -1,18 +1,26 @@
-//! Retention: keeps the closures of the outputs of every jobset's recent
-//! evaluations (evaluations beyond `keep_evaluations` are pruned when a new
-//! one finishes), of pinned builds (`keep = true`), of paths uploaded in the
-//! last `keep_uploads_days`, and of everything stored since the oldest
-//! unfinished build began (its steps' outputs are not reachable from any
-//! output yet). Everything else goes: narinfo first, then the NARs no
-//! narinfo points at. Files younger than an hour are never deleted, so a
-//! concurrent ingest (in this process or another) is never cut short.
+//! Retention: keeps the closures of the retention roots and deletes the
+//! rest, narinfo first, then the NARs no narinfo points at. The roots
+//! (`cache_paths::retention_roots`, decision 014) are the outputs of every
+//! jobset's remaining evaluations (evaluations beyond `keep_evaluations` are
+//! pruned when a new one finishes), of the newest successful build of every
+//! job (what `/job/…/latest` answers, even after the evaluation it came from
+//! was pruned), of pinned builds (`keep`), of paths uploaded in the last
+//! `keep_uploads_days`, of the steps unfinished builds need, and of the
+//! inputs of the steps still to run (read from their `.drv` files, since an
+//! input that was cached when its build was queued has no step); and
+//! whatever was stored in the last hour. Files younger than an hour are
+//! never deleted either, so a concurrent ingest (in this process or
+//! another) is never cut short.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
+use tracing::warn;
+
 use super::{Cache, CacheError, storage::TEMP_PREFIX};
 use crate::db::{self, cache_paths};
+use crate::nix::Derivation;
 
 /// NAR, pending and temporary files younger than this are left alone.
 const GRACE_S: u64 = 3600;
@@ -32,9 +40,11 @@ pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Re
     let mut c = cache.db().conn().await?;
     let now = db::now();
     let upload_cutoff = now - (keep_uploads_days as i64) * 86400;
-    let roots = cache_paths::retention_roots(c.ex(), upload_cutoff).await?;
+    let mut roots = cache_paths::retention_roots(c.ex(), upload_cutoff, now - GRACE_S as i64).await?;
+    let queued = cache_paths::queued_step_drvs(c.ex()).await?;
     let all = cache_paths::all_for_gc(c.ex()).await?;
     drop(c);
+    roots.extend(input_outputs(&queued).await);
 
     let refs: HashMap<&str, Vec<&str>> = all
         .iter()
@@ -82,12 +92,13 @@ pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Re
             }
         }
     }
+    let known: HashSet<&str> = all.iter().map(|(h, ..)| h.as_str()).collect();
     for dir in ["pending", ""] {
         for (name, size, age) in cache.storage().list(dir)? {
             let stray_narinfo = dir.is_empty()
                 && name.ends_with(".narinfo")
                 && age > GRACE_S
-                && !all.iter().any(|(h, ..)| name.strip_suffix(".narinfo") == Some(h.as_str()));
+                && name.strip_suffix(".narinfo").is_none_or(|h| !known.contains(h));
             let expired = (dir == "pending" || name.starts_with(TEMP_PREFIX)) && age > PENDING_EXPIRY_S;
             if stray_narinfo || expired {
                 report.deleted_files += 1;
@@ -99,4 +110,40 @@ pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Re
         }
     }
     Ok(report)
+}
+
+/// The output paths the derivations `drvs` take as inputs. A `.drv` that
+/// cannot be read (deleted from the local store) is skipped with a
+/// warning: its build fails anyway when the queue gets to it.
+async fn input_outputs(drvs: &[String]) -> Vec<String> {
+    let mut outputs: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    let mut roots = Vec::new();
+    for drv in drvs {
+        let Some(d) = read_drv(drv).await else { continue };
+        for (input, wanted) in &d.input_drvs {
+            let input = input.to_string();
+            if !outputs.contains_key(&input) {
+                let outs = match read_drv(&input).await {
+                    Some(i) => i.outputs.into_iter().map(|o| (o.name, o.path)).collect(),
+                    None => Vec::new(),
+                };
+                outputs.insert(input.clone(), outs);
+            }
+            roots.extend(
+                outputs[&input]
+                    .iter()
+                    .filter(|(name, path)| wanted.contains(name) && !path.is_empty())
+                    .map(|(_, p)| p.clone()),
+            );
+        }
+    }
+    roots
+}
+
+async fn read_drv(path: &str) -> Option<Derivation> {
+    let parsed = match tokio::fs::read(path).await {
+        Ok(bytes) => Derivation::parse(&bytes).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.map_err(|e| warn!(drv = path, error = %e, "cannot read a queued derivation; its inputs are not kept")).ok()
 }

@@ -1,6 +1,6 @@
-//! Actions that change things: restart, cancel and bump a build; restart
-//! the failed builds of an evaluation, cancel or bump it; trigger, enable
-//! and disable a jobset. Scripts use a bearer token; the UI a signed-in
+//! Actions that change things: restart, cancel, bump and pin (keep) a
+//! build; restart the failed builds of an evaluation, cancel or bump it;
+//! trigger, enable and disable a jobset. Scripts use a bearer token; the UI a signed-in
 //! session plus the form's CSRF token. Anyone else is told "not allowed".
 
 use std::collections::HashMap;
@@ -97,6 +97,28 @@ pub async fn build_action(
     s.queue.flush().await;
     s.memo.forget();
     Ok(done(via, &action, 1, format!("/build/{id}")))
+}
+
+#[utoipa::path(post, path = "/build/{id}/keep/{flag}", tag = "actions", security(("token" = [])),
+    params(("id" = i64, Path, description = "build id", minimum = 1), ("flag" = i64, Path, description = "1 pins the build: garbage collection keeps its outputs' closure in the cache; 0 unpins it (Hydra's URL)", minimum = 0, maximum = 1)),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "a flag other than 0 or 1", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+pub async fn build_keep(
+    State(s): State<AppState>,
+    Path((id, flag)): Path<(i64, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let keep = match flag.as_str() {
+        "1" => true,
+        "0" => false,
+        other => return Err(WebError::BadRequest(format!("keep/{other}: use keep/1 to pin, keep/0 to unpin"))),
+    };
+    let mut c = s.db.conn().await?;
+    builds::get(c.ex(), id).await?.ok_or_else(|| WebError::NotFound(format!("build {id}")))?;
+    builds::set_keep(c.ex(), id, keep).await?;
+    s.memo.forget();
+    Ok(done(via, if keep { "keep" } else { "unkeep" }, 1, format!("/build/{id}")))
 }
 
 #[utoipa::path(post, path = "/eval/{id}/{action}", tag = "actions", security(("token" = [])),

@@ -1,7 +1,8 @@
 //! The binary cache over HTTP, at the root of the server so the server's
 //! URL is the substituter URL: `/nix-cache-info`, `/<hash>.narinfo`,
 //! `/nar/<file>` (streamed, with `Range`), `/log/<drv>`, and uploads as
-//! `nix copy --to http://…` sends them (a token required). Names are
+//! `nix copy --to http://…` sends them (a token required; what an upload
+//! is trusted for is `Cache::ingest_upload`'s business). Names are
 //! checked against Nix's alphabet before anything touches the disk, so no
 //! request can reach outside the cache directory.
 
@@ -210,7 +211,7 @@ pub async fn put_nar(
     if !valid_nar_name(&file) {
         return Err(WebError::BadRequest(format!("{file:?} is not a NAR file name")));
     }
-    let max = s.cache.max_nar_bytes();
+    let max = s.cache.max_upload_bytes();
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(WebError::TooLarge(max));
@@ -245,9 +246,10 @@ pub async fn put_nar(
 }
 
 /// `PUT /<hash>.narinfo`: the last step of an upload. The pending NAR it
-/// names is checked against NarHash and NarSize while it is stored as
-/// Kiln's own (recompressed, signed with Kiln's key); a mismatch keeps
-/// nothing.
+/// names (or, when Nix skipped sending it because the cache has a file of
+/// that name, that file) is checked against the narinfo and published as
+/// the uploader made it: under its URL, with its signatures, and signed by
+/// Kiln only when a trusted upload key signed it. A mismatch keeps nothing.
 pub async fn put_narinfo(
     State(s): State<AppState>,
     Path(file): Path<String>,
@@ -278,13 +280,16 @@ pub async fn put_narinfo(
         .ok_or_else(|| WebError::BadRequest(format!("narinfo URL {:?} is not nar/<file>", info.url)))?
         .to_string();
     let pending = s.cache.storage().path(&format!("pending/{nar}")).map_err(|e| cache_error(e.into()))?;
-    if !pending.is_file() {
-        if s.cache.contains(&info.store_path).await.map_err(cache_error)? {
-            return Ok(StatusCode::OK.into_response());
-        }
+    let source = if pending.is_file() {
+        Some(pending.clone())
+    } else if s.cache.contains(&info.store_path).await.map_err(cache_error)? {
+        return Ok(StatusCode::OK.into_response());
+    } else if s.cache.storage().exists(&info.url) {
+        None
+    } else {
         return Err(WebError::BadRequest(format!("upload nar/{nar} before its narinfo")));
-    }
-    let r = s.cache.ingest_upload(info, pending.clone()).await;
+    };
+    let r = s.cache.ingest_upload(info, source).await;
     let _ = tokio::fs::remove_file(&pending).await;
     match r {
         Ok(_) => Ok(StatusCode::OK.into_response()),
@@ -294,7 +299,7 @@ pub async fn put_narinfo(
 
 fn cache_error(e: CacheError) -> WebError {
     match e {
-        CacheError::Mismatch(_) | CacheError::Nar(_) | CacheError::Compression(_) => {
+        CacheError::Mismatch(_) | CacheError::FileMismatch(_) | CacheError::Nar(_) | CacheError::Compression(_) => {
             WebError::BadRequest(e.to_string())
         }
         CacheError::TooLarge(n) => WebError::TooLarge(n),

@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))
         .route("/build/{id}/{action}", post(actions::build_action))
+        .route("/build/{id}/keep/{flag}", post(actions::build_keep))
         .route("/login", get(actions::login_page).post(actions::login))
         .route("/logout", post(actions::logout))
         .route("/job/{project}/{jobset}/{job}", get(pages::job))

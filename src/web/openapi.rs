@@ -38,6 +38,7 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
         pages::machines,
         pages::search,
         actions::build_action,
+        actions::build_keep,
         actions::eval_action,
         actions::jobset_action,
         api::push,

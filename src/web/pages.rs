@@ -493,6 +493,8 @@ struct BuildPage {
     step_summary: String,
     evals: Vec<i64>,
     running: bool,
+    /// Pinned: garbage collection keeps its outputs.
+    keep: bool,
 }
 
 struct StepLine {
@@ -574,6 +576,7 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         step_summary,
         evals,
         running,
+        keep: b.keep,
     })
 }
 
