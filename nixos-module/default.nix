@@ -23,6 +23,8 @@ let
       state_dir = cfg.stateDir;
       database_url = databaseUrl;
       api_token_files = map credentialPath (lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "api-token" n) cfg.secretFiles));
+      substituters = cfg.substituters;
+      trusted_public_keys = cfg.trustedPublicKeys;
     } // lib.optionalAttrs (cfg.buildMachines != [ ]) { machines_file = "${machinesFile}"; })
     cfg.settings;
   configFile = format.generate "kiln.toml" settings;
@@ -78,6 +80,25 @@ in
         publicHostKey). Rendered to a machines file as NixOS renders
         /etc/nix/machines; empty builds on this machine.
       '';
+    };
+
+    substituters = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = config.nix.settings.substituters or [ ];
+      defaultText = lib.literalExpression "config.nix.settings.substituters";
+      example = [ "https://cache.nixos.org" ];
+      description = ''
+        Upstream binary caches whose signed outputs Kiln substitutes instead
+        of building. By default the host's own, on NixOS the public cache.
+      '';
+    };
+
+    trustedPublicKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = config.nix.settings.trusted-public-keys or [ ];
+      defaultText = lib.literalExpression "config.nix.settings.trusted-public-keys";
+      example = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = "Keys an upstream narinfo must be signed with to be substituted.";
     };
 
     secretFiles = lib.mkOption {
