@@ -140,6 +140,10 @@ in
     # Kiln asks the Nix daemon to build and to copy paths.
     nix.settings.trusted-users = [ "kiln" ];
 
+    # Where Kiln keeps the GC roots of queued derivations (as Hydra keeps
+    # its evaluator's in gcroots/hydra).
+    systemd.tmpfiles.rules = [ "d /nix/var/nix/gcroots/kiln 0755 kiln kiln -" ];
+
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
 
     services.postgresql = lib.mkIf (cfg.database == "postgresql") {
@@ -194,7 +198,7 @@ in
         SystemCallFilter = [ "@system-service" "~@privileged" ];
         CapabilityBoundingSet = "";
         UMask = "0027";
-        ReadWritePaths = [ cfg.stateDir ];
+        ReadWritePaths = [ cfg.stateDir "/nix/var/nix/gcroots/kiln" ];
       };
     };
   };

@@ -1,16 +1,21 @@
 //! Kiln's garbage-collector roots in the coordinator's Nix store. Every
 //! Nix machine runs `nix-collect-garbage` on a timer; without roots, one run
 //! between evaluation and dispatch deletes the `.drv` files of queued
-//! builds. So each unfinished build's derivation is an indirect root, as
-//! `nix-store --add-root --indirect` makes them: a symlink
-//! `<state_dir>/gcroots/<drv name>` to the `.drv`, and a symlink to that
-//! link in the store's `gcroots/auto` directory (or, where Kiln may not
-//! write there, the per-user directory the Nix daemon gives each user).
-//! A `.drv`'s closure holds its inputs' `.drv` files and sources, so one
-//! root per build keeps everything a queued step needs locally. The
-//! evaluator adds the root when it records a build; the queue removes it
-//! when the build ends, and at start makes the links match the unfinished
-//! builds.
+//! builds. So each unfinished build's derivation is a root: an entry named
+//! as the derivation in a directory of Kiln's own inside the store's roots,
+//! `/nix/var/nix/gcroots/kiln/<id>/` (`<id>` names the state directory, so
+//! several Kilns on one machine keep apart), as Hydra keeps its evaluator's
+//! roots in `gcroots/hydra`; where Kiln may not write there, in the
+//! per-user directory the Nix daemon gives each user. The entries are hard
+//! links to one empty file, which Nix's collector counts as roots by their
+//! names (a regular file in the roots named `<hash>-<name>` roots that
+//! store path): a name costs no inode, where a symlink each made creating
+//! 20,000 roots a matter of seconds on a filesystem that had just freed as
+//! many. A `.drv`'s closure
+//! holds its inputs' `.drv` files and sources, so one root per build keeps
+//! everything a queued step needs locally. The evaluator adds the root when
+//! it records a build; the queue removes it when the build ends, and at
+//! start makes the links match the unfinished builds.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,65 +24,109 @@ use tracing::warn;
 
 #[derive(Debug, Clone)]
 pub struct GcRoots {
+    /// The links, one per rooted derivation, named as it is.
     dir: PathBuf,
-    /// Where Nix's collector looks for the indirect links; none when no
-    /// such directory is writable (roots are then only links Nix ignores).
-    registry: Option<PathBuf>,
+    /// Whether `dir` is where Nix's collector looks.
+    registered: bool,
+    /// The anchor file links are made to now: the next one when a
+    /// filesystem's limit of links per file is reached.
+    anchor: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Anchor files start with a dot: not store path names, so not roots.
+const ANCHOR: &str = ".anchor-";
+/// In each Kiln's roots directory: a link to its state directory.
+const STATE: &str = ".state";
+
+/// Removes the roots directories (under `parent`) of Kilns whose state
+/// directory no longer exists: nothing can be queued there any more.
+fn remove_orphans(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if let Ok(state) = std::fs::read_link(dir.join(STATE))
+            && !state.exists()
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 impl GcRoots {
-    /// Roots kept under `<state_dir>/gcroots`, registered with the store at
-    /// `nix_state_dir` (Nix's `NIX_STATE_DIR`, `/nix/var/nix` by default).
+    /// Roots for the Kiln whose state is `state_dir`, in the store at
+    /// `NIX_STATE_DIR` (`/nix/var/nix` by default).
     pub fn open(state_dir: &Path) -> GcRoots {
         let nix_state = std::env::var_os("NIX_STATE_DIR").map(PathBuf::from).unwrap_or("/nix/var/nix".into());
         Self::open_with(state_dir, &nix_state)
     }
 
     pub fn open_with(state_dir: &Path, nix_state_dir: &Path) -> GcRoots {
-        let dir = absolute(&state_dir.join("gcroots"));
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            warn!(dir = %dir.display(), error = %e, "cannot create the GC roots directory");
-        }
+        let state = absolute(state_dir);
+        let id = &crate::nix::Hash::sha256(state.as_os_str().as_encoded_bytes()).to_hex()[..16];
         let user = std::env::var("USER").ok().or_else(|| std::env::var("LOGNAME").ok()).unwrap_or_default();
-        let candidates = [nix_state_dir.join("gcroots/auto"), nix_state_dir.join("gcroots/per-user").join(user)];
-        let registry = candidates.into_iter().find(|d| {
-            let _ = std::fs::create_dir_all(d);
-            writable(d)
-        });
-        if registry.is_none() {
-            warn!(
-                nix_state = %nix_state_dir.display(),
-                "no writable gcroots directory: a Nix garbage collection may delete queued derivations"
-            );
+        let candidates = [
+            nix_state_dir.join("gcroots/kiln").join(id),
+            nix_state_dir.join("gcroots/per-user").join(user).join("kiln").join(id),
+        ];
+        for dir in candidates {
+            if std::fs::create_dir_all(&dir).is_ok() && writable(&dir) {
+                // Which state directory this is, so a Kiln whose state is
+                // gone (a `kiln build` killed, a test) can be cleaned up.
+                let mark = dir.join(STATE);
+                if std::fs::read_link(&mark).ok().as_deref() != Some(state.as_path()) {
+                    let _ = std::fs::remove_file(&mark);
+                    let _ = std::os::unix::fs::symlink(&state, &mark);
+                }
+                if let Some(parent) = dir.parent() {
+                    remove_orphans(parent);
+                }
+                return GcRoots { dir, registered: true, anchor: Default::default() };
+            }
         }
-        GcRoots { dir, registry }
+        let dir = state.join("gcroots");
+        warn!(
+            nix_state = %nix_state_dir.display(),
+            "no writable gcroots directory: a Nix garbage collection may delete queued derivations"
+        );
+        let _ = std::fs::create_dir_all(&dir);
+        GcRoots { dir, registered: false, anchor: Default::default() }
     }
 
-    /// Where the collector is told about Kiln's roots, if anywhere.
-    pub fn registry(&self) -> Option<&Path> {
-        self.registry.as_deref()
+    /// Where the links are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether Nix's collector sees them.
+    pub fn registered(&self) -> bool {
+        self.registered
     }
 
     fn link(&self, drv: &str) -> Option<PathBuf> {
-        let name = Path::new(drv).file_name()?.to_str()?;
         crate::nix::StorePath::parse(drv).ok()?;
-        Some(self.dir.join(name))
-    }
-
-    fn registry_link(&self, link: &Path) -> Option<PathBuf> {
-        let reg = self.registry.as_ref()?;
-        let h = crate::nix::Hash::sha256(link.as_os_str().as_encoded_bytes()).to_hex();
-        Some(reg.join(format!("kiln-{}", &h[..32])))
+        Some(self.dir.join(Path::new(drv).file_name()?))
     }
 
     /// Roots `drv` (a store path); an existing root is left as it is.
     pub fn add(&self, drv: &str) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
         let link = self.link(drv).ok_or_else(|| std::io::Error::other(format!("{drv} is not a store path")))?;
-        replace_symlink(Path::new(drv), &link)?;
-        if let Some(r) = self.registry_link(&link) {
-            replace_symlink(&link, &r)?;
+        loop {
+            let n = self.anchor.load(Ordering::Relaxed);
+            let anchor = self.dir.join(format!("{ANCHOR}{n}"));
+            match std::fs::hard_link(&anchor, &link) {
+                Ok(()) => return Ok(()),
+                // Named by the derivation, so an existing entry is this root.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&anchor)?;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+                    let _ = self.anchor.compare_exchange(n, n + 1, Ordering::Relaxed, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
     }
 
     pub fn add_all<'a>(&self, drvs: impl IntoIterator<Item = &'a str>) {
@@ -90,11 +139,9 @@ impl GcRoots {
 
     /// Lets `drv` go (its build ended).
     pub fn remove(&self, drv: &str) {
-        let Some(link) = self.link(drv) else { return };
-        if let Some(r) = self.registry_link(&link) {
-            let _ = std::fs::remove_file(r);
+        if let Some(link) = self.link(drv) {
+            let _ = std::fs::remove_file(link);
         }
-        let _ = std::fs::remove_file(link);
     }
 
     /// Makes the roots exactly `keep`: links of ended builds go, missing
@@ -105,8 +152,8 @@ impl GcRoots {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !names.contains(&name) {
-                    self.remove(&format!("{}/{name}", crate::nix::STORE_DIR));
+                if !name.starts_with('.') && !names.contains(&name) {
+                    let _ = std::fs::remove_file(e.path());
                 }
             }
         }
@@ -117,7 +164,11 @@ impl GcRoots {
     pub fn list(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|rd| {
-                rd.flatten().map(|e| format!("{}/{}", crate::nix::STORE_DIR, e.file_name().to_string_lossy())).collect()
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .map(|n| format!("{}/{n}", crate::nix::STORE_DIR))
+                    .collect()
             })
             .unwrap_or_default();
         out.sort();
@@ -125,7 +176,12 @@ impl GcRoots {
     }
 }
 
+/// The state directory's one name (symlinks and `.` resolved when it
+/// exists), so each process of one Kiln finds the same roots.
 fn absolute(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -140,17 +196,6 @@ fn writable(dir: &Path) -> bool {
     ok
 }
 
-/// Points `link` at `target`, atomically (a new link renamed over).
-fn replace_symlink(target: &Path, link: &Path) -> std::io::Result<()> {
-    if std::fs::read_link(link).is_ok_and(|t| t == target) {
-        return Ok(());
-    }
-    let tmp = link.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, link)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,29 +203,38 @@ mod tests {
     #[test]
     fn links_come_and_go() {
         let state = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
         let nix = tempfile::tempdir().unwrap();
         let roots = GcRoots::open_with(state.path(), nix.path());
-        let reg = roots.registry().unwrap().to_path_buf();
-        assert_eq!(reg, nix.path().join("gcroots/auto"));
+        assert!(roots.registered());
+        assert!(roots.dir().starts_with(nix.path().join("gcroots/kiln")));
+        // Another Kiln on the same machine has its own directory.
+        assert_ne!(GcRoots::open_with(other.path(), nix.path()).dir(), roots.dir());
         let a = "/nix/store/00000000000000000000000000000000-a.drv";
         let b = "/nix/store/11111111111111111111111111111111-b.drv";
         roots.add(a).unwrap();
         roots.add(b).unwrap();
         roots.add(a).unwrap();
         assert_eq!(roots.list(), vec![a.to_string(), b.to_string()]);
-        let link = state.path().join("gcroots").join("00000000000000000000000000000000-a.drv");
-        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new(a));
-        // The registry holds one link per root, pointing at Kiln's link.
-        let regs: Vec<PathBuf> =
-            std::fs::read_dir(&reg).unwrap().map(|e| std::fs::read_link(e.unwrap().path()).unwrap()).collect();
-        assert_eq!(regs.len(), 2);
-        assert!(regs.contains(&absolute(&link)));
+        // Names of one file: no inode each.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(roots.dir().join("00000000000000000000000000000000-a.drv")).unwrap();
+        assert!(meta.is_file() && meta.nlink() == 3, "the anchor and two roots");
         roots.reconcile(&[b.to_string()].into_iter().collect());
         assert_eq!(roots.list(), vec![b.to_string()]);
-        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 1);
         roots.remove(b);
         assert!(roots.list().is_empty());
-        assert_eq!(std::fs::read_dir(&reg).unwrap().count(), 0);
         assert!(roots.add("/etc/passwd").is_err());
+
+        // A Kiln whose state directory is gone loses its roots at the next
+        // start of any Kiln.
+        let gone = tempfile::tempdir().unwrap();
+        let stale = GcRoots::open_with(gone.path(), nix.path());
+        stale.add(a).unwrap();
+        let stale_dir = stale.dir().to_path_buf();
+        drop(gone);
+        GcRoots::open_with(state.path(), nix.path());
+        assert!(!stale_dir.exists());
+        assert!(roots.dir().exists());
     }
 }

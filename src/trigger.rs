@@ -433,7 +433,11 @@ impl Evaluator {
         });
         let stats = eval::evaluate(&req, tx).await;
         let recorded = recorder.await.map_err(|e| EvalFailure::Db(DbError::Invalid(e.to_string())))??;
-        let _ = feeder.await;
+        // The feeder goes on handing the queue what was recorded; the
+        // evaluation is done when its jobs are recorded, not when the queue
+        // has walked their closures (which is the queue's work, and may take
+        // a while on a nixpkgs-sized evaluation).
+        drop(feeder);
         stats?;
         let diff = eval::record::finish(
             &self.db,

@@ -198,6 +198,26 @@ pub async fn finish(
     Ok(n == 1)
 }
 
+/// Sets the top step of many builds (build id, step id), a few hundred a
+/// statement.
+pub async fn set_top_steps(mut ex: Ex<'_>, tops: &[(i64, i64)]) -> Result<()> {
+    for chunk in tops.chunks(ROWS_PER_STATEMENT) {
+        // VALUES columns are column1, column2 in SQLite and PostgreSQL alike.
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE builds SET top_step_id = v.column2 FROM (VALUES {}) AS v WHERE builds.id = v.column1",
+            values_placeholders(ex.backend(), chunk.len(), 2, 1)
+        ));
+        run!(ex.re(), c => {
+            let mut q = sqlx::query(sql);
+            for (b, s) in chunk {
+                q = q.bind(*b).bind(*s);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(())
+}
+
 pub async fn set_top_step(ex: Ex<'_>, id: i64, step_id: i64) -> Result<()> {
     run!(ex, c => sqlx::query("UPDATE builds SET top_step_id = $2 WHERE id = $1").bind(id).bind(step_id).execute(&mut *c).await?.rows_affected());
     Ok(())

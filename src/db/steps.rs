@@ -240,22 +240,29 @@ pub async fn get_or_create_many(
     new: &[NewStep<'_>],
 ) -> Result<std::collections::HashMap<String, Step>> {
     let t = now();
+    let mut out: std::collections::HashMap<String, Step> = std::collections::HashMap::with_capacity(new.len());
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES {}
-             ON CONFLICT (drv_path) DO NOTHING",
+            concat!(
+                "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES {}
+                 ON CONFLICT (drv_path) DO NOTHING RETURNING ",
+                cols!()
+            ),
             super::builds::values_placeholders(ex.backend(), chunk.len(), 5, 1)
         ));
-        run!(ex.re(), c => {
-            let mut q = sqlx::query(sql);
+        let created: Vec<Step> = run!(ex.re(), c => {
+            let mut q = sqlx::query_as(sql);
             for s in chunk {
                 q = q.bind(s.drv_path).bind(s.system).bind(&s.required_features).bind(s.state).bind(t);
             }
-            q.execute(&mut *c).await?.rows_affected()
+            q.fetch_all(&mut *c).await?
         });
+        out.extend(created.into_iter().map(|s| (s.drv_path.clone(), s)));
     }
-    let drvs: Vec<&str> = new.iter().map(|s| s.drv_path).collect();
-    Ok(get_many_by_drv(ex, &drvs).await?.into_iter().map(|s| (s.drv_path.clone(), s)).collect())
+    // Those that existed already.
+    let rest: Vec<&str> = new.iter().map(|s| s.drv_path).filter(|d| !out.contains_key(*d)).collect();
+    out.extend(get_many_by_drv(ex, &rest).await?.into_iter().map(|s| (s.drv_path.clone(), s)));
+    Ok(out)
 }
 
 pub async fn get_many_by_drv(mut ex: Ex<'_>, drvs: &[&str]) -> Result<Vec<Step>> {

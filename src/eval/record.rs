@@ -82,11 +82,18 @@ pub async fn record_stream_with(
             let t = Instant::now();
             let n = batch.len();
             let before = r.build_ids.len();
-            if let Some(roots) = &hooks.roots {
-                roots.add_all(batch.iter().filter(|j| j.error.is_none()).filter_map(|j| j.drv_path.as_deref()));
-            }
+            // Rooted while the batch is written (the links are the kernel's
+            // work, the rows the database's).
+            let rooting = hooks.roots.clone().map(|roots| {
+                let drvs: Vec<String> =
+                    batch.iter().filter(|j| j.error.is_none()).filter_map(|j| j.drv_path.clone()).collect();
+                tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str)))
+            });
             write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, hooks.fresh_builds)
                 .await?;
+            if let Some(rooting) = rooting {
+                let _ = rooting.await;
+            }
             tracing::debug!(jobs = n, ms = t.elapsed().as_millis() as u64, "recorded a batch");
             if let Some(tx) = &hooks.new_builds {
                 let _ = tx.send(r.build_ids[before..].to_vec());

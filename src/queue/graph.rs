@@ -122,17 +122,23 @@ impl Runner {
         if list.is_empty() {
             return Ok(());
         }
+        let t0 = Instant::now();
         let tops: Vec<String> = list.iter().map(|b| b.drv_path.clone()).collect();
         // Rooted before anything is read, so a collection cannot take them.
-        self.roots.add_all(tops.iter().map(String::as_str));
+        self.flush_released().await;
+        let (roots, drvs) = (self.roots.clone(), tops.clone());
+        let _ = tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str))).await;
         let by_drv = &self.by_drv;
         let nodes = walk::explore(tops, |d| by_drv.contains_key(d), &self.cache, &self.upstreams)
             .await
             .map_err(|e| DbError::Invalid(format!("looking up the cache: {e}")))?;
+        let walked = t0.elapsed();
         let rows = self.record_nodes(&nodes).await?;
+        let recorded = t0.elapsed();
         let resolved = self.resolve(&nodes, &rows, list.iter().map(|b| b.drv_path.as_str()));
 
         let drvs: HashMap<i64, String> = list.iter().map(|b| (b.id, b.drv_path.clone())).collect();
+        let list_len = list.len();
         let mut finished: Vec<(i64, i64, BuildStatus, bool, Option<i64>, Option<String>)> = Vec::new();
         let mut tops: Vec<(i64, i64)> = Vec::new();
         let mut queued: Vec<(builds::Build, i64)> = Vec::new();
@@ -176,15 +182,22 @@ impl Runner {
         }
         {
             let mut tx = self.db.begin().await?;
-            for (b, s) in &tops {
-                builds::set_top_step(tx.ex(), *b, *s).await?;
-            }
+            builds::set_top_steps(tx.ex(), &tops).await?;
             for (b, _, status, cached, step, msg) in &finished {
                 builds::finish(tx.ex(), *b, *status, *cached, *step, msg.as_deref()).await?;
                 self.report(tx.ex(), *b).await?;
             }
             tx.commit().await?;
         }
+        let written = t0.elapsed();
+        debug!(
+            builds = list_len,
+            derivations = nodes.len(),
+            walk_ms = walked.as_millis() as u64,
+            steps_ms = (recorded - walked).as_millis() as u64,
+            builds_ms = (written - recorded).as_millis() as u64,
+            "builds added to the queue"
+        );
         for (b, jobset, status, ..) in finished {
             if let Some(drv) = drvs.get(&b) {
                 self.release(drv);
@@ -472,11 +485,29 @@ impl Runner {
         Some(b)
     }
 
-    /// Drops the GC root of `drv` if no live build needs it.
+    /// Drops the GC root of `drv` if no live build needs it (written by
+    /// [`Runner::flush_released`], before any root is added again).
     pub(super) fn release(&mut self, drv: &str) {
         if !self.live_drvs.contains_key(drv) {
-            self.roots.remove(drv);
+            self.released.push(drv.to_string());
         }
+    }
+
+    /// Removes the GC roots released since the last call, off the runner's
+    /// thread; a derivation that came back meanwhile keeps its root.
+    pub(super) async fn flush_released(&mut self) {
+        let drvs: Vec<String> =
+            std::mem::take(&mut self.released).into_iter().filter(|d| !self.live_drvs.contains_key(d)).collect();
+        if drvs.is_empty() {
+            return;
+        }
+        let roots = self.roots.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for d in &drvs {
+                roots.remove(d);
+            }
+        })
+        .await;
     }
 
     pub(super) fn remove_step(&mut self, id: i64) {

@@ -26,11 +26,12 @@ impl Runner {
                 l.clone()
             }
             MachineSource::File(path) => {
+                // Read again only when it changed (an empty file included).
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                if mtime == self.source_mtime && !self.machines.is_empty() {
+                if self.source_mtime == Some(mtime) {
                     return;
                 }
-                self.source_mtime = mtime;
+                self.source_mtime = Some(mtime);
                 match crate::builder::machines::load(path) {
                     Ok((list, errors)) => {
                         for e in &errors {

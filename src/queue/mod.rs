@@ -150,6 +150,7 @@ impl Queue {
             rewalks: HashMap::new(),
             roots: crate::gcroots::GcRoots::open(&state_dir),
             live_drvs: HashMap::new(),
+            released: Vec::new(),
         };
         tokio::spawn(runner.main(rx).instrument(info_span!("queue")));
         Queue { tx, status }
@@ -266,7 +267,8 @@ struct Runner {
     /// Taken once, at start: the runner waits to lead before it runs.
     leadership: Option<leader::Leadership>,
     source: MachineSource,
-    source_mtime: Option<std::time::SystemTime>,
+    /// The machines file's mtime when last read (`None`: not read yet).
+    source_mtime: Option<Option<std::time::SystemTime>>,
     machines: Vec<MachineState>,
     steps: HashMap<i64, Step>,
     by_drv: HashMap<String, i64>,
@@ -293,6 +295,8 @@ struct Runner {
     /// have each derivation.
     roots: crate::gcroots::GcRoots,
     live_drvs: HashMap<String, u32>,
+    /// Roots to drop at the next flush.
+    released: Vec<String>,
 }
 
 impl Runner {
@@ -335,6 +339,7 @@ impl Runner {
             if let Err(e) = self.write_runnable().await {
                 warn!(error = %e, "recording runnable steps");
             }
+            self.flush_released().await;
             self.dispatch().await;
             self.publish();
             tokio::select! {

@@ -9,14 +9,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures::StreamExt;
-
 use crate::cache::{Cache, CacheError};
 use crate::nix::{Derivation, StorePath};
 use crate::upstream::{Lookup, Upstreams};
 
-/// `.drv` files read at once.
-const READ_CONCURRENCY: usize = 32;
+/// Blocking threads a level's `.drv` files are read on.
+const READ_THREADS: usize = 4;
 
 /// What the walk learned of one derivation.
 #[derive(Debug)]
@@ -49,14 +47,25 @@ pub(super) async fn explore(
     let mut seen: HashSet<String> = HashSet::new();
     let mut frontier: Vec<String> = tops.into_iter().filter(|d| !live(d) && seen.insert(d.clone())).collect();
     while !frontier.is_empty() {
-        let parsed: Vec<(String, Result<Derivation, String>)> = futures::stream::iter(frontier)
-            .map(|d| async move {
-                let r = read_drv(&d).await;
-                (d, r)
-            })
-            .buffer_unordered(READ_CONCURRENCY)
-            .collect()
-            .await;
+        // Read and parsed on blocking threads, a chunk each: one thread
+        // hand-off per chunk, not per file.
+        let chunk = frontier.len().div_ceil(READ_THREADS).max(1);
+        let mut tasks = Vec::new();
+        for part in frontier.chunks(chunk) {
+            let part = part.to_vec();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|d| {
+                        let r = read_drv_blocking(&d);
+                        (d, r)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut parsed: Vec<(String, Result<Derivation, String>)> = Vec::new();
+        for t in tasks {
+            parsed.extend(t.await.map_err(|e| CacheError::Io(std::io::Error::other(e)))?);
+        }
 
         // Output paths of everything on this level, asked about at once.
         let mut outputs: HashMap<String, Vec<StorePath>> = HashMap::new();
@@ -130,7 +139,12 @@ pub(super) async fn explore(
 }
 
 pub(super) async fn read_drv(path: &str) -> Result<Derivation, String> {
-    let bytes = match tokio::fs::read(path).await {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || read_drv_blocking(&path)).await.map_err(|e| e.to_string())?
+}
+
+fn read_drv_blocking(path: &str) -> Result<Derivation, String> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
