@@ -40,7 +40,7 @@ const STATE: &str = ".state";
 
 /// Removes the roots directories (under `parent`) of Kilns whose state
 /// directory no longer exists: nothing can be queued there any more.
-fn remove_orphans(parent: &Path) {
+fn remove_orphans_in(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let dir = e.path();
@@ -77,9 +77,6 @@ impl GcRoots {
                     let _ = std::fs::remove_file(&mark);
                     let _ = std::os::unix::fs::symlink(&state, &mark);
                 }
-                if let Some(parent) = dir.parent() {
-                    remove_orphans(parent);
-                }
                 return GcRoots { dir, registered: true, anchor: Default::default() };
             }
         }
@@ -90,6 +87,17 @@ impl GcRoots {
         );
         let _ = std::fs::create_dir_all(&dir);
         GcRoots { dir, registered: false, anchor: Default::default() }
+    }
+
+    /// Removes the roots of Kilns on this machine whose state directory is
+    /// gone (a killed `kiln build`, say). Slow with many roots: call it off
+    /// the async threads.
+    pub fn remove_orphans(&self) {
+        if self.registered
+            && let Some(parent) = self.dir.parent()
+        {
+            remove_orphans_in(parent);
+        }
     }
 
     /// Where the links are.
@@ -233,7 +241,7 @@ mod tests {
         stale.add(a).unwrap();
         let stale_dir = stale.dir().to_path_buf();
         drop(gone);
-        GcRoots::open_with(state.path(), nix.path());
+        GcRoots::open_with(state.path(), nix.path()).remove_orphans();
         assert!(!stale_dir.exists());
         assert!(roots.dir().exists());
     }

@@ -63,6 +63,8 @@ pub struct Evaluator {
     statuses: Option<crate::github::statuses::Policy>,
     /// GitHub credentials, for fetching private repositories.
     github: Option<crate::github::Credentials>,
+    /// Where recorded builds' derivations are rooted.
+    roots: crate::gcroots::GcRoots,
 }
 
 /// How often due jobsets are looked for when nothing wakes the loop.
@@ -85,6 +87,7 @@ impl Evaluator {
             }
         });
         Arc::new(Evaluator {
+            roots: crate::gcroots::GcRoots::open(&config.state_dir),
             statuses: crate::github::policy(&config),
             github,
             queue,
@@ -416,11 +419,8 @@ impl Evaluator {
         // New builds enter the queue as they are recorded: building starts
         // before the evaluation ends.
         let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
-        let hooks = eval::record::Hooks {
-            new_builds: Some(new_tx),
-            fresh_builds: false,
-            roots: Some(crate::gcroots::GcRoots::open(&self.config.state_dir)),
-        };
+        let hooks =
+            eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: false, roots: Some(self.roots.clone()) };
         let recorder =
             tokio::spawn(async move { eval::record::record_stream_with(&db, jobset_id, eval_id, rx, hooks).await });
         let queue = self.queue.clone();

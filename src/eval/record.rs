@@ -135,6 +135,7 @@ async fn write_batch(
     // but two roots could name one job: the first wins, as in the members.
     let mut seen = std::collections::HashSet::new();
     batch.retain(|j| seen.insert(j.attr.clone()));
+    let t0 = Instant::now();
     let mut tx = db.begin().await?;
     let wanted: Vec<(&str, &str)> = batch
         .iter()
@@ -149,7 +150,9 @@ async fn write_batch(
         .filter(|j| !existing.contains_key(&(j.attr.clone(), j.drv_path.clone().unwrap_or_default())))
         .map(|j| new_build(jobset_id, j))
         .collect();
+    let t1 = t0.elapsed();
     let created = builds::create_many(tx.ex(), &new).await?;
+    let t2 = t0.elapsed();
     let mut members = Vec::with_capacity(batch.len());
     for job in batch.drain(..) {
         let (build_id, is_new, error) = match (&job.error, &job.drv_path) {
@@ -181,7 +184,16 @@ async fn write_batch(
         members.push(Member { eval_id, job: job.attr, build_id, is_new, error });
     }
     evaluations::add_members(tx.ex(), &members).await?;
-    tx.commit().await
+    let t3 = t0.elapsed();
+    tx.commit().await?;
+    tracing::debug!(
+        find_ms = t1.as_millis() as u64,
+        create_ms = (t2 - t1).as_millis() as u64,
+        members_ms = (t3 - t2).as_millis() as u64,
+        commit_ms = (t0.elapsed() - t3).as_millis() as u64,
+        "batch written"
+    );
+    Ok(())
 }
 
 fn new_build(jobset_id: i64, job: &Job) -> NewBuild {

@@ -67,8 +67,12 @@ impl Runner {
             }
             (builds::unfinished_ids(c.ex()).await?, builds::unfinished_drvs(c.ex()).await?)
         };
-        // Roots of builds that ended while no runner was here go.
-        self.roots.reconcile(&drvs.into_iter().collect());
+        // Roots of builds that ended while no runner was here go, and those
+        // of Kilns whose state is gone (in the background: it may be many).
+        let roots = self.roots.clone();
+        let _ = tokio::task::spawn_blocking(move || roots.reconcile(&drvs.into_iter().collect())).await;
+        let roots = self.roots.clone();
+        tokio::task::spawn_blocking(move || roots.remove_orphans());
         for chunk in unfinished.chunks(ADD_BATCH) {
             self.add_builds(chunk).await?;
         }
