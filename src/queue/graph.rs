@@ -51,6 +51,10 @@ pub(super) enum Resolved {
     Missing(String),
 }
 
+/// A build that finishes as it is added: (build, jobset, status, cached,
+/// failed step, message).
+type Finished = (i64, i64, BuildStatus, bool, Option<i64>, Option<String>);
+
 /// Builds walked together when many join at once (start, rescan).
 const ADD_BATCH: usize = 1000;
 
@@ -116,9 +120,9 @@ impl Runner {
             let list: Vec<builds::Build> =
                 builds::get_many(c.ex(), &ids).await?.into_iter().filter(|b| !b.finished).collect();
             for b in &list {
-                if !self.shares.contains_key(&b.jobset_id) {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.shares.entry(b.jobset_id) {
                     let j = crate::db::jobsets::get_by_id(c.ex(), b.jobset_id).await?;
-                    self.shares.insert(b.jobset_id, j.map(|j| j.scheduling_shares).unwrap_or(100).max(1));
+                    e.insert(j.map(|j| j.scheduling_shares).unwrap_or(100).max(1));
                 }
             }
             list
@@ -143,7 +147,7 @@ impl Runner {
 
         let drvs: HashMap<i64, String> = list.iter().map(|b| (b.id, b.drv_path.clone())).collect();
         let list_len = list.len();
-        let mut finished: Vec<(i64, i64, BuildStatus, bool, Option<i64>, Option<String>)> = Vec::new();
+        let mut finished: Vec<Finished> = Vec::new();
         let mut tops: Vec<(i64, i64)> = Vec::new();
         let mut queued: Vec<(builds::Build, i64)> = Vec::new();
         for b in list {

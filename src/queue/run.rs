@@ -304,10 +304,10 @@ impl FailedMarker {
             NarEvent::DirectoryEnd => {
                 self.path.pop();
             }
-            NarEvent::File { name, .. } | NarEvent::Symlink { name, .. } => {
-                if *name == b"failed" && self.path.len() == 2 && self.path[1] == b"nix-support" {
-                    self.found = true;
-                }
+            NarEvent::File { name, .. } | NarEvent::Symlink { name, .. }
+                if *name == b"failed" && self.path.len() == 2 && self.path[1] == b"nix-support" =>
+            {
+                self.found = true;
             }
             _ => {}
         }

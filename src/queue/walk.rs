@@ -72,7 +72,7 @@ pub(super) async fn explore(
         for (d, r) in &parsed {
             if let Ok(drv) = r {
                 // A floating content-addressed output has no path yet: built.
-                let outs: Option<Vec<StorePath>> = drv.output_paths().into_iter().map(|(_, p)| p.ok()).collect();
+                let outs: Option<Vec<StorePath>> = drv.output_paths().map(|(_, p)| p.ok()).collect();
                 if let Some(outs) = outs.filter(|o| !o.is_empty()) {
                     outputs.insert(d.clone(), outs);
                 }
