@@ -37,8 +37,6 @@ impl Runner {
                         for e in &errors {
                             warn!(file = %path.display(), "machines file {e}; skipped");
                         }
-                        self.status.lock().expect("status").machine_errors =
-                            errors.iter().map(|e| e.to_string()).collect();
                         list
                     }
                     Err(e) => {

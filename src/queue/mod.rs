@@ -92,7 +92,6 @@ pub struct Status {
     pub steps_done: u64,
     pub steps_failed: u64,
     pub builds_unfinished: usize,
-    pub machine_errors: Vec<String>,
     /// Seconds from runnable to dispatched, for every dispatched step.
     pub dispatch_latencies: Vec<f64>,
 }
