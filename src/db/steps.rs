@@ -232,54 +232,71 @@ pub struct NewStep<'a> {
 
 const ROWS_PER_STATEMENT: usize = 200;
 
+/// What the queue's walk needs of a step row: a few fields, since a walk
+/// may hold a hundred thousand of them at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRef {
+    pub id: i64,
+    pub state: String,
+    pub build_status: Option<i64>,
+    pub tries: i64,
+    pub next_try_at: Option<i64>,
+}
+
+type RefRow = (String, i64, String, Option<i64>, i64, Option<i64>);
+
+fn by_drv(rows: Vec<RefRow>) -> impl Iterator<Item = (String, StepRef)> {
+    rows.into_iter().map(|(d, id, state, build_status, tries, next_try_at)| {
+        (d, StepRef { id, state, build_status, tries, next_try_at })
+    })
+}
+
 /// Creates the steps that do not exist yet (one multi-row statement per
 /// few hundred) and returns every asked-for step by derivation: the walk of
 /// a whole batch of builds costs a few round trips, not one per derivation.
 pub async fn get_or_create_many(
     mut ex: Ex<'_>,
     new: &[NewStep<'_>],
-) -> Result<std::collections::HashMap<String, Step>> {
+) -> Result<std::collections::HashMap<String, StepRef>> {
     let t = now();
-    let mut out: std::collections::HashMap<String, Step> = std::collections::HashMap::with_capacity(new.len());
+    let mut out: std::collections::HashMap<String, StepRef> = std::collections::HashMap::with_capacity(new.len());
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
         let sql = sqlx::AssertSqlSafe(format!(
-            concat!(
-                "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES {}
-                 ON CONFLICT (drv_path) DO NOTHING RETURNING ",
-                cols!()
-            ),
+            "INSERT INTO steps (drv_path, system, required_features, state, created_at) VALUES {}
+             ON CONFLICT (drv_path) DO NOTHING RETURNING drv_path, id, state, build_status, tries, next_try_at",
             super::builds::values_placeholders(ex.backend(), chunk.len(), 5, 1)
         ));
-        let created: Vec<Step> = run!(ex.re(), c => {
+        let created: Vec<RefRow> = run!(ex.re(), c => {
             let mut q = sqlx::query_as(sql);
             for s in chunk {
                 q = q.bind(s.drv_path).bind(s.system).bind(&s.required_features).bind(s.state).bind(t);
             }
             q.fetch_all(&mut *c).await?
         });
-        out.extend(created.into_iter().map(|s| (s.drv_path.clone(), s)));
+        out.extend(by_drv(created));
     }
     // Those that existed already.
     let rest: Vec<&str> = new.iter().map(|s| s.drv_path).filter(|d| !out.contains_key(*d)).collect();
-    out.extend(get_many_by_drv(ex, &rest).await?.into_iter().map(|s| (s.drv_path.clone(), s)));
+    out.extend(get_many_by_drv(ex, &rest).await?);
     Ok(out)
 }
 
-pub async fn get_many_by_drv(mut ex: Ex<'_>, drvs: &[&str]) -> Result<Vec<Step>> {
+/// The steps of these derivations that exist, by derivation.
+pub async fn get_many_by_drv(mut ex: Ex<'_>, drvs: &[&str]) -> Result<Vec<(String, StepRef)>> {
     let mut out = Vec::with_capacity(drvs.len());
     for chunk in drvs.chunks(ROWS_PER_STATEMENT) {
         let sql = sqlx::AssertSqlSafe(format!(
-            concat!("SELECT ", cols!(), " FROM steps WHERE drv_path IN {}"),
+            "SELECT drv_path, id, state, build_status, tries, next_try_at FROM steps WHERE drv_path IN {}",
             super::builds::values_placeholders(ex.backend(), 1, chunk.len(), 1)
         ));
-        let rows: Vec<Step> = run!(ex.re(), c => {
+        let rows: Vec<RefRow> = run!(ex.re(), c => {
             let mut q = sqlx::query_as(sql);
             for d in chunk {
                 q = q.bind(*d);
             }
             q.fetch_all(&mut *c).await?
         });
-        out.extend(rows);
+        out.extend(by_drv(rows));
     }
     Ok(out)
 }

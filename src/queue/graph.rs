@@ -135,6 +135,7 @@ impl Runner {
         // Rooted before anything is read, so a collection cannot take them.
         self.flush_released().await;
         let (roots, drvs) = (self.roots.clone(), tops.clone());
+        let top_drvs = tops.clone();
         let _ = tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str))).await;
         let by_drv = &self.by_drv;
         let nodes = walk::explore(tops, |d| by_drv.contains_key(d), &self.cache, &self.upstreams)
@@ -143,7 +144,7 @@ impl Runner {
         let walked = t0.elapsed();
         let rows = self.record_nodes(&nodes).await?;
         let recorded = t0.elapsed();
-        let resolved = self.resolve(&nodes, &rows, list.iter().map(|b| b.drv_path.as_str()));
+        let resolved = self.resolve(&nodes, &rows, top_drvs.iter().map(String::as_str));
 
         let drvs: HashMap<i64, String> = list.iter().map(|b| (b.id, b.drv_path.clone())).collect();
         let list_len = list.len();
@@ -152,7 +153,7 @@ impl Runner {
         let mut queued: Vec<(builds::Build, i64)> = Vec::new();
         for b in list {
             let top_row = rows.get(&b.drv_path).map(|r| r.id);
-            match resolved.get(&b.drv_path) {
+            match resolved.get(b.drv_path.as_str()) {
                 Some(Resolved::Live(top)) => {
                     tops.push((b.id, *top));
                     queued.push((b, *top));
@@ -252,7 +253,10 @@ impl Runner {
     /// Writes the walk's steps to the database: one row per derivation to
     /// build (`waiting`) or to substitute (`substituted`, for the build
     /// pages), and the edges between them, in a few multi-row statements.
-    async fn record_nodes(&self, nodes: &HashMap<String, walk::Node>) -> Result<HashMap<String, steps::Step>, DbError> {
+    async fn record_nodes(
+        &self,
+        nodes: &HashMap<String, walk::Node>,
+    ) -> Result<HashMap<String, steps::StepRef>, DbError> {
         let mut new = Vec::new();
         for (drv, n) in nodes {
             match n {
@@ -279,9 +283,7 @@ impl Runner {
         let mut tx = self.db.begin().await?;
         let mut rows = steps::get_or_create_many(tx.ex(), &new).await?;
         // A cached derivation's row says whether its outputs are a failure's.
-        for r in steps::get_many_by_drv(tx.ex(), &cached).await? {
-            rows.insert(r.drv_path.clone(), r);
-        }
+        rows.extend(steps::get_many_by_drv(tx.ex(), &cached).await?);
         // A derivation substituted now may have a row from an earlier build.
         let subst: HashSet<i64> = nodes
             .iter()
@@ -337,11 +339,12 @@ impl Runner {
     /// missing `.drv` below a derivation is its fate too.
     fn resolve<'a>(
         &mut self,
-        nodes: &HashMap<String, walk::Node>,
-        rows: &HashMap<String, steps::Step>,
+        nodes: &'a HashMap<String, walk::Node>,
+        rows: &HashMap<String, steps::StepRef>,
         tops: impl Iterator<Item = &'a str>,
-    ) -> HashMap<String, Resolved> {
-        let mut done: HashMap<String, Resolved> = HashMap::new();
+    ) -> HashMap<&'a str, Resolved> {
+        // Keyed by borrowed names: a walk may hold a hundred thousand.
+        let mut done: HashMap<&'a str, Resolved> = HashMap::new();
         for top in tops {
             let mut stack: Vec<(&str, bool)> = vec![(top, false)];
             while let Some((drv, inputs_done)) = stack.pop() {
@@ -349,7 +352,7 @@ impl Runner {
                     continue;
                 }
                 if let Some(&id) = self.by_drv.get(drv) {
-                    done.insert(drv.to_string(), Resolved::Live(id));
+                    done.insert(drv, Resolved::Live(id));
                     continue;
                 }
                 let r = match nodes.get(drv) {
@@ -373,7 +376,7 @@ impl Runner {
                             continue;
                         }
                         let Some(row) = rows.get(drv) else {
-                            done.insert(drv.to_string(), Resolved::Missing(format!("no step for {drv}")));
+                            done.insert(drv, Resolved::Missing(format!("no step for {drv}")));
                             continue;
                         };
                         if row.state == "failed" {
@@ -405,7 +408,7 @@ impl Runner {
                         }
                     }
                 };
-                done.insert(drv.to_string(), r);
+                done.insert(drv, r);
             }
         }
         done
@@ -413,7 +416,7 @@ impl Runner {
 
     fn make_step(
         &mut self,
-        row: &steps::Step,
+        row: &steps::StepRef,
         drv: &str,
         system: &str,
         features: &[String],

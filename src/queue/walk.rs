@@ -44,8 +44,9 @@ pub(super) async fn explore(
     upstreams: &Upstreams,
 ) -> Result<HashMap<String, Node>, CacheError> {
     let mut nodes: HashMap<String, Node> = HashMap::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut frontier: Vec<String> = tops.into_iter().filter(|d| !live(d) && seen.insert(d.clone())).collect();
+    let mut first: HashSet<String> = HashSet::new();
+    let mut frontier: Vec<String> = tops.into_iter().filter(|d| !live(d) && first.insert(d.clone())).collect();
+    drop(first);
     while !frontier.is_empty() {
         // Read and parsed on blocking threads, a chunk each: one thread
         // hand-off per chunk, not per file.
@@ -92,7 +93,7 @@ pub(super) async fn explore(
             upstreams.lookup_many(&uncached).await
         };
 
-        let mut next = Vec::new();
+        let mut inputs_of_level: Vec<String> = Vec::new();
         for (d, r) in parsed {
             let drv = match r {
                 Ok(drv) => drv,
@@ -123,17 +124,20 @@ pub(super) async fn explore(
                         (!why.is_empty()).then(|| format!("not substituted, built instead: {}", why.join("; ")))
                     });
                     let inputs: Vec<String> = drv.input_drvs.iter().map(|(p, _)| p.to_string()).collect();
-                    for i in &inputs {
-                        if !live(i) && seen.insert(i.clone()) {
-                            next.push(i.clone());
-                        }
-                    }
+                    inputs_of_level.extend(inputs.iter().cloned());
                     Node::Build { system: drv.system.clone(), features: drv.required_features(), inputs, note }
                 }
             };
             nodes.insert(d, node);
         }
-        frontier = next;
+        // The next level: inputs not walked yet (every derivation of this
+        // level is in `nodes` by now), each once.
+        let mut next_set: HashSet<&str> = HashSet::new();
+        frontier = inputs_of_level
+            .iter()
+            .filter(|i| !live(i) && !nodes.contains_key(i.as_str()) && next_set.insert(i.as_str()))
+            .cloned()
+            .collect();
     }
     Ok(nodes)
 }
