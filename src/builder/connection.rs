@@ -74,32 +74,78 @@ impl Drop for Connection {
     }
 }
 
+/// A machine's SSH master, if open. Each machine has its own lock, so
+/// connecting to a dead machine (up to the connect timeout) holds up
+/// nobody but the steps bound for that machine.
+type Slot = Arc<tokio::sync::Mutex<Master>>;
+
+#[derive(Default)]
+enum Master {
+    #[default]
+    None,
+    Open(Arc<openssh::Session>),
+    /// The last attempt failed: those that waited for it fail with it
+    /// rather than wait the connect timeout again each.
+    Failed {
+        at: std::time::Instant,
+        error: String,
+        timeout: bool,
+    },
+}
+
+/// How long a failed connection attempt answers for the attempts that
+/// waited on it.
+const FAILED_FOR: Duration = Duration::from_secs(5);
+
 /// One SSH master per machine, opened on first use and reopened when dead.
 pub struct Sessions {
     dir: PathBuf,
-    sessions: tokio::sync::Mutex<HashMap<String, Arc<openssh::Session>>>,
+    sessions: Mutex<HashMap<String, Slot>>,
     pub connect_timeout: Duration,
     pub progress_timeout: Duration,
 }
 
 impl Sessions {
     pub fn new(state_dir: &Path, connect_timeout: Duration, progress_timeout: Duration) -> Self {
-        Sessions {
-            dir: state_dir.join("ssh"),
-            sessions: tokio::sync::Mutex::new(HashMap::new()),
-            connect_timeout,
-            progress_timeout,
-        }
+        Sessions { dir: state_dir.join("ssh"), sessions: Mutex::new(HashMap::new()), connect_timeout, progress_timeout }
     }
 
     async fn session(&self, m: &Machine) -> Result<Arc<openssh::Session>, ConnectError> {
-        let mut sessions = self.sessions.lock().await;
-        if let Some(s) = sessions.get(&m.uri) {
-            if s.check().await.is_ok() {
-                return Ok(s.clone());
+        let slot = self.sessions.lock().expect("sessions").entry(m.uri.clone()).or_default().clone();
+        let mut session = slot.lock().await;
+        match &*session {
+            Master::Open(s) => {
+                if s.check().await.is_ok() {
+                    return Ok(s.clone());
+                }
+                *session = Master::None;
             }
-            sessions.remove(&m.uri);
+            Master::Failed { at, error, timeout } if at.elapsed() < FAILED_FOR => {
+                let machine = m.uri.clone();
+                return Err(if *timeout {
+                    ConnectError::Timeout { machine, secs: self.connect_timeout.as_secs() }
+                } else {
+                    ConnectError::Ssh { machine, message: error.clone() }
+                });
+            }
+            _ => {}
         }
+        let r = self.open(m).await;
+        *session = match &r {
+            Ok(s) => Master::Open(s.clone()),
+            Err(e) => Master::Failed {
+                at: std::time::Instant::now(),
+                error: match e {
+                    ConnectError::Ssh { message, .. } => message.clone(),
+                    e => e.to_string(),
+                },
+                timeout: matches!(e, ConnectError::Timeout { .. }),
+            },
+        };
+        r
+    }
+
+    async fn open(&self, m: &Machine) -> Result<Arc<openssh::Session>, ConnectError> {
         let Transport::Ssh { user, host, port } = &m.transport else { unreachable!("local machines have no session") };
         let err = |message: String| ConnectError::Ssh { machine: m.uri.clone(), message };
         std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
@@ -159,14 +205,14 @@ impl Sessions {
                 return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
             }
         };
-        sessions.insert(m.uri.clone(), s.clone());
         Ok(s)
     }
 
     /// Forgets a machine's master (after an error), so the next connection
-    /// opens a new one.
-    pub async fn forget(&self, m: &Machine) {
-        self.sessions.lock().await.remove(&m.uri);
+    /// opens a new one. Never waits: a connection being opened meanwhile
+    /// lands in the forgotten slot and is dropped with it.
+    pub fn forget(&self, m: &Machine) {
+        self.sessions.lock().expect("sessions").remove(&m.uri);
     }
 
     /// Opens a serve connection to `m` and does the handshake.
@@ -218,7 +264,7 @@ impl Sessions {
                 let mut child = match cmd.spawn().await {
                     Ok(c) => c,
                     Err(e) => {
-                        self.forget(m).await;
+                        self.forget(m);
                         return Err(spawn_err(e.to_string()));
                     }
                 };

@@ -110,7 +110,7 @@ impl Runner {
                 warn!(machine = uri, failures = m.failures, pause_s = self.config.pause_s, "machine paused");
             }
             let m = m.m.clone();
-            self.sessions.forget(&m).await;
+            self.sessions.forget(&m);
         }
         let mut c = self.db.conn().await?;
         machine_db::record_failure(c.ex(), uri, error, pause).await?;

@@ -173,7 +173,22 @@ impl Runner {
                 .fail_step(id, BuildStatus::Aborted, &format!("aborted after {tries} attempts: {error}"), None)
                 .await;
         }
-        let delay = self.config.retry_delay_s.saturating_mul(3u64.saturating_pow(tries.saturating_sub(1)));
+        // Another machine that has not failed this step takes it at once;
+        // the backoff is for trying again where it failed.
+        let elsewhere = self.steps.get(&id).is_some_and(|s| {
+            let now = Instant::now();
+            self.machines.iter().any(|m| {
+                m.m.uri != uri
+                    && !s.avoid.contains(&m.m.uri)
+                    && m.m.fits(&s.platform.0, &s.platform.1)
+                    && m.paused_until.is_none_or(|t| t <= now)
+            })
+        });
+        let delay = if elsewhere {
+            0
+        } else {
+            self.config.retry_delay_s.saturating_mul(3u64.saturating_pow(tries.saturating_sub(1)))
+        };
         {
             let mut c = self.db.conn().await?;
             steps::retry_later(c.ex(), id, error, db::now() + delay as i64).await?;
