@@ -123,3 +123,110 @@ fn a_builder_that_never_answers_does_not_hold_up_the_others() {
         .unwrap_or_else(|| panic!("no dispatch latency line\n{stderr}"));
     assert!(median < 100.0, "dispatch latency median {median} ms with a silent host\n{stderr}");
 }
+
+/// Whether a process whose command line holds `marker` runs on this host
+/// (the builders are chroot stores behind a local sshd).
+fn process_with(marker: &str) -> bool {
+    std::process::Command::new("pgrep").args(["-f", marker]).output().unwrap().status.success()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_build_stops_its_step_on_the_builder_and_frees_the_slot() {
+    each_backend(|db| async move {
+        use kiln::db::builds::{self, BuildStatus, NewBuild};
+        use kiln::db::steps;
+        use kiln::queue::{MachineSource, Queue};
+        let sshd = Sshd::start();
+        let builder = Builder::new(&sshd, "b0", 1);
+        let machines = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(machines.path(), format!("{}\n", builder.machines_line_with_port)).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let config = kiln::config::Config { state_dir: state.path().to_path_buf(), ..Default::default() };
+        let cache =
+            kiln::cache::Cache::open(&config, db.clone(), kiln::nix::SigningKey::generate("f-1").unwrap()).unwrap();
+        let queue = Queue::start(
+            db.clone(),
+            cache,
+            kiln::logs::Logs::new(state.path()),
+            MachineSource::File(machines.path().to_path_buf()),
+            kiln::config::QueueConfig::default(),
+            state.path().to_path_buf(),
+            kiln::events::Events::new(),
+            None,
+            kiln::queue::leader::Leadership::Alone,
+            kiln::upstream::Upstreams::none(),
+        );
+        let (_, jobset) = make_jobset(&db, "p", "main").await;
+        let marker = unique("sleeper");
+        let instantiate = |expr: String| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("e.nix"), expr).unwrap();
+            nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]).trim().to_string()
+        };
+        let slow = instantiate(format!(
+            r#"derivation {{ name = "slow-{marker}"; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin"; args = [ "-c" "sleep 300; echo {marker} > $out" ]; }}"#
+        ));
+        let quick = instantiate(drv_expr(&format!("quick-{marker}"), "echo quick > $out"));
+        let create = |job: &'static str, drv: String| {
+            let db = db.clone();
+            async move {
+                let mut c = db.conn().await.unwrap();
+                let nb = NewBuild {
+                    jobset_id: jobset,
+                    job: job.into(),
+                    drv_path: drv,
+                    nix_name: job.into(),
+                    system: SYSTEM.into(),
+                    timeout: 600,
+                    max_silent: 600,
+                    priority: 100,
+                    ..Default::default()
+                };
+                builds::create(c.ex(), &nb).await.unwrap().id
+            }
+        };
+        let build = |id: i64| {
+            let db = db.clone();
+            async move {
+                let mut c = db.conn().await.unwrap();
+                builds::get(c.ex(), id).await.unwrap().unwrap()
+            }
+        };
+        let step_state = |drv: String| {
+            let db = db.clone();
+            async move {
+                let mut c = db.conn().await.unwrap();
+                steps::get_by_drv(c.ex(), &drv).await.unwrap().map(|s| s.state)
+            }
+        };
+
+        let slow_id = create("slow", slow.clone()).await;
+        queue.enqueue(vec![slow_id]).await;
+        wait_for(60, "the slow step to run on the builder", || async {
+            (step_state(slow.clone()).await.as_deref() == Some("running") && process_with(&marker)).then_some(())
+        })
+        .await;
+        // The only slot is taken: the quick build waits.
+        let quick_id = create("quick", quick.clone()).await;
+        queue.enqueue(vec![quick_id]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!build(quick_id).await.finished, "the machine has one slot, taken by the slow step");
+
+        let cancelled_at = std::time::Instant::now();
+        queue.cancel(slow_id);
+        // The slot is free at once: the quick build runs and finishes.
+        wait_for(10, "the quick build", || async { build(quick_id).await.finished.then_some(()) }).await;
+        let freed = cancelled_at.elapsed();
+        assert_eq!(build(quick_id).await.status(), Some(BuildStatus::Succeeded));
+        assert!(freed < std::time::Duration::from_secs(3), "the slot was free {freed:?} after the cancel");
+        // The remote build is gone, not left sleeping on the machine.
+        wait_for(2, "the slow builder process to end", || async { (!process_with(&marker)).then_some(()) }).await;
+        let b = build(slow_id).await;
+        assert_eq!(b.status(), Some(BuildStatus::Cancelled));
+        // Nothing needs the step: neither running nor listed as runnable.
+        assert_eq!(step_state(slow.clone()).await.as_deref(), Some("waiting"));
+        assert!(!builder.has(nix("nix-store", &["-q", "--outputs", &slow]).trim()));
+        queue.stop();
+    })
+    .await;
+}

@@ -66,10 +66,21 @@ impl Connection {
     }
 }
 
+/// A connection that goes (a cancelled step, a timeout, an error) ends
+/// its `nix-store`. A local one gets SIGTERM, on which Nix stops the build
+/// it runs and kills the builder's processes; SIGKILL would leave the
+/// builder, which Nix puts in a session of its own, running. A remote one
+/// ends when its SSH channel closes (what the cancel test checks).
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Proc::Local(c) = &mut self._proc {
-            let _ = c.start_kill();
+        if let Proc::Local(c) = &self._proc
+            && let Some(pid) = c.id()
+        {
+            // SAFETY: kill(2) has no memory effects; the child is ours and
+            // not yet reaped (tokio reaps it later).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
         }
     }
 }
@@ -229,12 +240,7 @@ impl Sessions {
                 // without a shell, its words.
                 let mut words = m.remote_program.split_whitespace();
                 let mut c = crate::nix::command::nix_command(words.next().unwrap_or("nix-store"));
-                c.args(words)
-                    .args(&args)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .kill_on_drop(true);
+                c.args(words).args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
                 // ETXTBSY: a program written a moment ago may still be open
                 // for writing in a process forked meanwhile; it passes.
                 let mut tries = 0;

@@ -73,6 +73,10 @@ impl Runner {
             db: self.db.clone(),
         };
         let tx = self.tx.clone();
+        self.next_attempt += 1;
+        let attempt = self.next_attempt;
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        self.attempts.insert(id, RunningAttempt { no: attempt, machine: uri.clone(), cancel });
         let job = Job {
             step: id,
             drv_path,
@@ -87,9 +91,15 @@ impl Runner {
         tokio::spawn(
             async move {
                 let start = Instant::now();
-                let (outcome, conn) = attempt(&parts, &machine, conn, &job).await;
+                let (outcome, conn) = tokio::select! {
+                    r = run_attempt(&parts, &machine, conn, &job) => r,
+                    // The sender went: the step was cancelled (or the
+                    // runner ended). Dropping the attempt ends it remotely.
+                    _ = cancelled => return,
+                };
                 let _ = tx.send(Event::Done {
                     step: id,
+                    attempt,
                     machine: machine.uri.clone(),
                     outcome,
                     secs: start.elapsed().as_secs_f64(),
@@ -125,7 +135,7 @@ pub(super) struct Job {
 
 /// One attempt of a step on a machine, with its connection (reused if it
 /// is still good afterwards).
-pub(super) async fn attempt(
+pub(super) async fn run_attempt(
     parts: &Parts,
     machine: &Machine,
     conn: Option<Connection>,

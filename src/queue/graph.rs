@@ -94,7 +94,7 @@ impl Runner {
         };
         let gone: Vec<i64> = self.builds.keys().filter(|b| !ids.contains(b)).copied().collect();
         for b in gone {
-            self.drop_build(b);
+            self.drop_build(b, true);
         }
         let mut new: Vec<i64> = ids.into_iter().filter(|b| !self.builds.contains_key(b)).collect();
         new.sort_unstable();
@@ -458,23 +458,33 @@ impl Runner {
     }
 
     /// Forgets a finished build, and the steps nothing else needs (only its
-    /// own closure is looked at).
-    pub(super) fn drop_build(&mut self, id: i64) {
+    /// own closure is looked at). When it was cancelled, those of them that
+    /// are running stop too; a build that failed lets them finish, since
+    /// their outputs serve the next attempt.
+    pub(super) fn drop_build(&mut self, id: i64, cancelled: bool) {
         let Some(b) = self.forget_build(id) else {
             self.idle_check();
             return;
         };
         let mut orphans = Vec::new();
+        let mut stop = Vec::new();
         let mut stack = vec![b.top];
         while let Some(s) = stack.pop() {
             if let Some(st) = self.steps.get_mut(&s)
                 && st.builds.remove(&id)
             {
-                if st.builds.is_empty() && !st.running {
-                    orphans.push(s);
+                if st.builds.is_empty() {
+                    if !st.running {
+                        orphans.push(s);
+                    } else if cancelled {
+                        stop.push(s);
+                    }
                 }
                 stack.extend(st.deps.iter().copied());
             }
+        }
+        for s in stop {
+            self.cancel_attempt(s);
         }
         for s in orphans {
             self.remove_step(s);
@@ -521,8 +531,24 @@ impl Runner {
         .await;
     }
 
+    /// Stops a running step's attempt: its machine slot is free at once,
+    /// the remote build is interrupted, and the step leaves the queue.
+    pub(super) fn cancel_attempt(&mut self, id: i64) {
+        let Some(a) = self.attempts.remove(&id) else { return };
+        let _ = a.cancel.send(());
+        if let Some(ms) = self.machines.iter_mut().find(|m| m.m.uri == a.machine) {
+            ms.running = ms.running.saturating_sub(1);
+        }
+        if let Some(s) = self.steps.get_mut(&id) {
+            s.running = false;
+        }
+        info!(step = id, machine = %a.machine, "stopped a running step: no live build needs it");
+        self.remove_step(id);
+    }
+
     pub(super) fn remove_step(&mut self, id: i64) {
         self.unqueue(id);
+        self.became_idle.push(id);
         if let Some(s) = self.steps.remove(&id) {
             self.by_drv.remove(&s.drv_path);
             for d in s.deps {

@@ -56,6 +56,8 @@ enum Event {
     Enqueue(Vec<i64>, oneshot::Sender<()>),
     Done {
         step: i64,
+        /// Which attempt of the step: one that was cancelled is stale.
+        attempt: u64,
         machine: String,
         outcome: Result<Outcome, String>,
         secs: f64,
@@ -71,6 +73,15 @@ enum Event {
     Drain(oneshot::Sender<()>),
     /// End the runner (after a drain), releasing the queue's lock.
     Stop,
+}
+
+/// A step's attempt in progress on a machine.
+struct RunningAttempt {
+    no: u64,
+    machine: String,
+    /// Dropping the attempt's task drops its connection, which interrupts
+    /// the remote build (see `Connection`'s `Drop`).
+    cancel: oneshot::Sender<()>,
 }
 
 /// A handle on the running queue.
@@ -146,6 +157,9 @@ impl Queue {
             done: 0,
             failed: 0,
             became_runnable: Vec::new(),
+            became_idle: Vec::new(),
+            attempts: HashMap::new(),
+            next_attempt: 0,
             rewalks: HashMap::new(),
             roots: crate::gcroots::GcRoots::open(&state_dir),
             live_drvs: HashMap::new(),
@@ -287,6 +301,11 @@ struct Runner {
     failed: u64,
     /// Steps queued as runnable, not yet written as such.
     became_runnable: Vec<i64>,
+    /// Steps no live build needs any more, not yet written as waiting.
+    became_idle: Vec<i64>,
+    /// The running attempt of each running step, to cancel it by.
+    attempts: HashMap<i64, RunningAttempt>,
+    next_attempt: u64,
     /// Times a derivation's builds were walked again because upstream
     /// inputs did not arrive.
     rewalks: HashMap<String, u32>,
@@ -381,8 +400,8 @@ impl Runner {
                 self.add_builds(&ids).await?;
                 let _ = done.send(());
             }
-            Event::Done { step, machine, outcome, secs, conn } => {
-                self.step_done(step, &machine, outcome, secs, conn).await?
+            Event::Done { step, attempt, machine, outcome, secs, conn } => {
+                self.step_done(step, attempt, &machine, outcome, secs, conn).await?
             }
             Event::Cancel(id) => {
                 let mut tx = self.db.begin().await?;
@@ -390,7 +409,7 @@ impl Runner {
                 self.report(tx.ex(), id).await?;
                 tx.commit().await?;
                 self.announce_finished(id, BuildStatus::Cancelled);
-                self.drop_build(id);
+                self.drop_build(id, true);
             }
             Event::Restart(id) => self.restart(id).await?,
             Event::WhenIdle(tx) => self.idle_waiters.push(tx),

@@ -60,15 +60,25 @@ impl Runner {
         self.became_runnable.push(id);
     }
 
-    /// Records in the database the steps that became runnable since the
-    /// last call, in one statement, so pages show them as runnable.
+    /// Records in the database the steps that became runnable, and those
+    /// that left the queue unfinished (no live build needs them), since the
+    /// last call, so pages show what the queue holds. What each step is
+    /// now decides, whatever happened to it in between.
     pub(super) async fn write_runnable(&mut self) -> Result<(), DbError> {
-        if self.became_runnable.is_empty() {
+        if self.became_runnable.is_empty() && self.became_idle.is_empty() {
             return Ok(());
         }
-        let ids = std::mem::take(&mut self.became_runnable);
+        let idle: Vec<i64> =
+            std::mem::take(&mut self.became_idle).into_iter().filter(|id| !self.steps.contains_key(id)).collect();
+        let runnable: Vec<i64> = std::mem::take(&mut self.became_runnable)
+            .into_iter()
+            .filter(|id| self.steps.get(id).is_some_and(|s| s.key.is_some()))
+            .collect();
         let mut c = self.db.conn().await?;
-        steps::transition_many(c.ex(), &ids, "waiting", "runnable").await?;
+        for from in ["runnable", "running"] {
+            steps::transition_many(c.ex(), &idle, from, "waiting").await?;
+        }
+        steps::transition_many(c.ex(), &runnable, "waiting", "runnable").await?;
         Ok(())
     }
 

@@ -12,11 +12,18 @@ impl Runner {
     pub(super) async fn step_done(
         &mut self,
         id: i64,
+        attempt: u64,
         uri: &str,
         outcome: Result<Outcome, String>,
         secs: f64,
         conn: Option<Box<Connection>>,
     ) -> Result<(), DbError> {
+        if self.attempts.get(&id).is_none_or(|a| a.no != attempt) {
+            // Cancelled: its slot was freed then, and nothing waits for it.
+            debug!(step = id, machine = uri, "a stopped attempt ended");
+            return Ok(());
+        }
+        self.attempts.remove(&id);
         if let Some(ms) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
             ms.running = ms.running.saturating_sub(1);
             if let Some(c) = conn {
@@ -148,7 +155,7 @@ impl Runner {
         }
         let builds: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
         for b in &builds {
-            self.drop_build(*b);
+            self.drop_build(*b, false);
         }
         self.remove_step(id);
         self.add_builds(&builds).await
@@ -230,7 +237,7 @@ impl Runner {
         for b in builds {
             let top = self.builds.get(&b).is_some_and(|lb| lb.top == id);
             self.announce_finished(b, if top { status } else { BuildStatus::DepFailed });
-            self.drop_build(b);
+            self.drop_build(b, false);
         }
         self.remove_step(id);
         Ok(())
@@ -263,7 +270,7 @@ impl Runner {
             warn!(step = id, %msg, "unsupported");
             for b in builds {
                 self.announce_finished(b, BuildStatus::Unsupported);
-                self.drop_build(b);
+                self.drop_build(b, false);
             }
             self.remove_step(id);
         }
