@@ -75,6 +75,10 @@ enum Event {
     Stop,
 }
 
+/// Dispatch latencies kept for the status and `/metrics`: enough for
+/// stable percentiles, bounded however long Kiln runs.
+pub const LATENCIES_KEPT: usize = 10_000;
+
 /// A step's attempt in progress on a machine.
 struct RunningAttempt {
     no: u64,
@@ -103,7 +107,8 @@ pub struct Status {
     pub steps_done: u64,
     pub steps_failed: u64,
     pub builds_unfinished: usize,
-    /// Seconds from runnable to dispatched, for every dispatched step.
+    /// Seconds from runnable to dispatched, for the last
+    /// [`LATENCIES_KEPT`] dispatched steps.
     pub dispatch_latencies: Vec<f64>,
 }
 
@@ -153,7 +158,8 @@ impl Queue {
             idle_waiters: Vec::new(),
             draining: false,
             drain_waiters: Vec::new(),
-            latencies: Vec::new(),
+            latencies: std::collections::VecDeque::new(),
+            latencies_changed: false,
             done: 0,
             failed: 0,
             became_runnable: Vec::new(),
@@ -296,7 +302,9 @@ struct Runner {
     /// Shutting down: nothing new is dispatched.
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
-    latencies: Vec<f64>,
+    /// The last [`LATENCIES_KEPT`] dispatch latencies.
+    latencies: std::collections::VecDeque<f64>,
+    latencies_changed: bool,
     done: u64,
     failed: u64,
     /// Steps queued as runnable, not yet written as such.
@@ -476,15 +484,22 @@ impl Runner {
 
     fn publish(&mut self) {
         let mut st = self.status.lock().expect("status");
+        // From counts the runner keeps, not a scan of every step: this runs
+        // after each event, and a big evaluation queues 100,000 steps.
         st.runnable = self.ready.values().map(|r| r.len).sum();
-        st.waiting = self.steps.values().filter(|s| !s.running && s.key.is_none()).count();
-        st.running = self.steps.values().filter(|s| s.running).map(|s| (s.drv_path.clone(), String::new())).collect();
+        st.waiting = self.steps.len().saturating_sub(st.runnable + self.attempts.len());
+        st.running = self
+            .attempts
+            .iter()
+            .filter_map(|(id, a)| self.steps.get(id).map(|s| (s.drv_path.clone(), a.machine.clone())))
+            .collect();
         st.machines = self.machines.iter().map(|m| (m.m.uri.clone(), m.running, m.m.max_jobs)).collect();
         st.steps_done = self.done;
         st.steps_failed = self.failed;
         st.builds_unfinished = self.builds.len();
-        if st.dispatch_latencies.len() != self.latencies.len() {
-            st.dispatch_latencies = self.latencies.clone();
+        if self.latencies_changed {
+            st.dispatch_latencies = self.latencies.iter().copied().collect();
+            self.latencies_changed = false;
         }
         drop(st);
         self.idle_check();
