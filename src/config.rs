@@ -97,6 +97,7 @@ pub struct Config {
     pub eval: EvalConfig,
     pub queue: QueueConfig,
     pub cache: CacheConfig,
+    pub history: HistoryConfig,
     pub github: Option<GithubConfig>,
     pub projects: Vec<ProjectConfig>,
 }
@@ -190,6 +191,27 @@ pub struct CacheConfig {
     pub mirror_upstream: bool,
 }
 
+/// How long history is kept (see `history.rs`); 0 keeps it forever.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Seconds between prunings in `kiln serve`'s queue role; 0: never.
+    pub prune_interval_s: u64,
+    /// Finished steps no build names (with their logs), after this many
+    /// days from their end.
+    pub steps_days: u64,
+    /// Webhook delivery ids (kept to ignore GitHub's redeliveries).
+    pub webhook_deliveries_days: u64,
+    /// Delivered, superseded or abandoned commit statuses.
+    pub outbox_days: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { prune_interval_s: 3600, steps_days: 90, webhook_deliveries_days: 7, outbox_days: 30 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GithubConfig {
@@ -242,6 +264,7 @@ impl Default for Config {
             eval: EvalConfig::default(),
             queue: QueueConfig::default(),
             cache: CacheConfig::default(),
+            history: HistoryConfig::default(),
             github: None,
             projects: Vec::new(),
         }

@@ -15,6 +15,7 @@ pub mod events;
 pub mod fetch;
 pub mod gcroots;
 pub mod github;
+pub mod history;
 pub mod logs;
 pub mod metrics;
 pub mod nix;

@@ -106,6 +106,23 @@ impl Logs {
         Some(self.root.join(&p.hash_part()[..2]).join(format!("{}.zst", p.base_name())))
     }
 
+    /// Deletes a stored log file, if it is one of this store's (a path
+    /// from the database cannot reach outside the logs directory).
+    pub fn remove(&self, file: &str) -> std::io::Result<bool> {
+        let p = Path::new(file);
+        let inside = p.strip_prefix(&self.root).is_ok_and(|rel| {
+            rel.components().count() == 2 && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        });
+        if !inside {
+            return Ok(false);
+        }
+        match std::fs::remove_file(p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Stores a whole log (compressed), replacing an older one.
     pub fn write(&self, drv: &str, text: &[u8]) -> std::io::Result<PathBuf> {
         let path = self.path_for(drv).ok_or_else(|| std::io::Error::other(format!("{drv:?} is not a derivation")))?;

@@ -137,7 +137,20 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     };
     let eval_task = roles.eval.then(|| tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone()))));
 
-    let gc_task = tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone())));
+    // One process of a deployment collects and prunes: the queue's.
+    let gc_tasks = if roles.queue {
+        vec![
+            tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone()))),
+            tokio::spawn(crate::history::run(
+                db.clone(),
+                logs.clone(),
+                config.history.clone(),
+                stopped(stop_rx.clone()),
+            )),
+        ]
+    } else {
+        Vec::new()
+    };
     let (webhook_secret, sender_task) = match &config.github {
         Some(gh) => {
             let secret = match &gh.webhook_secret_file {
@@ -216,7 +229,9 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     if let Some(t) = eval_task {
         let _ = t.await;
     }
-    let _ = gc_task.await;
+    for t in gc_tasks {
+        let _ = t.await;
+    }
     if let Some(t) = sender_task {
         let _ = t.await;
     }

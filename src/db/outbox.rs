@@ -130,3 +130,12 @@ pub async fn for_target(ex: Ex<'_>, target: &str) -> Result<Vec<Message>> {
     let sql = concat!("SELECT ", cols!(), " FROM outbox WHERE target = $1 ORDER BY id");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(target).fetch_all(&mut *c).await?))
 }
+
+/// Deletes messages created before `before` that are done with: delivered,
+/// superseded or given up. Pending ones stay, however old.
+pub async fn prune(ex: Ex<'_>, before: i64) -> Result<u64> {
+    Ok(run!(ex, c => sqlx::query(
+        "DELETE FROM outbox WHERE created_at < $1
+           AND (delivered_at IS NOT NULL OR superseded = TRUE OR given_up_at IS NOT NULL)")
+        .bind(before).execute(&mut *c).await?.rows_affected()))
+}
