@@ -235,6 +235,14 @@ pub async fn add_constituent(ex: Ex<'_>, aggregate_id: i64, constituent_id: i64)
     Ok(())
 }
 
+/// An aggregate's constituents: id, job, whether finished, status.
+pub async fn constituent_states(ex: Ex<'_>, aggregate_id: i64) -> Result<Vec<(i64, String, bool, Option<i64>)>> {
+    Ok(run!(ex, c => sqlx::query_as(
+        "SELECT b.id, b.job, b.finished, b.build_status FROM aggregate_constituents a
+         JOIN builds b ON b.id = a.constituent_id WHERE a.aggregate_id = $1 ORDER BY b.job, b.id")
+        .bind(aggregate_id).fetch_all(&mut *c).await?))
+}
+
 pub async fn constituents(ex: Ex<'_>, aggregate_id: i64) -> Result<Vec<i64>> {
     Ok(run!(ex, c => sqlx::query_scalar(
         "SELECT constituent_id FROM aggregate_constituents WHERE aggregate_id = $1 ORDER BY constituent_id")

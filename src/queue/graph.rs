@@ -33,6 +33,8 @@ pub(super) struct LiveBuild {
     pub(super) priority: i64,
     pub(super) timeout: i64,
     pub(super) max_silent: i64,
+    /// Finishes only when its constituents have (see `aggregates.rs`).
+    pub(super) aggregate: bool,
 }
 
 /// What a walked derivation comes to.
@@ -93,10 +95,12 @@ impl Runner {
             builds::unfinished_ids(c.ex()).await?.into_iter().collect()
         };
         let gone: Vec<i64> = self.builds.keys().filter(|b| !ids.contains(b)).copied().collect();
+        self.held.retain(|b, _| ids.contains(b));
         for b in gone {
             self.drop_build(b, true);
         }
-        let mut new: Vec<i64> = ids.into_iter().filter(|b| !self.builds.contains_key(b)).collect();
+        let mut new: Vec<i64> =
+            ids.into_iter().filter(|b| !self.builds.contains_key(b) && !self.held.contains_key(b)).collect();
         new.sort_unstable();
         for chunk in new.chunks(ADD_BATCH) {
             self.add_builds(chunk).await?;
@@ -111,7 +115,8 @@ impl Runner {
     /// derivation is gone fails alone with the path named; the others wait
     /// for their steps.
     pub(super) async fn add_builds(&mut self, ids: &[i64]) -> Result<(), DbError> {
-        let ids: Vec<i64> = ids.iter().copied().filter(|id| !self.builds.contains_key(id)).collect();
+        let ids: Vec<i64> =
+            ids.iter().copied().filter(|id| !self.builds.contains_key(id) && !self.held.contains_key(id)).collect();
         if ids.is_empty() {
             return Ok(());
         }
@@ -151,6 +156,7 @@ impl Runner {
         let mut finished: Vec<Finished> = Vec::new();
         let mut tops: Vec<(i64, i64)> = Vec::new();
         let mut queued: Vec<(builds::Build, i64)> = Vec::new();
+        let mut hold: Vec<(i64, i64)> = Vec::new();
         for b in list {
             let top_row = rows.get(&b.drv_path).map(|r| r.id);
             match resolved.get(b.drv_path.as_str()) {
@@ -158,6 +164,7 @@ impl Runner {
                     tops.push((b.id, *top));
                     queued.push((b, *top));
                 }
+                Some(Resolved::Cached) | None if b.is_aggregate => hold.push((b.id, b.jobset_id)),
                 Some(Resolved::Cached) | None => {
                     finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
                 }
@@ -169,7 +176,11 @@ impl Runner {
                 }
                 Some(Resolved::Substituted(step)) => {
                     tops.push((b.id, *step));
-                    finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
+                    if b.is_aggregate {
+                        hold.push((b.id, b.jobset_id));
+                    } else {
+                        finished.push((b.id, b.jobset_id, BuildStatus::Succeeded, true, None, None));
+                    }
                 }
                 Some(Resolved::Failed(step)) => {
                     let top = top_row.is_none_or(|t| t == *step);
@@ -214,6 +225,12 @@ impl Runner {
             debug!(build = b, status = status.label(), "finished without building");
             self.announce(Announce::BuildFinished { build: b, jobset: Some(jobset), buildstatus: status as i64 });
         }
+        for (b, jobset) in hold {
+            if let Some(drv) = drvs.get(&b) {
+                self.release(drv);
+            }
+            self.hold_aggregate(b, jobset);
+        }
         for (b, top) in queued {
             *self.live_drvs.entry(b.drv_path.clone()).or_default() += 1;
             self.builds.insert(
@@ -226,6 +243,7 @@ impl Runner {
                     priority: b.priority,
                     timeout: b.timeout,
                     max_silent: b.max_silent,
+                    aggregate: b.is_aggregate,
                 },
             );
             self.announce(Announce::BuildQueued { build: b.id, jobset: Some(b.jobset_id) });

@@ -11,6 +11,7 @@
 //! so a runner killed at any moment and started again rebuilds this state
 //! from the unfinished builds and finishes each exactly once.
 
+mod aggregates;
 mod dispatch;
 mod graph;
 pub mod leader;
@@ -164,6 +165,7 @@ impl Queue {
             failed: 0,
             became_runnable: Vec::new(),
             became_idle: Vec::new(),
+            held: HashMap::new(),
             attempts: HashMap::new(),
             next_attempt: 0,
             rewalks: HashMap::new(),
@@ -309,6 +311,9 @@ struct Runner {
     failed: u64,
     /// Steps queued as runnable, not yet written as such.
     became_runnable: Vec<i64>,
+    /// Aggregate builds (by jobset) whose own derivation is done, waiting
+    /// for their constituents to finish (see `aggregates.rs`).
+    held: HashMap<i64, i64>,
     /// Steps no live build needs any more, not yet written as waiting.
     became_idle: Vec<i64>,
     /// The running attempt of each running step, to cancel it by.
@@ -397,6 +402,9 @@ impl Runner {
                         warn!(error = %e, "checking unsupported steps");
                     }
                     self.decay_usage();
+                    if !self.held.is_empty() && let Err(e) = self.check_held().await {
+                        warn!(error = %e, "checking aggregates' constituents");
+                    }
                 }
             }
         }
@@ -417,6 +425,7 @@ impl Runner {
                 self.report(tx.ex(), id).await?;
                 tx.commit().await?;
                 self.announce_finished(id, BuildStatus::Cancelled);
+                self.held.remove(&id);
                 self.drop_build(id, true);
             }
             Event::Restart(id) => self.restart(id).await?,
@@ -475,7 +484,7 @@ impl Runner {
     }
 
     fn idle_check(&mut self) {
-        if self.builds.is_empty() {
+        if self.builds.is_empty() && self.held.is_empty() {
             for w in self.idle_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -496,7 +505,7 @@ impl Runner {
         st.machines = self.machines.iter().map(|m| (m.m.uri.clone(), m.running, m.m.max_jobs)).collect();
         st.steps_done = self.done;
         st.steps_failed = self.failed;
-        st.builds_unfinished = self.builds.len();
+        st.builds_unfinished = self.builds.len() + self.held.len();
         if self.latencies_changed {
             st.dispatch_latencies = self.latencies.iter().copied().collect();
             self.latencies_changed = false;

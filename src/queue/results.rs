@@ -99,11 +99,19 @@ impl Runner {
         log_file: Option<&str>,
         secs: f64,
     ) -> Result<(), DbError> {
-        let finished: Vec<i64> = self
+        let topped: Vec<(i64, i64, bool)> = self
             .steps
             .get(&id)
-            .map(|s| s.builds.iter().copied().filter(|b| self.builds.get(b).is_some_and(|lb| lb.top == id)).collect())
+            .map(|s| {
+                s.builds
+                    .iter()
+                    .filter_map(|b| {
+                        self.builds.get(b).filter(|lb| lb.top == id).map(|lb| (*b, lb.jobset, lb.aggregate))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
+        let finished: Vec<i64> = topped.iter().filter(|t| !t.2).map(|t| t.0).collect();
         let mut tx = self.db.begin().await?;
         for (name, path) in outputs {
             steps::set_output(tx.ex(), id, name, path).await?;
@@ -119,6 +127,10 @@ impl Runner {
         for b in finished {
             self.announce_finished(b, BuildStatus::Succeeded);
             self.forget_build(b);
+        }
+        for (b, jobset, _) in topped.into_iter().filter(|t| t.2) {
+            self.forget_build(b);
+            self.hold_aggregate(b, jobset);
         }
         let dependents: Vec<i64> =
             self.steps.get(&id).map(|s| s.dependents.iter().copied().collect()).unwrap_or_default();

@@ -495,6 +495,8 @@ struct BuildPage {
     running: bool,
     /// Pinned: garbage collection keeps its outputs.
     keep: bool,
+    /// For an aggregate: its constituents (build id, job, status, class).
+    constituents: Vec<(i64, String, String, &'static str)>,
 }
 
 struct StepLine {
@@ -535,6 +537,18 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
     };
     let running = steps.iter().any(|s| s.state == "running");
     let step_summary = step_summary(&steps);
+    let constituents = if b.is_aggregate {
+        builds::constituent_states(c.ex(), id)
+            .await?
+            .into_iter()
+            .map(|(cid, job, finished, st)| {
+                let (status, class) = status_of(finished, st);
+                (cid, job, status, class)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let steps = steps
         .into_iter()
         .map(|st| {
@@ -577,6 +591,7 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         evals,
         running,
         keep: b.keep,
+        constituents,
     })
 }
 
