@@ -178,7 +178,7 @@ async fn evaluations_members_and_builds() {
 
         // A build finishes exactly once.
         assert_eq!(builds::unfinished(c.ex()).await.unwrap().len(), 1);
-        builds::set_started(c.ex(), b.id).await.unwrap();
+        builds::set_started(c.ex(), &[b.id], kiln::db::now()).await.unwrap();
         assert!(builds::finish(c.ex(), b.id, BuildStatus::Succeeded, false, None, None).await.unwrap());
         assert!(!builds::finish(c.ex(), b.id, BuildStatus::Failed, false, None, Some("late")).await.unwrap());
         let done = builds::get(c.ex(), b.id).await.unwrap().unwrap();
