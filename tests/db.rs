@@ -178,7 +178,7 @@ async fn evaluations_members_and_builds() {
 
         // A build finishes exactly once.
         assert_eq!(builds::unfinished(c.ex()).await.unwrap().len(), 1);
-        builds::set_started(c.ex(), b.id).await.unwrap();
+        builds::set_started(c.ex(), &[b.id], kiln::db::now()).await.unwrap();
         assert!(builds::finish(c.ex(), b.id, BuildStatus::Succeeded, false, None, None).await.unwrap());
         assert!(!builds::finish(c.ex(), b.id, BuildStatus::Failed, false, None, Some("late")).await.unwrap());
         let done = builds::get(c.ex(), b.id).await.unwrap().unwrap();
@@ -286,9 +286,15 @@ async fn machines_remember_failures_and_pauses() {
         machines::record_success(c.ex(), "ssh://b1").await.unwrap();
         let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
         assert_eq!((m.consecutive_failures, m.steps_done), (0, 1));
+        // Disabling keeps the pause; enabling ends it, so the machine is used at once.
         machines::set_enabled(c.ex(), "ssh://b1", false).await.unwrap();
         let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
-        assert!(!m.enabled && m.paused_until.is_none());
+        assert!(!m.enabled && m.paused_until.is_some());
+        machines::set_enabled(c.ex(), "ssh://b1", true).await.unwrap();
+        let m = machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap();
+        assert!(m.enabled && m.paused_until.is_none());
+        machines::set_enabled(c.ex(), "ssh://b1", false).await.unwrap();
+        assert!(!machines::get(c.ex(), "ssh://b1").await.unwrap().unwrap().enabled);
         assert_eq!(machines::list(c.ex()).await.unwrap().len(), 1);
     })
     .await;

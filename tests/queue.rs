@@ -541,3 +541,58 @@ async fn the_log_of_a_running_step_can_be_read_while_it_builds() {
     assert!(full.contains(&format!("started-{t}")) && full.contains(&format!("finished-{t}")), "{full}");
     drop(farm);
 }
+
+/// A build's start time is when its first step started on a machine, not
+/// when it finished: a build that sleeps three seconds took at least three.
+#[tokio::test]
+async fn a_builds_start_time_is_when_its_first_step_started() {
+    for backend in ["sqlite", "postgres"] {
+        let t = unique("took");
+        let flake = Flake::new(
+            &format!(
+                r#"{{ outputs = _: {{ hydraJobs = {{ slow = {}; }}; }}; }}"#,
+                drv_expr(&format!("slow-{t}"), "export PATH=/usr/bin:/bin; sleep 3; echo > $out")
+            ),
+            &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+        );
+        let pg = if backend == "postgres" { Some(PgDatabase::create().await) } else { None };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            format!(
+                "{}[[projects]]\nname = \"took\"\nrepo = \"{}\"\n",
+                pg.as_ref().map(|p| format!("database_url = \"{}\"\n", p.url)).unwrap_or_default(),
+                flake.path().display()
+            ),
+        )
+        .unwrap();
+        let kiln = Kiln::start_in(dir, &[]);
+        let api = Api::new(&kiln.url, None);
+        let b = wait_for(120, "the slow build", || async {
+            let e = api.get("/jobset/took/main/evals").await.1["evals"].as_array()?.first()?.clone();
+            let id = api.get(&format!("/eval/{}", e["id"])).await.1["jobs"]["slow"].as_i64()?;
+            let (_, b) = api.get(&format!("/build/{id}")).await;
+            (b["finished"] == 1).then_some(b)
+        })
+        .await;
+        assert_eq!(b["buildstatus"], 0, "{backend}: {b}\n{}", kiln.log());
+        let (queued, start, stop) =
+            (b["timestamp"].as_i64().unwrap(), b["starttime"].as_i64().unwrap(), b["stoptime"].as_i64().unwrap());
+        assert!(stop - start >= 3, "{backend}: took {}s: {b}", stop - start);
+        assert!(queued <= start, "{backend}: {b}");
+
+        let db_url = pg
+            .as_ref()
+            .map(|p| p.url.clone())
+            .unwrap_or_else(|| format!("sqlite://{}", kiln.dir.path().join("kiln-state/kiln.db").display()));
+        let db = kiln::db::Db::connect(&db_url).await.unwrap();
+        let mut c = db.conn().await.unwrap();
+        let drv = b["drvpath"].as_str().unwrap().to_string();
+        let step_start: i64 = kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT start_time FROM steps WHERE drv_path = $1")
+            .bind(&drv).fetch_one(&mut *c).await.unwrap());
+        assert!(start <= step_start, "{backend}: the build started at {start}, its step at {step_start}");
+        drop(c);
+        db.close().await;
+        drop(kiln);
+    }
+}

@@ -174,9 +174,24 @@ pub async fn outputs(ex: Ex<'_>, build_id: i64) -> Result<Vec<Output>> {
         .bind(build_id).fetch_all(&mut *c).await?))
 }
 
-pub async fn set_started(ex: Ex<'_>, id: i64) -> Result<()> {
-    run!(ex, c => sqlx::query("UPDATE builds SET start_time = COALESCE(start_time, $2) WHERE id = $1 AND finished = FALSE")
-        .bind(id).bind(now()).execute(&mut *c).await?.rows_affected());
+/// A step the builds need started on a machine at `at`: for each build
+/// still without one, that is its start time (Hydra's `starttime`). One
+/// statement per chunk, as a step may be shared by thousands of builds.
+pub async fn set_started(mut ex: Ex<'_>, ids: &[i64], at: i64) -> Result<()> {
+    for chunk in ids.chunks(ROWS_PER_STATEMENT - 1) {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE builds SET start_time = {} WHERE id IN {} AND start_time IS NULL AND finished = FALSE",
+            values_placeholders(ex.backend(), 1, 1, 1),
+            values_placeholders(ex.backend(), 1, chunk.len(), 2)
+        ));
+        run!(ex.re(), c => {
+            let mut q = sqlx::query(sql).bind(at);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *c).await?.rows_affected()
+        });
+    }
     Ok(())
 }
 

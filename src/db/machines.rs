@@ -57,10 +57,14 @@ pub async fn record_failure(ex: Ex<'_>, name: &str, error: &str, pause_until: Op
         .bind(name).bind(now()).bind(error).bind(pause_until).fetch_one(&mut *c).await?))
 }
 
+/// An operator's choice. Enabling also ends a pause, so that the machine
+/// is used again at once; disabling keeps the pause to show.
 pub async fn set_enabled(ex: Ex<'_>, name: &str, enabled: bool) -> Result<()> {
     run!(ex, c => sqlx::query(
         "INSERT INTO machines (name, enabled, updated_at) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, paused_until = NULL, updated_at = excluded.updated_at")
+         ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled,
+             paused_until = CASE WHEN excluded.enabled THEN NULL ELSE machines.paused_until END,
+             updated_at = excluded.updated_at")
         .bind(name).bind(enabled).bind(now()).execute(&mut *c).await?.rows_affected());
     Ok(())
 }

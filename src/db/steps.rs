@@ -115,12 +115,12 @@ pub async fn count_by_state(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
         .fetch_all(&mut *c).await?))
 }
 
-/// Marks a step dispatched to `machine` (one more try).
-pub async fn mark_running(ex: Ex<'_>, id: i64, machine: &str) -> Result<()> {
+/// Marks a step dispatched to `machine` at `at` (one more try).
+pub async fn mark_running(ex: Ex<'_>, id: i64, machine: &str, at: i64) -> Result<()> {
     run!(ex, c => sqlx::query(
         "UPDATE steps SET state = 'running', machine = $2, tries = tries + 1, start_time = $3, stop_time = NULL,
              phase = 'connecting', next_try_at = NULL WHERE id = $1")
-        .bind(id).bind(machine).bind(now()).execute(&mut *c).await?.rows_affected());
+        .bind(id).bind(machine).bind(at).execute(&mut *c).await?.rows_affected());
     Ok(())
 }
 

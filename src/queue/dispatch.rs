@@ -38,8 +38,14 @@ impl Runner {
     pub(super) async fn start_step(&mut self, id: i64, mi: usize) -> Result<(), DbError> {
         let uri = self.machines[mi].m.uri.clone();
         {
-            let mut c = self.db.conn().await?;
-            steps::mark_running(c.ex(), id, &uri).await?;
+            // One time for the step and the builds it is the first step of,
+            // so that a build never starts after its first step.
+            let at = db::now();
+            let mut tx = self.db.begin().await?;
+            steps::mark_running(tx.ex(), id, &uri, at).await?;
+            let of: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
+            builds::set_started(tx.ex(), &of, at).await?;
+            tx.commit().await?;
         }
         if let Some(s) = self.steps.get(&id) {
             let builds = s.builds.iter().copied().collect();

@@ -251,15 +251,23 @@ impl Runner {
             // left to wait for are runnable.
             let mut stack = vec![top];
             let mut ready = Vec::new();
+            let mut joins_running = false;
             while let Some(s) = stack.pop() {
                 if let Some(st) = self.steps.get_mut(&s)
                     && st.builds.insert(b.id)
                 {
+                    joins_running |= st.running;
                     if st.deps.is_empty() && !st.running {
                         ready.push(s);
                     }
                     stack.extend(st.deps.iter().copied());
                 }
+            }
+            // A step it needs is already building for another build: this
+            // build's work has started too.
+            if joins_running {
+                let mut c = self.db.conn().await?;
+                builds::set_started(c.ex(), &[b.id], db::now()).await?;
             }
             for s in ready {
                 self.requeue(s);

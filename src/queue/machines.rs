@@ -2,7 +2,9 @@
 //! (reloaded when it changes), each machine's running steps, idle
 //! connections and failure count, and the choice of machine for a step.
 //! Only machine faults count here: a failure of the coordinator's own
-//! never pauses a machine.
+//! never pauses a machine. A pause and an operator's disabling are kept in
+//! the database and read back whenever the list is (re)loaded, so both
+//! survive a restart.
 
 use super::*;
 
@@ -11,17 +13,20 @@ pub(super) struct MachineState {
     pub(super) running: u32,
     pub(super) failures: u32,
     pub(super) paused_until: Option<Instant>,
+    /// False when an operator disabled it: no new steps go there.
+    pub(super) enabled: bool,
     pub(super) idle: Vec<Connection>,
 }
 
 impl Runner {
     // ------------------------------------------------------------ machines
 
-    pub(super) fn reload_machines(&mut self) {
+    /// Reads the machines file again if it changed; true when it did.
+    pub(super) fn reload_machines(&mut self) -> bool {
         let list = match &self.source {
             MachineSource::List(l) => {
                 if !self.machines.is_empty() || l.is_empty() {
-                    return;
+                    return false;
                 }
                 l.clone()
             }
@@ -29,7 +34,7 @@ impl Runner {
                 // Read again only when it changed (an empty file included).
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if self.source_mtime == Some(mtime) {
-                    return;
+                    return false;
                 }
                 self.source_mtime = Some(mtime);
                 match crate::builder::machines::load(path) {
@@ -41,7 +46,7 @@ impl Runner {
                     }
                     Err(e) => {
                         warn!(file = %path.display(), error = %e, "cannot read the machines file");
-                        return;
+                        return false;
                     }
                 }
             }
@@ -58,21 +63,54 @@ impl Runner {
                     running: st.running,
                     failures: 0,
                     paused_until: None,
+                    enabled: st.enabled,
                     idle: vec![],
                 }),
-                None => {
-                    self.machines.push(MachineState { m, running: 0, failures: 0, paused_until: None, idle: vec![] })
-                }
+                None => self.machines.push(MachineState {
+                    m,
+                    running: 0,
+                    failures: 0,
+                    paused_until: None,
+                    enabled: true,
+                    idle: vec![],
+                }),
             }
         }
         info!(machines = self.machines.len(), "machines loaded");
+        true
+    }
+
+    /// Takes each machine's pause and enabled flag from the database, where
+    /// this runner's earlier life, or an operator, wrote them.
+    pub(super) async fn load_machine_states(&mut self) -> Result<(), DbError> {
+        let rows = {
+            let mut c = self.db.conn().await?;
+            machine_db::list(c.ex()).await?
+        };
+        let rows: HashMap<&str, &machine_db::MachineState> = rows.iter().map(|r| (r.name.as_str(), r)).collect();
+        let (now, unix_now) = (Instant::now(), db::now());
+        for m in &mut self.machines {
+            let Some(row) = rows.get(m.m.uri.as_str()) else { continue };
+            if m.enabled != row.enabled {
+                info!(machine = %m.m.uri, enabled = row.enabled, "machine {}", if row.enabled { "enabled" } else { "disabled" });
+            }
+            m.enabled = row.enabled;
+            if !m.enabled {
+                m.idle.clear();
+            }
+            m.paused_until =
+                row.paused_until.filter(|t| *t > unix_now).map(|t| now + Duration::from_secs((t - unix_now) as u64));
+        }
+        Ok(())
     }
 
     /// The free machine that fits, lowest load per speed factor, avoiding
     /// those that failed this step when another one could take it.
     pub(super) fn pick_machine(&self, platform: &Platform, avoid: &HashSet<String>) -> Option<usize> {
         let now = Instant::now();
-        let usable = |m: &MachineState| m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now);
+        let usable = |m: &MachineState| {
+            m.enabled && m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now)
+        };
         let free = |m: &MachineState| m.running < m.m.max_jobs.max(1);
         let load = |m: &MachineState| m.running as f64 / m.m.max_jobs.max(1) as f64 / m.m.speed_factor;
         let best = |skip_avoided: bool| {

@@ -67,6 +67,8 @@ enum Event {
     Cancel(i64),
     Restart(i64),
     Bump(i64),
+    /// A machine was enabled or disabled in the database.
+    MachinesChanged,
     WhenIdle(oneshot::Sender<()>),
     /// Answered once everything sent before it is handled.
     Flush(oneshot::Sender<()>),
@@ -196,6 +198,12 @@ impl Queue {
 
     pub fn bump(&self, build: i64) {
         let _ = self.tx.send(Event::Bump(build));
+    }
+
+    /// Has the runner read the machines' enabled flags and pauses again
+    /// (after an operator changed them), rather than at its next rescan.
+    pub fn machines_changed(&self) {
+        let _ = self.tx.send(Event::MachinesChanged);
     }
 
     /// Cancels every unfinished build of an evaluation.
@@ -360,6 +368,9 @@ impl Runner {
         };
         self.status.lock().expect("status").leading = true;
         self.reload_machines();
+        if let Err(e) = self.load_machine_states().await {
+            warn!(error = %e, "cannot read the machines' pauses and enabled flags");
+        }
         if let Err(e) = self.recover().await {
             warn!(error = %e, "cannot load the queue from the database");
         }
@@ -397,7 +408,13 @@ impl Runner {
                     if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
                         warn!(error = %e, "rescanning unfinished builds");
                     }
-                    self.reload_machines();
+                    // Another process (a web-only one) may have enabled or
+                    // disabled a machine: read the flags at each rescan too.
+                    if (self.reload_machines() || ticks.is_multiple_of(RESCAN_TICKS))
+                        && let Err(e) = self.load_machine_states().await
+                    {
+                        warn!(error = %e, "cannot read the machines' pauses and enabled flags");
+                    }
                     if let Err(e) = self.fail_unsupported().await {
                         warn!(error = %e, "checking unsupported steps");
                     }
@@ -429,6 +446,7 @@ impl Runner {
                 self.drop_build(id, true);
             }
             Event::Restart(id) => self.restart(id).await?,
+            Event::MachinesChanged => self.load_machine_states().await?,
             Event::WhenIdle(tx) => self.idle_waiters.push(tx),
             Event::Flush(tx) => {
                 let _ = tx.send(());

@@ -29,7 +29,8 @@ impl Runner {
             Event::Flush(tx) | Event::Drain(tx) | Event::WhenIdle(tx) => {
                 let _ = tx.send(());
             }
-            Event::Done { .. } | Event::Stop => {}
+            // The runner that leads reads the flags at its next rescan.
+            Event::Done { .. } | Event::MachinesChanged | Event::Stop => {}
         }
         Ok(())
     }

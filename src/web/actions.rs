@@ -1,7 +1,8 @@
 //! Actions that change things: restart, cancel, bump and pin (keep) a
 //! build; restart the failed builds of an evaluation, cancel or bump it;
-//! trigger, enable and disable a jobset. Scripts use a bearer token; the UI a signed-in
-//! session plus the form's CSRF token. Anyone else is told "not allowed".
+//! trigger, enable and disable a jobset; enable and disable a machine.
+//! Scripts use a bearer token; the UI a signed-in session plus the form's
+//! CSRF token. Anyone else is told "not allowed".
 
 use std::collections::HashMap;
 
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use super::session::{self, COOKIE};
 use super::{AppState, ErrorBody, WebError, auth};
-use crate::db::{self, api_tokens, builds, jobsets};
+use crate::db::{self, api_tokens, builds, jobsets, machines};
 
 /// Who may write, and how they asked.
 pub enum Via {
@@ -167,6 +168,51 @@ pub async fn jobset_action(
     }
     s.memo.forget();
     Ok(done(via, &action, 1, format!("/jobset/{project}/{name}")))
+}
+
+#[utoipa::path(post, path = "/machines/{machine}/{action}", tag = "actions", security(("token" = [])),
+    params(("machine" = String, Path, description = "the machine's URI as in the machines file, percent-encoded (its `path` on /machines), or the URI without its `?` settings when only one machine has it"), ("action" = String, Path, description = "disable (no new steps go there; running ones finish) or enable (used again at once, its pause ended)")),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+pub async fn machine_action(
+    State(s): State<AppState>,
+    Path((machine, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let enabled = match action.as_str() {
+        "enable" => true,
+        "disable" => false,
+        other => return Err(WebError::NotFound(format!("action {other}"))),
+    };
+    let (list, _, _) = super::pages::configured_machines(&s.config);
+    let by_name: Vec<_> = list.iter().filter(|m| m.uri.split('?').next() == Some(machine.as_str())).collect();
+    let uri = match list.iter().find(|m| m.uri == machine) {
+        Some(m) => m.uri.clone(),
+        None if by_name.len() == 1 => by_name[0].uri.clone(),
+        None => return Err(WebError::NotFound(format!("machine {machine}"))),
+    };
+    let mut c = s.db.conn().await?;
+    machines::set_enabled(c.ex(), &uri, enabled).await?;
+    drop(c);
+    tracing::info!(machine = %uri, action = %action, "machine {action}d by an operator");
+    s.queue.machines_changed();
+    s.queue.flush().await;
+    Ok(done(via, &action, 1, "/machines".into()))
+}
+
+/// `s` as one path segment: everything but unreserved characters
+/// percent-encoded (machine URIs hold `/`, `?`, `%` and `=`).
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------ signing in

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/queue", get(pages::queue))
         .route("/search", get(pages::search))
         .route("/machines", get(pages::machines))
+        .route("/machines/{machine}/{action}", post(actions::machine_action))
         .route("/static/kiln.js", get(script))
         .route("/job/{project}/{jobset}/{job}/latest", get(builds::job_latest))
         .route("/job/{project}/{jobset}/{job}/latest/output/{output}", get(builds::job_latest_output))

@@ -41,6 +41,7 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
         actions::build_keep,
         actions::eval_action,
         actions::jobset_action,
+        actions::machine_action,
         api::push,
         webhooks::github,
         badges::jobset,
@@ -57,7 +58,7 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
     tags(
         (name = "pages", description = "Every page, as JSON"),
         (name = "projects", description = "Creating and removing projects"),
-        (name = "actions", description = "Acting on builds, evaluations and jobsets (token)"),
+        (name = "actions", description = "Acting on builds, evaluations, jobsets and machines (token)"),
         (name = "deploy", description = "Stable URLs of the latest good outputs"),
         (name = "github", description = "Webhooks from GitHub"),
     )

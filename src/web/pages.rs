@@ -896,15 +896,18 @@ pub struct MachineLine {
     steps_done: i64,
     current: Vec<String>,
     recent_failures: Vec<String>,
+    /// Its URL (the URI, percent-encoded): POST `{path}/disable` or
+    /// `{path}/enable` with a token.
+    path: String,
 }
 
-#[utoipa::path(get, path = "/machines", tag = "pages",
-    responses((status = 200, description = "the build machines", content((MachinesView = "application/json"), (String = "text/html")))))]
-pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
-    let status = s.queue.status.lock().expect("status").clone();
-    // The file is read here rather than taken from the queue runner, which
-    // a `--roles web` process does not have; it is small.
-    let (list, file_errors, machines_file) = match crate::build::machine_source(&s.config, None) {
+/// The machines Kiln builds on, the machines-file entries it cannot use and
+/// the file's name. Read here rather than taken from the queue runner, which
+/// a `--roles web` process does not have; the file is small.
+pub fn configured_machines(
+    config: &crate::config::Config,
+) -> (Vec<crate::builder::machines::Machine>, Vec<MachineFileError>, Option<String>) {
+    match crate::build::machine_source(config, None) {
         crate::queue::MachineSource::File(f) => {
             let (list, errors) = match crate::builder::machines::load(&f) {
                 Ok((list, errors)) => (
@@ -922,7 +925,14 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
             (list, errors, Some(f.display().to_string()))
         }
         crate::queue::MachineSource::List(l) => (l, vec![], None),
-    };
+    }
+}
+
+#[utoipa::path(get, path = "/machines", tag = "pages",
+    responses((status = 200, description = "the build machines", content((MachinesView = "application/json"), (String = "text/html")))))]
+pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, WebError> {
+    let status = s.queue.status.lock().expect("status").clone();
+    let (list, file_errors, machines_file) = configured_machines(&s.config);
     let mut c = s.db.conn().await?;
     let running_steps = steps::running(c.ex()).await?;
     let mut lines = Vec::new();
@@ -951,6 +961,7 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
                 .map(|r| r.drv_path.clone())
                 .collect(),
             recent_failures: failures.into_iter().map(|f| f.drv_path).collect(),
+            path: format!("/machines/{}", super::actions::path_segment(&m.uri)),
             uri: m.uri,
         });
     }
