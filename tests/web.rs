@@ -1,7 +1,8 @@
 //! The web UI and its JSON: every page answers with the right content and
 //! well-formed HTML, the JSON uses Hydra's field names, actions need a
-//! token or a signed-in session with its CSRF token, and `private = true`
-//! hides everything from anonymous requests.
+//! token or a signed-in session with its CSRF token, `private = true`
+//! hides everything from anonymous requests, and a client that stalls in
+//! its request header is disconnected.
 
 mod support;
 
@@ -399,4 +400,26 @@ async fn the_openapi_document_describes_the_api_and_schemathesis_finds_no_failur
     // Kiln is still healthy afterwards (schemathesis, holding a token, may
     // well have deleted the fixture's project: that is allowed).
     assert_eq!(api.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_header_is_disconnected_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kiln = Kiln::start("header_read_timeout_s = 1\n", &[]);
+    let addr = kiln.url.strip_prefix("http://").unwrap().to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let sent = std::time::Instant::now();
+    // Another client is answered while the half header waits.
+    let api = Api::new(&kiln.url, None);
+    assert_eq!(api.get("/healthz").await.0, 200);
+    // Then the server hangs up: end of stream (or a reset), and no answer.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(15), slow.read_to_end(&mut buf))
+        .await
+        .expect("the server still holds a connection that sent half a header");
+    let waited = sent.elapsed();
+    assert!(read.is_err() || buf.is_empty(), "answered: {}", String::from_utf8_lossy(&buf));
+    assert!(waited >= std::time::Duration::from_millis(900), "closed after {waited:?}, before the timeout");
+    assert_eq!(api.get("/healthz").await.0, 200, "the server still serves");
 }
