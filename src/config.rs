@@ -88,6 +88,9 @@ pub struct Config {
     pub api_token_files: Vec<PathBuf>,
     /// Hide everything from anonymous users.
     pub private: bool,
+    /// A client that has not sent a whole request header this long after
+    /// connecting (or after its previous request) is disconnected.
+    pub header_read_timeout_s: u64,
     pub log_format: LogFormat,
     /// Upstream binary caches (as in nix.conf) whose signed outputs are
     /// substituted instead of built, e.g. `["https://cache.nixos.org"]`.
@@ -227,6 +230,9 @@ pub struct GithubConfig {
     pub app_id: Option<u64>,
     pub app_private_key_file: Option<PathBuf>,
     pub app_installation_id: Option<u64>,
+    /// Longest wait for GitHub to connect, take a request or answer one;
+    /// a status delivery as a whole gives up after this long too.
+    pub timeout_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +264,7 @@ impl Default for Config {
             machines_file: None,
             api_token_files: Vec::new(),
             private: false,
+            header_read_timeout_s: 30,
             log_format: LogFormat::Text,
             substituters: Vec::new(),
             trusted_public_keys: Vec::new(),
@@ -313,6 +320,7 @@ impl Default for GithubConfig {
             app_id: None,
             app_private_key_file: None,
             app_installation_id: None,
+            timeout_s: 30,
         }
     }
 }
@@ -414,6 +422,9 @@ impl Config {
                 "substituters need the public keys their narinfos are signed with",
             ));
         }
+        if self.header_read_timeout_s == 0 {
+            return Err(ConfigError::key(origin, "header_read_timeout_s", "must be at least 1 s"));
+        }
         if self.queue.substitute_timeout_s == 0 {
             return Err(ConfigError::key(origin, "queue.substitute_timeout_s", "must be at least 1 s"));
         }
@@ -450,6 +461,9 @@ impl Config {
             }
             if !(gh.api_url.starts_with("https://") || gh.api_url.starts_with("http://")) {
                 return Err(ConfigError::key(origin, "github.api_url", "must be an http:// or https:// URL"));
+            }
+            if gh.timeout_s == 0 {
+                return Err(ConfigError::key(origin, "github.timeout_s", "must be at least 1 s"));
             }
         }
         let mut seen = std::collections::HashSet::new();

@@ -195,7 +195,8 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
             .map_err(|source| ServeError::Bind { addr: config.listen.to_string(), source })?;
         let addr = listener.local_addr()?;
         info!("listening on http://{addr}");
-        Some(http1_serve(listener, web::router(state), stopped(stop_rx.clone())))
+        let header_timeout = std::time::Duration::from_secs(config.header_read_timeout_s);
+        Some(http1_serve(listener, web::router(state), header_timeout, stopped(stop_rx.clone())))
     } else {
         info!("running without the web role: nothing listens");
         None
@@ -267,13 +268,17 @@ async fn periodic_gc(cache: crate::cache::Cache, config: Arc<Config>, stop: impl
 /// `stop`, then lets open requests finish. Hand-rolled instead of
 /// `axum::serve` for two reasons measured on the cache: TCP_NODELAY (without
 /// it a streamed body's first chunk waits for the ACK of the headers, 40 ms
-/// a NAR) and no HTTP/2 sniffing on every connection.
+/// a NAR) and no HTTP/2 sniffing on every connection. A client gets
+/// `header_timeout` to send each request's header: without it one that
+/// sends half a header, or connects and says nothing, holds its connection
+/// and task for ever.
 async fn http1_serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    header_timeout: std::time::Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(stop);
@@ -291,8 +296,12 @@ async fn http1_serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let conn =
-            hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+        // hyper's header timeout needs a timer to run at all.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

@@ -1,8 +1,9 @@
 //! GitHub, end to end, against a local stand-in for its REST API that
 //! checks every request the way GitHub does (credentials, path, JSON
 //! fields and their allowed values, the 140-character description) and can
-//! answer with errors and rate limits. Kiln is the real binary, the flakes
-//! are real git repositories evaluated and built by the real Nix.
+//! answer with errors and rate limits, or not at all. Kiln is the real
+//! binary, the flakes are real git repositories evaluated and built by the
+//! real Nix.
 
 mod support;
 
@@ -45,6 +46,10 @@ struct Hub {
     minted: Vec<String>,
     app_public_pem: Option<String>,
     token_lifetime_s: i64,
+    /// Repositories (`owner/name`) whose status requests are taken and
+    /// never answered, as by a connection that hangs; and how many came.
+    hang: Vec<String>,
+    hung: usize,
 }
 
 #[derive(Clone)]
@@ -113,6 +118,15 @@ async fn post_status(
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    let hang = {
+        let mut h = hub.lock().unwrap();
+        let hang = h.hang.contains(&format!("{owner}/{repo}"));
+        h.hung += usize::from(hang);
+        hang
+    };
+    if hang {
+        return std::future::pending().await;
+    }
     let mut h = hub.lock().unwrap();
     let token = match check_auth(&h, &headers) {
         Ok(t) => t,
@@ -704,5 +718,69 @@ async fn a_private_repository_is_fetched_with_the_token_which_is_written_nowhere
     assert!(!contains(&db, TOKEN) && !contains(&db, &b64), "the token is in the database");
     let log = kiln.log();
     assert!(!log.contains(TOKEN) && !log.contains(&b64), "the token is in the log");
+    fake.assert_valid();
+}
+
+#[tokio::test]
+async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_the_next_one_goes_through() {
+    use kiln::db::outbox;
+    use kiln::github::statuses::{KIND, Status};
+    let fake = Fake::start().await;
+    fake.hub.lock().unwrap().hang = vec!["acme/stuck".into()];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gh-token"), TOKEN).unwrap();
+    let gh = kiln::config::GithubConfig {
+        api_url: fake.url.clone(),
+        token_file: Some(dir.path().join("gh-token")),
+        timeout_s: 1,
+        ..Default::default()
+    };
+    let creds = kiln::github::Credentials::from_config(&gh).unwrap().unwrap();
+    let fake = &fake;
+    let creds = &creds;
+    each_backend(|db| async move {
+        let status = |repo: &str, sha: String| Status {
+            owner: "acme".into(),
+            repo: repo.into(),
+            sha,
+            state: "success".into(),
+            context: "kiln/main".into(),
+            description: "1 succeeded".into(),
+            target_url: format!("{BASE}/eval/1"),
+        };
+        // The stuck repository's status is older, so it is sent first.
+        let stuck = status("stuck", format!("{:040x}", getrandom::u64().unwrap()));
+        let fine = status("widgets", format!("{:040x}", getrandom::u64().unwrap()));
+        {
+            let mut c = db.conn().await.unwrap();
+            for s in [&stuck, &fine] {
+                let payload = serde_json::to_string(s).unwrap();
+                outbox::enqueue(c.ex(), KIND, &s.target(), &s.context, &payload).await.unwrap();
+            }
+        }
+        let hung_before = fake.hub.lock().unwrap().hung;
+        let mut paused = 0;
+        // Without a timeout the first request waits for ever, and so does the second.
+        let tried =
+            tokio::time::timeout(Duration::from_secs(20), kiln::github::sender::send_due(&db, creds, &mut paused))
+                .await
+                .expect("a GitHub that never answers held up the outbox")
+                .unwrap();
+        assert_eq!(tried, 2);
+        assert_eq!(fake.hub.lock().unwrap().hung, hung_before + 1, "the stuck request reached GitHub and hung there");
+
+        let mut c = db.conn().await.unwrap();
+        let m = outbox::for_target(c.ex(), &stuck.target()).await.unwrap();
+        assert_eq!(m.len(), 1);
+        let m = &m[0];
+        assert!(m.delivered_at.is_none() && m.given_up_at.is_none(), "{m:?}");
+        assert_eq!(m.attempts, 1, "{m:?}");
+        assert!(m.next_attempt_at > kiln::db::now(), "retried later, after the backoff: {m:?}");
+        assert!(m.last_error.as_deref().is_some_and(|e| !e.is_empty()), "{m:?}");
+        let d = outbox::for_target(c.ex(), &fine.target()).await.unwrap();
+        assert!(d[0].delivered_at.is_some(), "{d:?}");
+        assert_eq!(fake.accepted(&fine.sha, "kiln/main").len(), 1);
+    })
+    .await;
     fake.assert_valid();
 }

@@ -1,7 +1,8 @@
 //! The web UI and its JSON: every page answers with the right content and
 //! well-formed HTML, the JSON uses Hydra's field names, actions need a
-//! token or a signed-in session with its CSRF token, and `private = true`
-//! hides everything from anonymous requests.
+//! token or a signed-in session with its CSRF token, a session ends with
+//! its token, `private = true` hides everything from anonymous requests,
+//! and a client that stalls in its request header is disconnected.
 
 mod support;
 
@@ -399,4 +400,79 @@ async fn the_openapi_document_describes_the_api_and_schemathesis_finds_no_failur
     // Kiln is still healthy afterwards (schemathesis, holding a token, may
     // well have deleted the fixture's project: that is allowed).
     assert_eq!(api.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_header_is_disconnected_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kiln = Kiln::start("header_read_timeout_s = 1\n", &[]);
+    let addr = kiln.url.strip_prefix("http://").unwrap().to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let sent = std::time::Instant::now();
+    // Another client is answered while the half header waits.
+    let api = Api::new(&kiln.url, None);
+    assert_eq!(api.get("/healthz").await.0, 200);
+    // Then the server hangs up: end of stream (or a reset), and no answer.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(15), slow.read_to_end(&mut buf))
+        .await
+        .expect("the server still holds a connection that sent half a header");
+    let waited = sent.elapsed();
+    assert!(read.is_err() || buf.is_empty(), "answered: {}", String::from_utf8_lossy(&buf));
+    assert!(waited >= std::time::Duration::from_millis(900), "closed after {waited:?}, before the timeout");
+    assert_eq!(api.get("/healthz").await.0, 200, "the server still serves");
+}
+
+#[tokio::test]
+async fn removing_a_token_ends_the_sessions_made_from_it_at_the_next_start() {
+    for backend in ["sqlite", "postgres"] {
+        let pg = if backend == "postgres" { Some(PgDatabase::create().await) } else { None };
+        let db_line = pg.as_ref().map(|p| format!("database_url = \"{}\"\n", p.url)).unwrap_or_default();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token-a"), "token-aaaa").unwrap();
+        std::fs::write(dir.path().join("token-b"), "token-bbbb").unwrap();
+        let config = |files: &str| format!("{db_line}private = true\napi_token_files = [{files}]\n");
+        std::fs::write(dir.path().join("kiln.toml"), config("\"token-a\", \"token-b\"")).unwrap();
+        let mut kiln = Kiln::start_in(dir, &[]);
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let mut sessions = Vec::new();
+        for token in ["token-aaaa", "token-bbbb"] {
+            let r = http.post(format!("{}/login", kiln.url)).form(&[("token", token)]).send().await.unwrap();
+            assert!(r.status().is_redirection(), "{backend}: {}", r.status());
+            sessions.push(cookie_of(&r).expect("a session cookie"));
+        }
+        let (a, b) = (sessions[0].clone(), sessions[1].clone());
+        // A session sees a private Kiln signed in; an action with a wrong
+        // CSRF token is refused as a stale form (403), not as a stranger's (401).
+        let check = |url: String, cookie: String| {
+            let http = http.clone();
+            async move {
+                let r = http.get(format!("{url}/")).header("Cookie", &cookie).send().await.unwrap();
+                let home = r.status().as_u16();
+                let signed_in = r.text().await.unwrap().contains("Sign out");
+                let r = http
+                    .post(format!("{url}/build/1/bump"))
+                    .header("Cookie", &cookie)
+                    .form(&[("csrf", "0".repeat(32))])
+                    .send()
+                    .await
+                    .unwrap();
+                (home, signed_in, r.status().as_u16())
+            }
+        };
+        assert_eq!(check(kiln.url.clone(), a.clone()).await, (200, true, 403), "{backend}: A's session");
+        assert_eq!(check(kiln.url.clone(), b.clone()).await, (200, true, 403), "{backend}: B's session");
+
+        // Token A is removed from the configuration; Kiln restarts on the same state.
+        assert!(kiln.terminate().success());
+        let dir = std::mem::replace(&mut kiln.dir, tempfile::tempdir().unwrap());
+        drop(kiln);
+        std::fs::write(dir.path().join("kiln.toml"), config("\"token-b\"")).unwrap();
+        let kiln = Kiln::start_in(dir, &[]);
+        assert_eq!(check(kiln.url.clone(), a).await, (401, false, 401), "{backend}: A's session ended with its token");
+        assert_eq!(check(kiln.url.clone(), b).await, (200, true, 403), "{backend}: B's token is still configured");
+        let r = http.post(format!("{}/login", kiln.url)).form(&[("token", "token-aaaa")]).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{backend}: A no longer signs in");
+    }
 }

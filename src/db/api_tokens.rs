@@ -49,3 +49,9 @@ pub async fn check(mut ex: Ex<'_>, token: &str) -> Result<Option<ApiToken>> {
     }
     Ok(found)
 }
+
+/// The sha256 of every valid token, for checking sessions; unlike
+/// [`check`], nothing is marked used.
+pub async fn digests(ex: Ex<'_>) -> Result<Vec<String>> {
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT token_sha256 FROM api_tokens").fetch_all(&mut *c).await?))
+}

@@ -13,6 +13,7 @@ pub mod webhook;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use octocrab::Octocrab;
 use thiserror::Error;
@@ -129,6 +130,7 @@ fn read_key(path: &Path) -> Result<String, GithubError> {
 #[derive(Clone)]
 pub struct Credentials {
     inner: Arc<Inner>,
+    timeout: Duration,
 }
 
 enum Inner {
@@ -148,8 +150,21 @@ impl Credentials {
     /// From `[github]`: `app_id` with `app_private_key_file` (and
     /// optionally `app_installation_id`), else `token_file`; none if neither.
     pub fn from_config(gh: &GithubConfig) -> Result<Option<Credentials>, GithubError> {
-        let builder =
-            || Octocrab::builder().base_uri(gh.api_url.as_str()).map_err(|e| GithubError::Client(e.to_string()));
+        // octocrab waits forever by default: one connection that never
+        // answers would stall every status after it. Installation clients
+        // are made from the app's client and share its connector, so these
+        // bound their calls too.
+        let timeout = Duration::from_secs(gh.timeout_s.max(1));
+        let builder = || {
+            Octocrab::builder()
+                .base_uri(gh.api_url.as_str())
+                .map(|b| {
+                    b.set_connect_timeout(Some(timeout))
+                        .set_read_timeout(Some(timeout))
+                        .set_write_timeout(Some(timeout))
+                })
+                .map_err(|e| GithubError::Client(e.to_string()))
+        };
         let inner = if let (Some(id), Some(key_file)) = (gh.app_id, &gh.app_private_key_file) {
             let pem = read_key(key_file)?;
             let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
@@ -167,7 +182,12 @@ impl Credentials {
         } else {
             return Ok(None);
         };
-        Ok(Some(Credentials { inner: Arc::new(inner) }))
+        Ok(Some(Credentials { inner: Arc::new(inner), timeout }))
+    }
+
+    /// `github.timeout_s`: the longest one call to GitHub may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A client that may write statuses on `repo`.
@@ -199,11 +219,16 @@ impl Credentials {
         match &*self.inner {
             Inner::Token { token, .. } => Ok(token.clone()),
             Inner::App { .. } => {
-                let c = self.client(repo).await?;
-                let t = c
-                    .installation_token_with_buffer(chrono::Duration::minutes(5))
-                    .await
-                    .map_err(|e| GithubError::Client(e.to_string()))?;
+                // Bounded as a whole, not only per read: a fetch waits for it.
+                let mint = async {
+                    let c = self.client(repo).await?;
+                    c.installation_token_with_buffer(chrono::Duration::minutes(5))
+                        .await
+                        .map_err(|e| GithubError::Client(e.to_string()))
+                };
+                let t = tokio::time::timeout(self.timeout, mint).await.map_err(|_| {
+                    GithubError::Client(format!("GitHub did not answer within {} s", self.timeout.as_secs()))
+                })??;
                 Ok(t.expose_secret().to_string())
             }
         }

@@ -6,7 +6,10 @@
 //! Network errors and 5xx are retried with exponential backoff; `403` or
 //! `429` with `Retry-After` or an exhausted `X-RateLimit-Remaining` pause
 //! all sending until GitHub allows it again; other 4xx give up with the
-//! reason logged and kept on the message. Everything is in the database,
+//! reason logged and kept on the message. A delivery that takes longer
+//! than `github.timeout_s` (a connection that never answers, or answers
+//! a byte at a time) counts as a network error, so one stalled request
+//! delays the others by that long at most. Everything is in the database,
 //! so a restart carries on where the last run stopped.
 
 use std::collections::HashSet;
@@ -91,7 +94,10 @@ pub async fn send_due(db: &Db, creds: &Credentials, paused_until: &mut i64) -> R
                 continue;
             }
         };
-        let outcome = deliver(creds, &status).await;
+        let outcome = match tokio::time::timeout(creds.timeout(), deliver(creds, &status)).await {
+            Ok(o) => o,
+            Err(_) => Outcome::Retry(format!("GitHub did not answer within {} s", creds.timeout().as_secs())),
+        };
         let mut c = db.conn().await?;
         match outcome {
             Outcome::Delivered => {

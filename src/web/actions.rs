@@ -22,11 +22,32 @@ pub enum Via {
     Form,
 }
 
-/// The session's CSRF token, if the request is signed in.
+/// The session's CSRF token, if the request is signed in. The
+/// [`super::live_sessions`] layer has already removed a cookie whose token
+/// is gone, so the signature and expiry are all that is left to check.
 pub fn signed_in(s: &AppState, headers: &HeaderMap) -> Option<String> {
     let c = session::cookie(headers)?;
     s.session_key.check(&c, db::now())?;
     Some(s.session_key.csrf(&c))
+}
+
+/// Whether a session cookie is signed, unexpired, and made from a token
+/// Kiln still has. A database error counts as no.
+pub async fn session_is_live(s: &AppState, value: &str) -> bool {
+    let Some(binding) = s.session_key.check(value, db::now()) else {
+        return false;
+    };
+    let digests = async {
+        let mut c = s.db.conn().await?;
+        api_tokens::digests(c.ex()).await
+    };
+    match digests.await {
+        Ok(d) => s.session_key.of_token(&binding, d.iter().map(String::as_str)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a session's token");
+            false
+        }
+    }
 }
 
 /// Checks that the request may write: a valid bearer token, or a session
@@ -241,7 +262,7 @@ pub async fn login(State(s): State<AppState>, Form(form): Form<HashMap<String, S
         };
         return Ok((StatusCode::UNAUTHORIZED, Html(page.render()?)).into_response());
     };
-    let value = s.session_key.issue(t.id, db::now());
+    let value = s.session_key.issue(&t.token_sha256, db::now());
     let secure = if s.config.base_url().starts_with("https://") { "; Secure" } else { "" };
     let cookie =
         format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", session::LIFETIME_S);

@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/static/style.css", get(style))
         .layer(axum::middleware::from_fn_with_state(state.clone(), private_guard))
         .layer(axum::middleware::from_fn_with_state(state.clone(), error_bodies))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), live_sessions))
         .with_state(state)
 }
 
@@ -159,6 +160,25 @@ async fn style() -> Response {
         include_str!("../../static/style.css"),
     )
         .into_response()
+}
+
+/// Removes a session cookie that is not a live session (forged, expired,
+/// or made from a token no longer configured) before anything else looks
+/// at the request. Done once here, before any handler holds a database
+/// connection, rather than by each page: a page asking for a second
+/// connection while it holds one could, with the pool busy, wait out the
+/// pool's timeout.
+async fn live_sessions(
+    State(s): State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(c) = session::cookie(req.headers())
+        && !actions::session_is_live(&s, &c).await
+    {
+        session::drop_cookie(req.headers_mut());
+    }
+    next.run(req).await
 }
 
 /// With `private = true`, nothing but signing in, health and static files
