@@ -41,6 +41,11 @@ pub enum BuildError {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("{file}: {reason}")]
     Machines { file: String, reason: String },
+    #[error(
+        "another Kiln runs the queue on this database (a kiln serve?): kiln build needs a state of its own \
+         (--state DIR, or none for a temporary one); to build on the server, push or use its web UI"
+    )]
+    QueueBusy,
 }
 
 /// One job's result, as `--json` prints it.
@@ -173,6 +178,9 @@ pub async fn run(
         Some((r, a)) => (r.to_string(), Some(a.to_string())),
         None => (installable.to_string(), None),
     };
+    // Before anything is written: the unfinished builds below would be
+    // another process's.
+    let _lock = crate::queue::leader::try_acquire(&db, &config.state_dir).await?.ok_or(BuildError::QueueBusy)?;
     let locked = eval::lock(&reference).await?;
     let attr = match attr.filter(|a| !a.is_empty()) {
         Some(a) => a,

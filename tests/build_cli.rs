@@ -297,3 +297,33 @@ fn an_interrupted_run_removes_its_state_too() {
     let left: Vec<String> = entries(tmp.path()).into_iter().filter(|e| e.starts_with("kiln-build-")).collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn it_refuses_a_database_where_a_server_runs_the_queue() {
+    let f = flake(&[job("one", &[], "echo one > $out")], &["one"]);
+    let b = one_builder();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let kiln = Kiln::start(&format!("state_dir = \"{}\"\n", state.display()), &[]);
+    let out = kiln_cmd()
+        .args(["build", "--json", "--machines"])
+        .arg(b.file.path())
+        .arg("--state")
+        .arg(&state)
+        .arg(".#hydraJobs")
+        .current_dir(f.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("another Kiln runs the queue on this database"), "{stderr}");
+    // Nothing of the server's was touched, nothing of the run's written.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (projects, builds): (i64, i64) = rt.block_on(async {
+        let db = kiln::db::Db::connect(&format!("sqlite://{}", state.join("kiln.db").display())).await.unwrap();
+        let mut c = db.conn().await.unwrap();
+        kiln::db::run!(c.ex(), c => sqlx::query_as("SELECT (SELECT COUNT(*) FROM projects WHERE name = 'kiln-build'), (SELECT COUNT(*) FROM builds)").fetch_one(&mut *c).await.unwrap())
+    });
+    assert_eq!((projects, builds), (0, 0));
+    assert!(kiln.log().contains("listening"), "the server still runs");
+}

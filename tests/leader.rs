@@ -71,8 +71,90 @@ async fn one_queue_runner_per_database_and_the_standby_takes_over_when_it_dies()
     .await;
     assert_eq!(b["buildstatus"], 0, "{b}");
 
-    // One queue runner still: the new leader built it, once.
+    // One queue runner still: the new leader built it, once. (The quick
+    // job may have been built by either, depending on when the first died.)
+    let slow_built = |log: String| log.lines().filter(|l| l.contains("built step") && l.contains("slow-")).count();
+    assert_eq!(slow_built(second.log()), 1, "{}", second.log());
+}
+
+/// Fencing: the leader's lock lives on one database connection; when that
+/// connection is killed (`pg_terminate_backend`), the leader stops at once
+/// (its running step too) and the standby takes over; never two runners.
+#[tokio::test]
+async fn a_leader_whose_lock_connection_dies_stops_and_the_standby_takes_over() {
+    let pg = PgDatabase::create().await;
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let t = unique("fence");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ slow = {}; }}; }}; }}"#,
+            drv_expr(
+                &format!("slow-{t}"),
+                &format!(
+                    "export PATH=/usr/bin:/bin; while [ ! -e {} ]; do sleep 0.1; done; echo > $out",
+                    gate.display()
+                )
+            ),
+        ),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    );
+    let first = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
+    let api1 = Api::new(&first.url, None);
+    let slow = wait_for(60, "the slow build to run on the first", || async {
+        let e = api1.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
+        let (_, d) = api1.get(&format!("/eval/{}", e["id"])).await;
+        let id = d["jobs"]["slow"].as_i64()?;
+        let (_, q) = api1.get("/queue").await;
+        (!q["running"].as_array()?.is_empty()).then_some(id)
+    })
+    .await;
+    let second = Kiln::start_in(config(&pg.url, None), &[]);
+    let api2 = Api::new(&second.url, None);
+    wait_for(20, "the second to stand by", || async {
+        second.log().contains("standing by to take over").then_some(())
+    })
+    .await;
+    // The builder process of the first's attempt, by the gate it waits for.
+    let running_here = || {
+        std::process::Command::new("pgrep").args(["-f", &gate.display().to_string()]).output().unwrap().status.success()
+    };
+    assert!(running_here());
+
+    // Kill the first's lock connection, not the process.
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) t",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "one advisory lock held");
+    }
+    wait_for(20, "the first to step down", || async { first.log().contains("lost the queue's lock").then_some(()) })
+        .await;
+    wait_for(30, "the take-over", || async { second.log().contains("runs the queue now").then_some(()) }).await;
+    // The first's attempt ended with its runner: the second runs its own.
+    wait_for(20, "the second's attempt", || async {
+        let (_, q) = api2.get("/queue").await;
+        (!q["running"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    let b = wait_for(90, "the slow build on the second", || async {
+        let (_, b) = api2.get(&format!("/build/{slow}")).await;
+        (b["finished"] == 1).then_some(b)
+    })
+    .await;
+    assert_eq!(b["buildstatus"], 0, "{b}");
     assert_eq!(second.log().matches("built step").count(), 1, "{}", second.log());
+    // The first, still alive, stands by and never recorded a result.
+    assert_eq!(first.log().matches("built step").count(), 0, "{}", first.log());
+    let (_, q1) = api1.get("/queue").await;
+    assert!(q1["running"].as_array().is_none_or(|r| r.is_empty()), "{q1}");
 }
 
 #[tokio::test]

@@ -82,6 +82,15 @@ enum Event {
 /// stable percentiles, bounded however long Kiln runs.
 pub const LATENCIES_KEPT: usize = 10_000;
 
+/// How long a runner that lost the lock waits before it tries again.
+const REJOIN_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a runner stopped leading.
+enum Ended {
+    Stop,
+    LostLock,
+}
+
 /// A step's attempt in progress on a machine.
 struct RunningAttempt {
     no: u64,
@@ -341,7 +350,31 @@ struct Runner {
 impl Runner {
     async fn main(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         let leadership = self.leadership.take().expect("taken once");
+        let mut wait = Duration::ZERO;
+        loop {
+            let Some(mut guard) = self.stand_by(&leadership, wait, &mut rx).await else { return };
+            match self.lead(&mut guard, &mut rx).await {
+                Ended::Stop => return,
+                Ended::LostLock => {
+                    self.step_down();
+                    // Standbys first: they found the lock free already,
+                    // and this process's connection may be what failed.
+                    wait = REJOIN_AFTER;
+                }
+            }
+        }
+    }
+
+    /// Waits for the queue's lock, handling what a standby can meanwhile;
+    /// `None` when told to stop.
+    async fn stand_by(
+        &mut self,
+        leadership: &leader::Leadership,
+        wait: Duration,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> Option<leader::Guard> {
         let acquire = async {
+            tokio::time::sleep(wait).await;
             loop {
                 match leadership.acquire().await {
                     Ok(g) => return g,
@@ -353,11 +386,11 @@ impl Runner {
             }
         };
         tokio::pin!(acquire);
-        let _guard = loop {
+        loop {
             tokio::select! {
-                g = &mut acquire => break g,
+                g = &mut acquire => return Some(g),
                 ev = rx.recv() => match ev {
-                    Some(Event::Stop) | None => return,
+                    Some(Event::Stop) | None => return None,
                     Some(ev) => {
                         if let Err(e) = self.handle_standby(ev).await {
                             warn!(error = %e, "queue action on a standby");
@@ -365,7 +398,11 @@ impl Runner {
                     }
                 },
             }
-        };
+        }
+    }
+
+    /// Runs the queue while `guard` holds the lock.
+    async fn lead(&mut self, guard: &mut leader::Guard, rx: &mut mpsc::UnboundedReceiver<Event>) -> Ended {
         self.status.lock().expect("status").leading = true;
         self.reload_machines();
         if let Err(e) = self.load_machine_states().await {
@@ -386,7 +423,7 @@ impl Runner {
             self.publish();
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(Event::Stop) | None => return,
+                    Some(Event::Stop) | None => return Ended::Stop,
                     Some(ev) => {
                         if let Err(e) = self.handle(ev).await {
                             warn!(error = %e, "queue event failed");
@@ -394,7 +431,7 @@ impl Runner {
                         // Take everything already waiting before dispatching.
                         while let Ok(ev) = rx.try_recv() {
                             if matches!(ev, Event::Stop) {
-                                return;
+                                return Ended::Stop;
                             }
                             if let Err(e) = self.handle(ev).await {
                                 warn!(error = %e, "queue event failed");
@@ -403,6 +440,12 @@ impl Runner {
                     }
                 },
                 _ = tick.tick() => {
+                    // Fencing: once the lock may be another's, nothing more
+                    // is dispatched or recorded here.
+                    if !guard.still_held().await {
+                        warn!("lost the queue's lock (its database connection ended): stopping this runner, standing by");
+                        return Ended::LostLock;
+                    }
                     ticks += 1;
                     // Builds other processes recorded, reopened or finished.
                     if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
@@ -425,6 +468,31 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// After the lock was lost: every running attempt is dropped (their
+    /// remote builds end with their connections) and the queue forgotten;
+    /// the runner that holds the lock now starts them again, and this one,
+    /// should it lead again, reloads everything from the database.
+    fn step_down(&mut self) {
+        for (_, a) in self.attempts.drain() {
+            let _ = a.cancel.send(());
+        }
+        for m in &mut self.machines {
+            m.running = 0;
+            m.idle.clear();
+        }
+        self.steps.clear();
+        self.by_drv.clear();
+        self.builds.clear();
+        self.ready.clear();
+        self.held.clear();
+        self.became_runnable.clear();
+        self.became_idle.clear();
+        self.live_drvs.clear();
+        let mut st = self.status.lock().expect("status");
+        st.leading = false;
+        st.running.clear();
     }
 
     async fn handle(&mut self, ev: Event) -> Result<(), DbError> {
