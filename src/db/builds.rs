@@ -311,7 +311,11 @@ pub async fn find_many_in_jobset(
             values_placeholders(ex.backend(), 1, chunk.len(), 1)
         ));
         let rows: Vec<(i64, String, String, i64)> = run!(ex.re(), c => {
-            let mut q = sqlx::query_as(sql);
+            // Not prepared: planned each time with the values at hand. A
+            // plan PostgreSQL caches for a prepared statement while
+            // `builds` is still empty scans the whole table once it is not
+            // (measured: 30 ms per 1,000 lookups became 1.25 s).
+            let mut q = sqlx::query_as(sql).persistent(false);
             for (_, drv) in chunk {
                 q = q.bind(*drv);
             }

@@ -160,11 +160,7 @@ impl Db {
             let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            // Custom plans always: Kiln's tables grow from nothing within
-            // one evaluation, and a generic plan cached while `builds` was
-            // empty scans the whole table for each batch of 1,000 lookups
-            // by derivation (measured: 30 ms per batch became 1 s).
-            let opts = PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_custom_plan")]);
+            let opts = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))

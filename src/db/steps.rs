@@ -290,7 +290,9 @@ pub async fn get_many_by_drv(mut ex: Ex<'_>, drvs: &[&str]) -> Result<Vec<(Strin
             super::builds::values_placeholders(ex.backend(), 1, chunk.len(), 1)
         ));
         let rows: Vec<RefRow> = run!(ex.re(), c => {
-            let mut q = sqlx::query_as(sql);
+            // Not prepared, as `builds::find_many_in_jobset`: the table grows
+            // from nothing within one evaluation.
+            let mut q = sqlx::query_as(sql).persistent(false);
             for d in chunk {
                 q = q.bind(*d);
             }
