@@ -74,11 +74,21 @@ impl Runner {
             .into_iter()
             .filter(|id| self.steps.get(id).is_some_and(|s| s.key.is_some()))
             .collect();
-        let mut c = self.db.conn().await?;
-        for from in ["runnable", "running"] {
-            steps::transition_many(c.ex(), &idle, from, "waiting").await?;
+        let written = async {
+            let mut c = self.db.conn().await?;
+            for from in ["runnable", "running"] {
+                steps::transition_many(c.ex(), &idle, from, "waiting").await?;
+            }
+            steps::transition_many(c.ex(), &runnable, "waiting", "runnable").await
         }
-        steps::transition_many(c.ex(), &runnable, "waiting", "runnable").await?;
+        .await;
+        if let Err(e) = written {
+            // Written again next round (the transitions are idempotent), not
+            // lost with a database that was away for a moment.
+            self.became_idle.extend(idle);
+            self.became_runnable.extend(runnable);
+            return Err(e);
+        }
         Ok(())
     }
 
