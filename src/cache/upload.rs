@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use super::write::RemoveOnDrop;
 use super::*;
 use crate::nix::hash::Sha256Stream;
-use crate::nix::nar::{NarError, NarParser};
 
 impl Cache {
     /// Stores what `nix copy --to` uploaded, as the uploader made it: the
@@ -77,29 +76,13 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Parses a NAR from `nar` to its end and checks its hash and size; stops
 /// reading as soon as it is longer than `size`.
-fn check_nar(mut nar: impl Read, hash: &Hash, size: u64) -> Result<(), CacheError> {
-    let mut parser = NarParser::new();
-    let mut nar_hash = Sha256Stream::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match nar.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CacheError::Io(e)),
-        };
-        let chunk = &buf[..n];
-        if parser.feed(chunk, &mut |_| {})? != n {
-            return Err(CacheError::Nar(NarError::Trailing));
-        }
-        nar_hash.update(chunk);
-        if nar_hash.len() > size {
+fn check_nar(nar: impl Read, hash: &Hash, size: u64) -> Result<(), CacheError> {
+    let (got, got_size) = super::write::read_nar(nar, |_, len| {
+        if len > size {
             return Err(CacheError::Mismatch(format!("the NAR is longer than its NarSize of {size} bytes")));
         }
-    }
-    parser.finish()?;
-    let got_size = nar_hash.len();
-    let got = nar_hash.finish();
+        Ok(())
+    })?;
     if &got != hash || got_size != size {
         return Err(CacheError::Mismatch(format!(
             "narinfo says {hash} ({size} bytes), the NAR is {got} ({got_size} bytes)"

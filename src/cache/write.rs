@@ -16,7 +16,7 @@ impl Inner {
     /// any error, or a NAR that does not match `expect`, nothing is kept.
     pub(super) fn write_nar(
         &self,
-        mut nar: impl Read,
+        nar: impl Read,
         expect: Option<(Hash, u64)>,
         limit: u64,
     ) -> Result<Written, CacheError> {
@@ -41,30 +41,12 @@ impl Inner {
             Compression::Xz => Box::new(xz2::write::XzEncoder::new(hashing, 6)),
             Compression::None => Box::new(Plain(hashing)),
         };
-        let mut parser = NarParser::new();
-        let mut nar_hash = Sha256Stream::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match nar.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(CacheError::Io(e)),
-            };
-            let chunk = &buf[..n];
-            let used = parser.feed(chunk, &mut |_| {})?;
-            if used != n {
-                return Err(CacheError::Nar(NarError::Trailing));
-            }
-            nar_hash.update(chunk);
-            if nar_hash.len() > limit {
+        let (nar_hash, nar_size) = read_nar(nar, |chunk, len| {
+            if len > limit {
                 return Err(CacheError::TooLarge(limit));
             }
-            enc.write_all(chunk).map_err(store_err)?;
-        }
-        parser.finish()?;
-        let nar_size = nar_hash.len();
-        let nar_hash = nar_hash.finish();
+            enc.write_all(chunk).map_err(store_err)
+        })?;
         if let Some((h, size)) = &expect
             && (h != &nar_hash || *size != nar_size)
         {
@@ -152,4 +134,33 @@ impl Encoder for Plain {
         s.flush()?;
         Ok(s)
     }
+}
+
+/// Reads a NAR from `nar` to its end, checking that it parses and has
+/// nothing after it, and hands each chunk, with the length read so far, to
+/// `each` (which may stop it); returns the NAR's hash and size.
+pub(super) fn read_nar(
+    mut nar: impl Read,
+    mut each: impl FnMut(&[u8], u64) -> Result<(), CacheError>,
+) -> Result<(Hash, u64), CacheError> {
+    let mut parser = NarParser::new();
+    let mut nar_hash = Sha256Stream::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match nar.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CacheError::Io(e)),
+        };
+        let chunk = &buf[..n];
+        if parser.feed(chunk, &mut |_| {})? != n {
+            return Err(CacheError::Nar(NarError::Trailing));
+        }
+        nar_hash.update(chunk);
+        each(chunk, nar_hash.len())?;
+    }
+    parser.finish()?;
+    let size = nar_hash.len();
+    Ok((nar_hash.finish(), size))
 }
