@@ -18,36 +18,43 @@ fn config(db_url: &str, project: Option<&std::path::Path>) -> tempfile::TempDir 
     dir
 }
 
+/// A flake whose `slow` job waits until `gate` exists (and, with `quick`,
+/// a job that does not wait).
+fn gated_flake(gate: &std::path::Path, tag: &str, quick: bool) -> Flake {
+    let t = unique(tag);
+    let slow = drv_expr(
+        &format!("slow-{t}"),
+        &format!("export PATH=/usr/bin:/bin; while [ ! -e {} ]; do sleep 0.1; done; echo > $out", gate.display()),
+    );
+    let quick =
+        if quick { format!(" quick = {};", drv_expr(&format!("quick-{t}"), "echo > $out")) } else { String::new() };
+    Flake::new(
+        &format!(r#"{{ outputs = _: {{ hydraJobs = {{ slow = {slow};{quick} }}; }}; }}"#),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    )
+}
+
+/// Waits until the first evaluation's `slow` build runs; its id.
+async fn slow_build_running(api: &Api) -> i64 {
+    wait_for(60, "the slow build to run on the first", || async {
+        let e = api.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
+        let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
+        let id = d["jobs"]["slow"].as_i64()?;
+        let (_, q) = api.get("/queue").await;
+        (!q["running"].as_array()?.is_empty()).then_some(id)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn one_queue_runner_per_database_and_the_standby_takes_over_when_it_dies() {
     let pg = PgDatabase::create().await;
     let gate_dir = tempfile::tempdir().unwrap();
     let gate = gate_dir.path().join("open");
-    let t = unique("lead");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ slow = {}; quick = {}; }}; }}; }}"#,
-            drv_expr(
-                &format!("slow-{t}"),
-                &format!(
-                    "export PATH=/usr/bin:/bin; while [ ! -e {} ]; do sleep 0.1; done; echo > $out",
-                    gate.display()
-                )
-            ),
-            drv_expr(&format!("quick-{t}"), "echo > $out"),
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
+    let flake = gated_flake(&gate, "lead", true);
     let mut first = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
     let api1 = Api::new(&first.url, None);
-    let slow = wait_for(60, "the slow build to run on the first", || async {
-        let e = api1.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
-        let (_, d) = api1.get(&format!("/eval/{}", e["id"])).await;
-        let id = d["jobs"]["slow"].as_i64()?;
-        let (_, q) = api1.get("/queue").await;
-        (!q["running"].as_array()?.is_empty()).then_some(id)
-    })
-    .await;
+    let slow = slow_build_running(&api1).await;
 
     let second = Kiln::start_in(config(&pg.url, None), &[]);
     let api2 = Api::new(&second.url, None);
@@ -85,30 +92,10 @@ async fn a_leader_whose_lock_connection_dies_stops_and_the_standby_takes_over() 
     let pg = PgDatabase::create().await;
     let gate_dir = tempfile::tempdir().unwrap();
     let gate = gate_dir.path().join("open");
-    let t = unique("fence");
-    let flake = Flake::new(
-        &format!(
-            r#"{{ outputs = _: {{ hydraJobs = {{ slow = {}; }}; }}; }}"#,
-            drv_expr(
-                &format!("slow-{t}"),
-                &format!(
-                    "export PATH=/usr/bin:/bin; while [ ! -e {} ]; do sleep 0.1; done; echo > $out",
-                    gate.display()
-                )
-            ),
-        ),
-        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
-    );
+    let flake = gated_flake(&gate, "fence", false);
     let first = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
     let api1 = Api::new(&first.url, None);
-    let slow = wait_for(60, "the slow build to run on the first", || async {
-        let e = api1.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
-        let (_, d) = api1.get(&format!("/eval/{}", e["id"])).await;
-        let id = d["jobs"]["slow"].as_i64()?;
-        let (_, q) = api1.get("/queue").await;
-        (!q["running"].as_array()?.is_empty()).then_some(id)
-    })
-    .await;
+    let slow = slow_build_running(&api1).await;
     let second = Kiln::start_in(config(&pg.url, None), &[]);
     let api2 = Api::new(&second.url, None);
     wait_for(20, "the second to stand by", || async {
