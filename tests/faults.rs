@@ -134,71 +134,31 @@ fn process_with(marker: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_build_stops_its_step_on_the_builder_and_frees_the_slot() {
     each_backend(|db| async move {
-        use kiln::db::builds::{self, BuildStatus, NewBuild};
-        use kiln::db::steps;
-        use kiln::queue::{MachineSource, Queue};
+        use kiln::db::builds::BuildStatus;
+        use support::inproc::*;
         let sshd = Sshd::start();
         let builder = Builder::new(&sshd, "b0", 1);
         let machines = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(machines.path(), format!("{}\n", builder.machines_line_with_port)).unwrap();
         let state = tempfile::tempdir().unwrap();
-        let config = kiln::config::Config { state_dir: state.path().to_path_buf(), ..Default::default() };
-        let cache =
-            kiln::cache::Cache::open(&config, db.clone(), kiln::nix::SigningKey::generate("f-1").unwrap()).unwrap();
-        let queue = Queue::start(
-            db.clone(),
-            cache,
-            kiln::logs::Logs::new(state.path()),
-            MachineSource::File(machines.path().to_path_buf()),
-            kiln::config::QueueConfig::default(),
-            state.path().to_path_buf(),
-            kiln::events::Events::new(),
-            None,
-            kiln::queue::leader::Leadership::Alone,
-            kiln::upstream::Upstreams::none(),
-        );
+        let queue = start_queue(&db, machines.path(), state.path(), Default::default());
         let (_, jobset) = make_jobset(&db, "p", "main").await;
         let marker = unique("sleeper");
-        let instantiate = |expr: String| {
-            let d = tempfile::tempdir().unwrap();
-            std::fs::write(d.path().join("e.nix"), expr).unwrap();
-            nix("nix-instantiate", &[d.path().join("e.nix").to_str().unwrap()]).trim().to_string()
-        };
-        let slow = instantiate(format!(
+        let slow = instantiate(&format!(
             r#"derivation {{ name = "slow-{marker}"; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin"; args = [ "-c" "sleep 300; echo {marker} > $out" ]; }}"#
         ));
-        let quick = instantiate(drv_expr(&format!("quick-{marker}"), "echo quick > $out"));
+        let quick = instantiate(&drv_expr(&format!("quick-{marker}"), "echo quick > $out"));
         let create = |job: &'static str, drv: String| {
             let db = db.clone();
-            async move {
-                let mut c = db.conn().await.unwrap();
-                let nb = NewBuild {
-                    jobset_id: jobset,
-                    job: job.into(),
-                    drv_path: drv,
-                    nix_name: job.into(),
-                    system: SYSTEM.into(),
-                    timeout: 600,
-                    max_silent: 600,
-                    priority: 100,
-                    ..Default::default()
-                };
-                builds::create(c.ex(), &nb).await.unwrap().id
-            }
+            async move { new_build(&db, jobset, job, &drv).await }
         };
         let build = |id: i64| {
             let db = db.clone();
-            async move {
-                let mut c = db.conn().await.unwrap();
-                builds::get(c.ex(), id).await.unwrap().unwrap()
-            }
+            async move { build(&db, id).await }
         };
         let step_state = |drv: String| {
             let db = db.clone();
-            async move {
-                let mut c = db.conn().await.unwrap();
-                steps::get_by_drv(c.ex(), &drv).await.unwrap().map(|s| s.state)
-            }
+            async move { step_state(&db, &drv).await }
         };
 
         let slow_id = create("slow", slow.clone()).await;
@@ -227,6 +187,87 @@ async fn cancelling_a_build_stops_its_step_on_the_builder_and_frees_the_slot() {
         // Nothing needs the step: neither running nor listed as runnable.
         assert_eq!(step_state(slow.clone()).await.as_deref(), Some("waiting"));
         assert!(!builder.has(nix("nix-store", &["-q", "--outputs", &slow]).trim()));
+        queue.stop();
+    })
+    .await;
+}
+
+/// Makes the database refuse to record any step as succeeded (a trigger
+/// that raises), as a database in trouble does mid-transition; or lifts it.
+async fn refuse_success(db: &kiln::db::Db, refuse: bool) {
+    let sql: &[&'static str] = match (db, refuse) {
+        (kiln::db::Db::Sqlite(_), true) => &["CREATE TRIGGER refuse_success BEFORE UPDATE OF state ON steps
+              WHEN NEW.state = 'succeeded' BEGIN SELECT RAISE(ABORT, 'injected: refusing to record a success'); END"],
+        (kiln::db::Db::Sqlite(_), false) => &["DROP TRIGGER refuse_success"],
+        (kiln::db::Db::Postgres(_), true) => &[
+            "CREATE FUNCTION refuse_success() RETURNS trigger LANGUAGE plpgsql AS
+              $$ BEGIN RAISE EXCEPTION 'injected: refusing to record a success'; END $$",
+            "CREATE TRIGGER refuse_success BEFORE UPDATE OF state ON steps
+              FOR EACH ROW WHEN (NEW.state = 'succeeded') EXECUTE FUNCTION refuse_success()",
+        ],
+        (kiln::db::Db::Postgres(_), false) => &["DROP TRIGGER refuse_success ON steps"],
+    };
+    for &q in sql {
+        match db {
+            kiln::db::Db::Sqlite(p) => sqlx::query(q).execute(p).await.map(|_| ()),
+            kiln::db::Db::Postgres(p) => sqlx::query(q).execute(p).await.map(|_| ()),
+        }
+        .unwrap();
+    }
+}
+
+/// Item 4: a step's result that the database refuses is neither lost nor
+/// built again: the runner keeps it and records it once the database takes
+/// it, while the step stays out of the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_the_database_refuses_is_recorded_when_it_takes_it_and_never_built_twice() {
+    each_backend(|db| async move {
+        use kiln::db::builds::BuildStatus;
+        use support::inproc::*;
+        let sshd = Sshd::start();
+        // The builder's sandbox lets its builds write here: how the test
+        // counts the times the derivation was really built.
+        let seen = tempfile::tempdir().unwrap();
+        // Builds run as one of Nix's build users.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let builder = Builder::with_nix_config(
+            &sshd,
+            "b0",
+            2,
+            &format!("substituters =\nextra-sandbox-paths = {}", seen.path().display()),
+        );
+        let machines = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(machines.path(), format!("{}\n", builder.machines_line_with_port)).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let queue = start_queue(&db, machines.path(), state.path(), Default::default());
+        let (_, jobset) = make_jobset(&db, "p", "main").await;
+        let runs = seen.path().join("runs");
+        let tag = unique("refused");
+        let drv = instantiate(&drv_expr(&format!("once-{tag}"), &format!("echo run >> {} || exit 1; echo > $out", runs.display())));
+        let runs_so_far = || std::fs::read_to_string(&runs).unwrap_or_default().lines().count();
+
+        refuse_success(&db, true).await;
+        let id = new_build(&db, jobset, "once", &drv).await;
+        queue.enqueue(vec![id]).await;
+        wait_for(60, "the refused result to wait for the database", || async {
+            (queue.status.lock().unwrap().unrecorded == 1).then_some(())
+        })
+        .await;
+        assert_eq!(runs_so_far(), 1, "built once");
+        // Nothing moves while the database refuses: neither finished, nor
+        // dispatched again.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(!build(&db, id).await.finished);
+        assert_eq!(runs_so_far(), 1, "a refused result is not a reason to build again");
+        assert!(queue.status.lock().unwrap().running.is_empty(), "the step is not running again");
+
+        refuse_success(&db, false).await;
+        wait_for(10, "the result to be recorded", || async { build(&db, id).await.finished.then_some(()) }).await;
+        assert_eq!(build(&db, id).await.status(), Some(BuildStatus::Succeeded));
+        assert_eq!(step_state(&db, &drv).await.as_deref(), Some("succeeded"));
+        assert_eq!(runs_so_far(), 1, "built exactly once");
+        assert_eq!(queue.status.lock().unwrap().unrecorded, 0);
         queue.stop();
     })
     .await;

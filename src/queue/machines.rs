@@ -129,15 +129,25 @@ impl Runner {
         if other_exists { None } else { best(false) }
     }
 
-    pub(super) async fn machine_ok(&mut self, uri: &str) -> Result<(), DbError> {
+    /// A machine did its part. Its record in the database is for pages and
+    /// restarts; the queue goes by what it holds, so a database error is
+    /// logged and does not hold up the step's own transition.
+    pub(super) async fn machine_ok(&mut self, uri: &str) {
         if let Some(m) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
             m.failures = 0;
         }
-        let mut c = self.db.conn().await?;
-        machine_db::record_success(c.ex(), uri).await
+        let written = async {
+            let mut c = self.db.conn().await?;
+            machine_db::record_success(c.ex(), uri).await
+        };
+        if let Err(e) = written.await {
+            warn!(machine = uri, error = %e, "cannot record a machine's success");
+        }
     }
 
-    pub(super) async fn machine_failed(&mut self, uri: &str, error: &str) -> Result<(), DbError> {
+    /// A machine fault: counted, and the machine paused after too many
+    /// (see [`Runner::machine_ok`] on database errors).
+    pub(super) async fn machine_failed(&mut self, uri: &str, error: &str) {
         let mut pause = None;
         if let Some(m) = self.machines.iter_mut().find(|m| m.m.uri == uri) {
             m.failures += 1;
@@ -150,8 +160,12 @@ impl Runner {
             let m = m.m.clone();
             self.sessions.forget(&m);
         }
-        let mut c = self.db.conn().await?;
-        machine_db::record_failure(c.ex(), uri, error, pause).await?;
-        Ok(())
+        let written = async {
+            let mut c = self.db.conn().await?;
+            machine_db::record_failure(c.ex(), uri, error, pause).await
+        };
+        if let Err(e) = written.await {
+            warn!(machine = uri, error = %e, "cannot record a machine's failure");
+        }
     }
 }

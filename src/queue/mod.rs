@@ -119,6 +119,9 @@ pub struct Status {
     pub steps_done: u64,
     pub steps_failed: u64,
     pub builds_unfinished: usize,
+    /// Finished steps whose results wait for the database (it refused
+    /// them; they are written as soon as it takes them).
+    pub unrecorded: usize,
     /// Seconds from runnable to dispatched, for the last
     /// [`LATENCIES_KEPT`] dispatched steps.
     pub dispatch_latencies: Vec<f64>,
@@ -183,6 +186,8 @@ impl Queue {
             roots: crate::gcroots::GcRoots::open(&state_dir),
             live_drvs: HashMap::new(),
             released: Vec::new(),
+            unrecorded: Vec::new(),
+            uncancelled: Vec::new(),
         };
         tokio::spawn(runner.main(rx).instrument(info_span!("queue")));
         Queue { tx, status }
@@ -345,6 +350,10 @@ struct Runner {
     live_drvs: HashMap<String, u32>,
     /// Roots to drop at the next flush.
     released: Vec<String>,
+    /// Finished attempts the database refused to record, tried again each
+    /// tick; and cancellations likewise.
+    unrecorded: Vec<results::Unrecorded>,
+    uncancelled: Vec<i64>,
 }
 
 impl Runner {
@@ -353,6 +362,9 @@ impl Runner {
         let mut wait = Duration::ZERO;
         loop {
             let Some(mut guard) = self.stand_by(&leadership, wait, &mut rx).await else { return };
+            if wait > Duration::ZERO {
+                info!("leading the queue again");
+            }
             match self.lead(&mut guard, &mut rx).await {
                 Ended::Stop => return,
                 Ended::LostLock => {
@@ -447,6 +459,9 @@ impl Runner {
                         return Ended::LostLock;
                     }
                     ticks += 1;
+                    if !self.unrecorded.is_empty() || !self.uncancelled.is_empty() {
+                        self.retry_transitions().await;
+                    }
                     // Builds other processes recorded, reopened or finished.
                     if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
                         warn!(error = %e, "rescanning unfinished builds");
@@ -490,6 +505,9 @@ impl Runner {
         self.became_runnable.clear();
         self.became_idle.clear();
         self.live_drvs.clear();
+        // The runner that holds the lock now runs those steps again.
+        self.unrecorded.clear();
+        self.uncancelled.clear();
         let mut st = self.status.lock().expect("status");
         st.leading = false;
         st.running.clear();
@@ -505,13 +523,10 @@ impl Runner {
                 self.step_done(step, attempt, &machine, outcome, secs, conn).await?
             }
             Event::Cancel(id) => {
-                let mut tx = self.db.begin().await?;
-                builds::finish(tx.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
-                self.report(tx.ex(), id).await?;
-                tx.commit().await?;
-                self.announce_finished(id, BuildStatus::Cancelled);
-                self.held.remove(&id);
-                self.drop_build(id, true);
+                if let Err(e) = self.cancel_build(id).await {
+                    self.uncancelled.push(id);
+                    return Err(e);
+                }
             }
             Event::Restart(id) => self.restart(id).await?,
             Event::MachinesChanged => self.load_machine_states().await?,
@@ -541,6 +556,28 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    async fn cancel_build(&mut self, id: i64) -> Result<(), DbError> {
+        let mut tx = self.db.begin().await?;
+        builds::finish(tx.ex(), id, BuildStatus::Cancelled, false, None, Some("cancelled")).await?;
+        self.report(tx.ex(), id).await?;
+        tx.commit().await?;
+        self.announce_finished(id, BuildStatus::Cancelled);
+        self.held.remove(&id);
+        self.drop_build(id, true);
+        Ok(())
+    }
+
+    /// Transitions the database refused, tried again.
+    async fn retry_transitions(&mut self) {
+        for id in std::mem::take(&mut self.uncancelled) {
+            if let Err(e) = self.cancel_build(id).await {
+                debug!(build = id, error = %e, "still cannot record a cancellation");
+                self.uncancelled.push(id);
+            }
+        }
+        self.record_unrecorded().await;
     }
 
     /// Queues the commit statuses a build's change calls for, in the
@@ -592,6 +629,7 @@ impl Runner {
         st.steps_done = self.done;
         st.steps_failed = self.failed;
         st.builds_unfinished = self.builds.len() + self.held.len();
+        st.unrecorded = self.unrecorded.len() + self.uncancelled.len();
         if self.latencies_changed {
             st.dispatch_latencies = self.latencies.iter().copied().collect();
             self.latencies_changed = false;

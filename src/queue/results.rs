@@ -8,6 +8,16 @@ use super::*;
 /// Walks again after inputs promised by an upstream did not arrive.
 const MAX_REWALKS: u32 = 3;
 
+const FAILED_OUTPUT: &str = "the build marked its output as failed ($out/nix-support/failed)";
+
+/// A finished attempt whose result is not in the database yet.
+pub(super) struct Unrecorded {
+    id: i64,
+    uri: String,
+    outcome: Result<Outcome, String>,
+    secs: f64,
+}
+
 impl Runner {
     pub(super) async fn step_done(
         &mut self,
@@ -40,51 +50,80 @@ impl Runner {
         }
         let Some(step) = self.steps.get_mut(&id) else { return Ok(()) };
         step.running = false;
-        let drv = step.drv_path.clone();
-        match outcome {
+        // The machine's part is settled now, once: it must not count twice
+        // should the step's transition have to be tried again.
+        match &outcome {
+            Ok(Outcome::Built { .. } | Outcome::Failed { .. }) => self.machine_ok(uri).await,
+            Ok(Outcome::MachineFault { error, .. }) | Err(error) => self.machine_failed(uri, error).await,
+            Ok(Outcome::CoordinatorFault { .. } | Outcome::Unsubstitutable { .. }) => {}
+        }
+        let result = Unrecorded { id, uri: uri.to_string(), outcome, secs };
+        if let Err(e) = self.record(&result).await {
+            // Neither running nor queued until the database takes it: kept,
+            // and tried again each tick (the build is not run again).
+            warn!(step = id, error = %e, "cannot record a step's result; trying again");
+            self.unrecorded.push(result);
+        }
+        self.idle_check();
+        Ok(())
+    }
+
+    /// Tries again to record the results the database refused.
+    pub(super) async fn record_unrecorded(&mut self) {
+        for result in std::mem::take(&mut self.unrecorded) {
+            if !self.steps.contains_key(&result.id) {
+                continue; // its builds were cancelled meanwhile
+            }
+            match self.record(&result).await {
+                Ok(()) => info!(step = result.id, "recorded a step's result the database had refused"),
+                Err(e) => {
+                    debug!(step = result.id, error = %e, "still cannot record a step's result");
+                    self.unrecorded.push(result);
+                }
+            }
+        }
+        self.idle_check();
+    }
+
+    /// Applies a finished attempt to its step and builds: each path writes
+    /// the database in one transaction before it changes anything held in
+    /// memory, so that on an error it can simply be applied again.
+    async fn record(&mut self, r: &Unrecorded) -> Result<(), DbError> {
+        let (id, uri, secs) = (r.id, r.uri.as_str(), r.secs);
+        let Some(drv) = self.steps.get(&id).map(|s| s.drv_path.clone()) else { return Ok(()) };
+        match &r.outcome {
             Ok(Outcome::Built { outputs, log, failed_output }) => {
-                let log_file = self.store_log(&drv, &log);
-                self.machine_ok(uri).await?;
-                if failed_output {
+                let log_file = self.store_log(&drv, log);
+                if *failed_output {
                     // Hydra's "failed with output": the outputs are kept and
                     // served, the builds that need them fail.
-                    let mut c = self.db.conn().await?;
-                    for (name, path) in &outputs {
-                        steps::set_output(c.ex(), id, name, path).await?;
-                    }
-                    drop(c);
-                    let error = "the build marked its output as failed ($out/nix-support/failed)";
-                    self.fail_step(id, BuildStatus::FailedWithOutput, error, log_file.as_deref()).await?;
+                    self.fail_step_with(id, BuildStatus::FailedWithOutput, FAILED_OUTPUT, log_file.as_deref(), outputs)
+                        .await?;
                 } else {
-                    self.step_built(id, &drv, uri, &outputs, log_file.as_deref(), secs).await?;
+                    self.step_built(id, &drv, uri, outputs, log_file.as_deref(), secs).await?;
                 }
             }
             Ok(Outcome::Failed { status, error, log }) => {
-                let log_file = self.store_log(&drv, &log);
-                self.machine_ok(uri).await?;
-                self.fail_step(id, status, &error, log_file.as_deref()).await?;
+                let log_file = self.store_log(&drv, log);
+                self.fail_step(id, *status, error, log_file.as_deref()).await?;
             }
             Ok(Outcome::MachineFault { error, log }) => {
                 let _ = log;
-                self.machine_failed(uri, &error).await?;
-                self.retry_or_abort(id, uri, &error).await?;
+                self.retry_or_abort(id, uri, error).await?;
             }
-            Ok(Outcome::CoordinatorFault { error, mut log }) => {
+            Ok(Outcome::CoordinatorFault { error, log }) => {
                 // Neither the machine's fault nor the derivation's: the
                 // builds end as aborted with the reason, the machine is not
                 // blamed, and a restart builds the step again.
                 warn!(step = id, drv = %drv, machine = %uri, %error, "the coordinator could not finish a step");
+                let mut log = log.clone();
                 log.extend_from_slice(format!("kiln: {error}\n").as_bytes());
                 let log_file = self.store_log(&drv, &log);
-                self.fail_step(id, BuildStatus::Aborted, &error, log_file.as_deref()).await?;
+                self.fail_step(id, BuildStatus::Aborted, error, log_file.as_deref()).await?;
             }
-            Ok(Outcome::Unsubstitutable { paths, error }) => self.unsubstitutable(id, &drv, &paths, &error).await?,
-            Err(error) => {
-                self.machine_failed(uri, &error).await?;
-                self.retry_or_abort(id, uri, &error).await?;
-            }
+            Ok(Outcome::Unsubstitutable { paths, error }) => self.unsubstitutable(id, &drv, paths, error).await?,
+            Err(error) => self.retry_or_abort(id, uri, error).await?,
         }
-        self.idle_check();
         Ok(())
     }
 
@@ -154,9 +193,8 @@ impl Runner {
                 self.upstreams.forget_found(&sp, error);
             }
         }
-        let rounds = self.rewalks.entry(drv.to_string()).or_default();
-        *rounds += 1;
-        if *rounds > MAX_REWALKS {
+        let rounds = self.rewalks.get(drv).copied().unwrap_or(0) + 1;
+        if rounds > MAX_REWALKS {
             let msg = format!("inputs promised by an upstream never arrived: {error}");
             return self.fail_step(id, BuildStatus::Aborted, &msg, None).await;
         }
@@ -165,6 +203,7 @@ impl Runner {
             let mut c = self.db.conn().await?;
             steps::transition(c.ex(), id, "running", "waiting").await?;
         }
+        self.rewalks.insert(drv.to_string(), rounds);
         let builds: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
         for b in &builds {
             self.drop_build(*b, false);
@@ -230,8 +269,23 @@ impl Runner {
         error: &str,
         log_file: Option<&str>,
     ) -> Result<(), DbError> {
+        self.fail_step_with(id, status, error, log_file, &[]).await
+    }
+
+    /// [`Runner::fail_step`] for a step whose outputs are kept anyway.
+    async fn fail_step_with(
+        &mut self,
+        id: i64,
+        status: BuildStatus,
+        error: &str,
+        log_file: Option<&str>,
+        outputs: &[(String, String)],
+    ) -> Result<(), DbError> {
         let builds: Vec<i64> = self.steps.get(&id).map(|s| s.builds.iter().copied().collect()).unwrap_or_default();
         let mut tx = self.db.begin().await?;
+        for (name, path) in outputs {
+            steps::set_output(tx.ex(), id, name, path).await?;
+        }
         steps::finish(tx.ex(), id, status as i64, Some(error), log_file).await?;
         for b in &builds {
             let top = self.builds.get(b).is_some_and(|lb| lb.top == id);

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use kiln::db::Db;
 use tempfile::TempDir;
 
+pub mod inproc;
+pub mod pg;
 pub mod upstream;
 
 pub const SYSTEM: &str = "x86_64-linux";
