@@ -191,3 +191,47 @@ async fn roles_split_across_processes_evaluate_in_one_and_build_in_another() {
     })
     .await;
 }
+
+/// PostgreSQL restarted under a running build (its own cluster, so the
+/// shared one stays up for other tests): the leader's lock went with its
+/// connection, so it stops dispatching and leads again once the database
+/// is back; the build then finishes, once, and nothing is left running.
+#[tokio::test]
+async fn postgresql_restarted_mid_build_the_queue_leads_again_and_finishes_the_build() {
+    let pg = support::pg::PrivatePg::start();
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let flake = gated_flake(&gate, "pgrestart", true);
+    let kiln = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
+    let api = Api::new(&kiln.url, None);
+    let slow = slow_build_running(&api).await;
+
+    pg.down();
+    wait_for(20, "the runner to stop leading", || async { kiln.log().contains("lost the queue's lock").then_some(()) })
+        .await;
+    // While the database is away pages say so rather than hang.
+    let down = reqwest::Client::new()
+        .get(format!("{}/build/{slow}", kiln.url))
+        .header("Accept", "application/json")
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert!(down.status().is_server_error(), "{}", down.status());
+    pg.up();
+    wait_for(60, "the runner to lead again", || async { kiln.log().contains("leading the queue again").then_some(()) })
+        .await;
+    std::fs::write(&gate, "").unwrap();
+    let b = wait_for(90, "the slow build", || async {
+        let (_, b) = api.get(&format!("/build/{slow}")).await;
+        (b["finished"] == 1).then_some(b)
+    })
+    .await;
+    assert_eq!(b["buildstatus"], 0, "{b}\n{}", kiln.log());
+    // Built (recorded) once, and no step is left running or queued.
+    let log = kiln.log();
+    assert_eq!(log.lines().filter(|l| l.contains("built step") && l.contains("slow-")).count(), 1, "{log}");
+    let (_, q) = api.get("/queue").await;
+    assert!(q["running"].as_array().is_some_and(|r| r.is_empty()), "{q}");
+    assert!(q["runnable"].as_array().is_none_or(|r| r.is_empty()), "{q}");
+}

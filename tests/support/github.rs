@@ -1,0 +1,325 @@
+//! A stand-in for GitHub's REST API on loopback that checks every request
+//! the way GitHub does (credentials, path, JSON fields and their allowed
+//! values, the 140-character description) and can answer with errors and
+//! rate limits, or not at all; and the set-up of a Kiln that reports to it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::Kiln;
+
+pub const TOKEN: &str = "ghp_kilntesttoken";
+pub const SECRET: &str = "webhook-secret-1";
+pub const REPO: &str = "acme/widgets";
+pub const BASE: &str = "https://ci.example.org";
+
+/// One status request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Posted {
+    pub sha: String,
+    pub state: String,
+    pub context: String,
+    pub description: String,
+    pub target_url: String,
+    pub auth: String,
+    /// What the stand-in answered.
+    pub answered: u16,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    pub statuses: Vec<Posted>,
+    /// Requests GitHub would refuse, with why: every test asserts none.
+    pub invalid: Vec<String>,
+    /// Answers to give before accepting: (status, headers).
+    pub script: VecDeque<(u16, Vec<(&'static str, String)>)>,
+    /// App: installation tokens minted, and the app's public key.
+    pub minted: Vec<String>,
+    pub app_public_pem: Option<String>,
+    pub token_lifetime_s: i64,
+    /// Repositories (`owner/name`) whose status requests are taken and
+    /// never answered, as by a connection that hangs; and how many came.
+    pub hang: Vec<String>,
+    pub hung: usize,
+}
+
+#[derive(Clone)]
+pub struct Fake {
+    pub hub: Arc<Mutex<Hub>>,
+    pub url: String,
+    pub _task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl Fake {
+    pub async fn start() -> Fake {
+        Self::start_on("http://127.0.0.1:0").await
+    }
+
+    /// On a given `http://host:port` (to come back where Kiln expects GitHub).
+    pub async fn start_on(url: &str) -> Fake {
+        let addr = url.strip_prefix("http://").unwrap().to_string();
+        let hub = Arc::new(Mutex::new(Hub { token_lifetime_s: 3600, ..Default::default() }));
+        let app = axum::Router::new()
+            .route("/repos/{owner}/{repo}/statuses/{sha}", axum::routing::post(post_status))
+            .route("/app/installations/{id}/access_tokens", axum::routing::post(mint))
+            .route("/repos/{owner}/{repo}/installation", axum::routing::get(installation))
+            .fallback(|req: axum::extract::Request| async move {
+                (StatusCode::NOT_FOUND, format!("the stand-in does not know {} {}", req.method(), req.uri()))
+            })
+            .with_state(hub.clone());
+        let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Fake { hub, url, _task: Arc::new(task) }
+    }
+
+    pub fn statuses(&self) -> Vec<Posted> {
+        self.hub.lock().unwrap().statuses.clone()
+    }
+
+    /// Accepted statuses for a commit and context, in order.
+    pub fn accepted(&self, sha: &str, context: &str) -> Vec<Posted> {
+        self.statuses().into_iter().filter(|p| p.sha == sha && p.context == context && p.answered == 201).collect()
+    }
+
+    pub fn assert_valid(&self) {
+        let h = self.hub.lock().unwrap();
+        assert!(h.invalid.is_empty(), "requests GitHub would refuse: {:#?}", h.invalid);
+    }
+}
+
+pub fn check_auth(hub: &Hub, headers: &HeaderMap) -> Result<String, String> {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("token ")).unwrap_or("");
+    let ok = token == TOKEN || hub.minted.iter().any(|m| m == token);
+    if !ok {
+        return Err(format!("bad credentials {auth:?}"));
+    }
+    if headers.get("user-agent").is_none() {
+        return Err("no User-Agent (GitHub refuses those)".into());
+    }
+    Ok(token.to_string())
+}
+
+pub async fn post_status(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo, sha)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let hang = {
+        let mut h = hub.lock().unwrap();
+        let hang = h.hang.contains(&format!("{owner}/{repo}"));
+        h.hung += usize::from(hang);
+        hang
+    };
+    if hang {
+        return std::future::pending().await;
+    }
+    let mut h = hub.lock().unwrap();
+    let token = match check_auth(&h, &headers) {
+        Ok(t) => t,
+        Err(e) => {
+            h.invalid.push(e.clone());
+            return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"message": "Bad credentials"}))).into_response();
+        }
+    };
+    let v: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            h.invalid.push(format!("body is not JSON: {e}"));
+            return (StatusCode::BAD_REQUEST, "Problems parsing JSON").into_response();
+        }
+    };
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let mut problems = Vec::new();
+    if format!("{owner}/{repo}") != REPO {
+        problems.push(format!("unknown repository {owner}/{repo}"));
+    }
+    if sha.len() != 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        problems.push(format!("{sha} is not a commit"));
+    }
+    let state = s("state").unwrap_or_default();
+    if !["error", "failure", "pending", "success"].contains(&state.as_str()) {
+        problems.push(format!("state {state:?}"));
+    }
+    let context = s("context").unwrap_or_default();
+    if context.is_empty() {
+        problems.push("no context".into());
+    }
+    let description = s("description").unwrap_or_default();
+    if description.chars().count() > 140 {
+        problems.push(format!("description of {} characters", description.chars().count()));
+    }
+    let target_url = s("target_url").unwrap_or_default();
+    if !target_url.starts_with("https://") && !target_url.starts_with("http://") {
+        problems.push(format!("target_url {target_url:?}"));
+    }
+    if !problems.is_empty() {
+        h.invalid.push(problems.join("; "));
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"message": "Validation Failed"})))
+            .into_response();
+    }
+    let (code, extra) = h.script.pop_front().unwrap_or((201, Vec::new()));
+    h.statuses.push(Posted {
+        sha,
+        state: state.clone(),
+        context: context.clone(),
+        description,
+        target_url,
+        auth: token,
+        answered: code,
+    });
+    let mut r = if code == 201 {
+        (StatusCode::CREATED, Json(serde_json::json!({"id": h.statuses.len(), "state": state, "context": context})))
+            .into_response()
+    } else {
+        (StatusCode::from_u16(code).unwrap(), Json(serde_json::json!({"message": "scripted failure"}))).into_response()
+    };
+    for (k, val) in extra {
+        r.headers_mut().insert(k, val.parse().unwrap());
+    }
+    r
+}
+
+/// Checks a GitHub App's JWT: RS256, signed by the app's key, iss = app id.
+pub fn check_app_jwt(h: &Hub, headers: &HeaderMap) -> Result<(), String> {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let jwt = auth.strip_prefix("Bearer ").ok_or("no Bearer JWT")?;
+    let pem = h.app_public_pem.as_ref().ok_or("no app configured in the stand-in")?;
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    // GitHub takes the app id as a number; jsonwebtoken checks only string issuers.
+    v.set_required_spec_claims(&["exp", "iat"]);
+    v.validate_aud = false;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: serde_json::Value,
+        iat: i64,
+        exp: i64,
+    }
+    let c = jsonwebtoken::decode::<Claims>(jwt, &key, &v).map_err(|e| format!("JWT: {e}"))?.claims;
+    if c.iss.to_string().trim_matches('"') != "4242" {
+        return Err(format!("JWT issuer {}", c.iss));
+    }
+    if c.exp - c.iat > 600 {
+        return Err("JWT lives longer than GitHub's 10 minutes".into());
+    }
+    Ok(())
+}
+
+pub async fn mint(State(hub): State<Arc<Mutex<Hub>>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+    let mut h = hub.lock().unwrap();
+    if let Err(e) = check_app_jwt(&h, &headers) {
+        h.invalid.push(e);
+        return (StatusCode::UNAUTHORIZED, "bad JWT").into_response();
+    }
+    if id != 77 {
+        h.invalid.push(format!("installation {id}"));
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let token = format!("ghs_minted{}", h.minted.len() + 1);
+    h.minted.push(token.clone());
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(h.token_lifetime_s);
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "token": token,
+            "expires_at": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "permissions": {"statuses": "write", "contents": "read", "metadata": "read"},
+            "repository_selection": "all",
+        })),
+    )
+        .into_response()
+}
+
+pub async fn installation(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut h = hub.lock().unwrap();
+    if let Err(e) = check_app_jwt(&h, &headers) {
+        h.invalid.push(e);
+        return (StatusCode::UNAUTHORIZED, "bad JWT").into_response();
+    }
+    if format!("{owner}/{repo}") != REPO {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Json(serde_json::json!({"id": 77, "app_id": 4242})).into_response()
+}
+
+pub fn kiln_dir(fake_url: &str, repo: &std::path::Path, github_extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gh-token"), TOKEN).unwrap();
+    std::fs::write(dir.path().join("gh-secret"), SECRET).unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "base_url = \"{BASE}\"\n[github]\napi_url = \"{fake_url}\"\nwebhook_secret_file = \"gh-secret\"\n{github_extra}\n\
+             [[projects]]\nname = \"w\"\nrepo = \"{}\"\ngithub = \"{REPO}\"\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Sends a webhook as GitHub does, signed with `secret`.
+pub async fn webhook(
+    kiln: &Kiln,
+    event: &str,
+    delivery: &str,
+    body: &serde_json::Value,
+    secret: Option<&str>,
+) -> (u16, String) {
+    let body = serde_json::to_vec(body).unwrap();
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/api/webhooks/github", kiln.url))
+        .header("X-GitHub-Event", event)
+        .header("X-GitHub-Delivery", delivery)
+        .header("Content-Type", "application/json");
+    if let Some(s) = secret {
+        r = r.header("X-Hub-Signature-256", kiln::github::webhook::sign(s.as_bytes(), &body));
+    }
+    let resp = r.body(body).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+pub fn push_body(sha: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ref": "refs/heads/main", "before": "0".repeat(40), "after": sha,
+        "repository": {"full_name": REPO, "default_branch": "main"},
+    })
+}
+
+/// Waits until the stand-in has accepted a status in `state` for each
+/// context; on a timeout, says what GitHub and Kiln saw.
+pub async fn wait_states(fake: &Fake, kiln: &Kiln, sha: &str, want: &[(&str, &str)], secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let done = want.iter().all(|(ctx, state)| fake.accepted(sha, ctx).last().is_some_and(|p| p.state == *state));
+        if done {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = kiln.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "statuses {want:?} on {sha} never arrived\nreceived: {:#?}\ninvalid: {:#?}\nkiln log (last lines first):\n{}",
+                fake.statuses(),
+                fake.hub.lock().unwrap().invalid,
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
