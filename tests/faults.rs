@@ -244,7 +244,10 @@ async fn a_result_the_database_refuses_is_recorded_when_it_takes_it_and_never_bu
         let (_, jobset) = make_jobset(&db, "p", "main").await;
         let runs = seen.path().join("runs");
         let tag = unique("refused");
-        let drv = instantiate(&drv_expr(&format!("once-{tag}"), &format!("echo run >> {} || exit 1; echo > $out", runs.display())));
+        let drv = instantiate(&drv_expr(
+            &format!("once-{tag}"),
+            &format!("echo run >> {} || exit 1; echo > $out", runs.display()),
+        ));
         let runs_so_far = || std::fs::read_to_string(&runs).unwrap_or_default().lines().count();
 
         refuse_success(&db, true).await;

@@ -163,9 +163,12 @@ pub async fn set_state(ex: Ex<'_>, id: i64, state: &str) -> Result<()> {
 }
 
 /// Steps a crash left running go back to the queue.
-pub async fn reset_running(ex: Ex<'_>) -> Result<u64> {
-    Ok(run!(ex, c => sqlx::query("UPDATE steps SET state = 'runnable', phase = NULL WHERE state = 'running'")
-        .execute(&mut *c).await?.rows_affected()))
+/// Steps a runner that died left running go back to the queue; which
+/// they are, with the machine each ran on.
+pub async fn reset_running(ex: Ex<'_>) -> Result<Vec<(i64, Option<String>)>> {
+    Ok(run!(ex, c => sqlx::query_as(
+        "UPDATE steps SET state = 'runnable', phase = NULL WHERE state = 'running' RETURNING id, machine")
+        .fetch_all(&mut *c).await?))
 }
 
 /// Forgets a failure so the step is built again (restart).

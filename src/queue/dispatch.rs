@@ -19,7 +19,8 @@ impl Runner {
             let mut skip = HashSet::new();
             while let Some(step) = self.best_of(&platform, &skip) {
                 let avoid = self.steps[&step].avoid.clone();
-                let Some(mi) = self.pick_machine(&platform, &avoid) else {
+                let Some(mi) = self.pick_machine(&platform, &avoid, self.resume_on.get(&step).map(String::as_str))
+                else {
                     // This step waits for a machine; lower ones might not.
                     skip.insert(step);
                     if skip.len() > 32 {
@@ -37,6 +38,7 @@ impl Runner {
 
     pub(super) async fn start_step(&mut self, id: i64, mi: usize) -> Result<(), DbError> {
         let uri = self.machines[mi].m.uri.clone();
+        self.resume_on.remove(&id);
         {
             // One time for the step and the builds it is the first step of,
             // so that a build never starts after its first step.

@@ -67,10 +67,15 @@ impl Runner {
     pub(super) async fn recover(&mut self) -> Result<(), DbError> {
         let (unfinished, drvs) = {
             let mut c = self.db.conn().await?;
-            let n = steps::reset_running(c.ex()).await?;
-            if n > 0 {
-                info!(steps = n, "steps left running by the last run go back to the queue");
+            let left = steps::reset_running(c.ex()).await?;
+            if !left.is_empty() {
+                info!(steps = left.len(), "steps left running by the last run go back to the queue");
             }
+            // Their builds may still run there (Nix goes on after its
+            // client is gone): sent back to the same machine, a step waits
+            // on Nix's lock for that build instead of building again
+            // elsewhere.
+            self.resume_on = left.into_iter().filter_map(|(id, m)| Some((id, m?))).collect();
             (builds::unfinished_ids(c.ex()).await?, builds::unfinished_drvs(c.ex()).await?)
         };
         // Roots of builds that ended while no runner was here go, and those
@@ -310,6 +315,20 @@ impl Runner {
         let mut rows = steps::get_or_create_many(tx.ex(), &new).await?;
         // A cached derivation's row says whether its outputs are a failure's.
         rows.extend(steps::get_many_by_drv(tx.ex(), &cached).await?);
+        // A step whose outputs are in the cache is done, whatever its row
+        // says: a runner killed between storing the outputs and recording
+        // the step left it running (then runnable), and nothing would ever
+        // move it again.
+        let stale: Vec<i64> = cached
+            .iter()
+            .filter_map(|d| rows.get(*d))
+            .filter(|r| r.state == "runnable" || r.state == "running")
+            .map(|r| r.id)
+            .collect();
+        if !stale.is_empty() {
+            info!(steps = stale.len(), "steps whose outputs are in the cache are recorded as succeeded");
+            steps::set_state_many(tx.ex(), &stale, "succeeded", &["succeeded"]).await?;
+        }
         // A derivation substituted now may have a row from an earlier build.
         let subst: HashSet<i64> = nodes
             .iter()
@@ -573,6 +592,7 @@ impl Runner {
     }
 
     pub(super) fn remove_step(&mut self, id: i64) {
+        self.resume_on.remove(&id);
         self.unqueue(id);
         self.became_idle.push(id);
         if let Some(s) = self.steps.remove(&id) {

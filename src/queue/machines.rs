@@ -106,12 +106,26 @@ impl Runner {
 
     /// The free machine that fits, lowest load per speed factor, avoiding
     /// those that failed this step when another one could take it.
-    pub(super) fn pick_machine(&self, platform: &Platform, avoid: &HashSet<String>) -> Option<usize> {
+    /// The machine to run a step of `platform` on: the least loaded free
+    /// one, not one of `avoid` while another could take it; `resume` (the
+    /// machine it ran on when the last runner died) while that one is
+    /// usable, waiting for a slot there.
+    pub(super) fn pick_machine(
+        &self,
+        platform: &Platform,
+        avoid: &HashSet<String>,
+        resume: Option<&str>,
+    ) -> Option<usize> {
         let now = Instant::now();
         let usable = |m: &MachineState| {
             m.enabled && m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now)
         };
         let free = |m: &MachineState| m.running < m.m.max_jobs.max(1);
+        if let Some((i, m)) =
+            resume.and_then(|uri| self.machines.iter().enumerate().find(|(_, m)| m.m.uri == uri && usable(m)))
+        {
+            return free(m).then_some(i);
+        }
         let load = |m: &MachineState| m.running as f64 / m.m.max_jobs.max(1) as f64 / m.m.speed_factor;
         let best = |skip_avoided: bool| {
             self.machines

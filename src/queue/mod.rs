@@ -188,6 +188,7 @@ impl Queue {
             released: Vec::new(),
             unrecorded: Vec::new(),
             uncancelled: Vec::new(),
+            resume_on: HashMap::new(),
         };
         tokio::spawn(runner.main(rx).instrument(info_span!("queue")));
         Queue { tx, status }
@@ -354,6 +355,9 @@ struct Runner {
     /// tick; and cancellations likewise.
     unrecorded: Vec<results::Unrecorded>,
     uncancelled: Vec<i64>,
+    /// Steps a dead runner left running, and the machine each ran on,
+    /// until they are dispatched again (see `recover`).
+    resume_on: HashMap<i64, String>,
 }
 
 impl Runner {
@@ -508,6 +512,7 @@ impl Runner {
         // The runner that holds the lock now runs those steps again.
         self.unrecorded.clear();
         self.uncancelled.clear();
+        self.resume_on.clear();
         let mut st = self.status.lock().expect("status");
         st.leading = false;
         st.running.clear();
