@@ -15,8 +15,10 @@ mod aggregates;
 mod dispatch;
 mod graph;
 pub mod leader;
+mod lifecycle;
 mod machines;
 mod ready;
+mod record;
 mod results;
 pub mod run;
 mod standby;
@@ -361,163 +363,6 @@ struct Runner {
 }
 
 impl Runner {
-    async fn main(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
-        let leadership = self.leadership.take().expect("taken once");
-        let mut wait = Duration::ZERO;
-        loop {
-            let Some(mut guard) = self.stand_by(&leadership, wait, &mut rx).await else { return };
-            if wait > Duration::ZERO {
-                info!("leading the queue again");
-            }
-            match self.lead(&mut guard, &mut rx).await {
-                Ended::Stop => return,
-                Ended::LostLock => {
-                    self.step_down();
-                    // Standbys first: they found the lock free already,
-                    // and this process's connection may be what failed.
-                    wait = REJOIN_AFTER;
-                }
-            }
-        }
-    }
-
-    /// Waits for the queue's lock, handling what a standby can meanwhile;
-    /// `None` when told to stop.
-    async fn stand_by(
-        &mut self,
-        leadership: &leader::Leadership,
-        wait: Duration,
-        rx: &mut mpsc::UnboundedReceiver<Event>,
-    ) -> Option<leader::Guard> {
-        let acquire = async {
-            tokio::time::sleep(wait).await;
-            loop {
-                match leadership.acquire().await {
-                    Ok(g) => return g,
-                    Err(e) => {
-                        warn!(error = %e, "cannot learn which process runs the queue");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                }
-            }
-        };
-        tokio::pin!(acquire);
-        loop {
-            tokio::select! {
-                g = &mut acquire => return Some(g),
-                ev = rx.recv() => match ev {
-                    Some(Event::Stop) | None => return None,
-                    Some(ev) => {
-                        if let Err(e) = self.handle_standby(ev).await {
-                            warn!(error = %e, "queue action on a standby");
-                        }
-                    }
-                },
-            }
-        }
-    }
-
-    /// Runs the queue while `guard` holds the lock.
-    async fn lead(&mut self, guard: &mut leader::Guard, rx: &mut mpsc::UnboundedReceiver<Event>) -> Ended {
-        self.status.lock().expect("status").leading = true;
-        self.reload_machines();
-        if let Err(e) = self.load_machine_states().await {
-            warn!(error = %e, "cannot read the machines' pauses and enabled flags");
-        }
-        if let Err(e) = self.recover().await {
-            warn!(error = %e, "cannot load the queue from the database");
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut ticks = 0u64;
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if let Err(e) = self.write_runnable().await {
-                warn!(error = %e, "recording runnable steps");
-            }
-            self.flush_released().await;
-            self.dispatch().await;
-            self.publish();
-            tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(Event::Stop) | None => return Ended::Stop,
-                    Some(ev) => {
-                        if let Err(e) = self.handle(ev).await {
-                            warn!(error = %e, "queue event failed");
-                        }
-                        // Take everything already waiting before dispatching.
-                        while let Ok(ev) = rx.try_recv() {
-                            if matches!(ev, Event::Stop) {
-                                return Ended::Stop;
-                            }
-                            if let Err(e) = self.handle(ev).await {
-                                warn!(error = %e, "queue event failed");
-                            }
-                        }
-                    }
-                },
-                _ = tick.tick() => {
-                    // Fencing: once the lock may be another's, nothing more
-                    // is dispatched or recorded here.
-                    if !guard.still_held().await {
-                        warn!("lost the queue's lock (its database connection ended): stopping this runner, standing by");
-                        return Ended::LostLock;
-                    }
-                    ticks += 1;
-                    if !self.unrecorded.is_empty() || !self.uncancelled.is_empty() {
-                        self.retry_transitions().await;
-                    }
-                    // Builds other processes recorded, reopened or finished.
-                    if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
-                        warn!(error = %e, "rescanning unfinished builds");
-                    }
-                    // Another process (a web-only one) may have enabled or
-                    // disabled a machine: read the flags at each rescan too.
-                    if (self.reload_machines() || ticks.is_multiple_of(RESCAN_TICKS))
-                        && let Err(e) = self.load_machine_states().await
-                    {
-                        warn!(error = %e, "cannot read the machines' pauses and enabled flags");
-                    }
-                    if let Err(e) = self.fail_unsupported().await {
-                        warn!(error = %e, "checking unsupported steps");
-                    }
-                    self.decay_usage();
-                    if !self.held.is_empty() && let Err(e) = self.check_held().await {
-                        warn!(error = %e, "checking aggregates' constituents");
-                    }
-                }
-            }
-        }
-    }
-
-    /// After the lock was lost: every running attempt is dropped (their
-    /// remote builds end with their connections) and the queue forgotten;
-    /// the runner that holds the lock now starts them again, and this one,
-    /// should it lead again, reloads everything from the database.
-    fn step_down(&mut self) {
-        for (_, a) in self.attempts.drain() {
-            let _ = a.cancel.send(());
-        }
-        for m in &mut self.machines {
-            m.running = 0;
-            m.idle.clear();
-        }
-        self.steps.clear();
-        self.by_drv.clear();
-        self.builds.clear();
-        self.ready.clear();
-        self.held.clear();
-        self.became_runnable.clear();
-        self.became_idle.clear();
-        self.live_drvs.clear();
-        // The runner that holds the lock now runs those steps again.
-        self.unrecorded.clear();
-        self.uncancelled.clear();
-        self.resume_on.clear();
-        let mut st = self.status.lock().expect("status");
-        st.leading = false;
-        st.running.clear();
-    }
-
     async fn handle(&mut self, ev: Event) -> Result<(), DbError> {
         match ev {
             Event::Enqueue(ids, done) => {
