@@ -55,11 +55,7 @@ impl Runner {
         }
         self.unqueue(id);
         if let Some(since) = self.steps.get(&id).and_then(|s| s.runnable_since) {
-            if self.latencies.len() == LATENCIES_KEPT {
-                self.latencies.pop_front();
-            }
-            self.latencies.push_back(since.elapsed().as_secs_f64());
-            self.latencies_changed = true;
+            self.latencies.push(since.elapsed().as_secs_f64());
         }
         let (drv_path, timeout, max_silent) = {
             let s = self.steps.get_mut(&id).expect("live step");

@@ -80,6 +80,28 @@ enum Event {
     Stop,
 }
 
+/// The last [`LATENCIES_KEPT`] dispatch latencies, and whether they
+/// changed since last published.
+#[derive(Default)]
+struct Latencies {
+    kept: std::collections::VecDeque<f64>,
+    changed: bool,
+}
+
+impl Latencies {
+    fn push(&mut self, secs: f64) {
+        if self.kept.len() == LATENCIES_KEPT {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(secs);
+        self.changed = true;
+    }
+
+    fn take_changed(&mut self) -> Option<Vec<f64>> {
+        std::mem::take(&mut self.changed).then(|| self.kept.iter().copied().collect())
+    }
+}
+
 /// Dispatch latencies kept for the status and `/metrics`: enough for
 /// stable percentiles, bounded however long Kiln runs.
 pub const LATENCIES_KEPT: usize = 10_000;
@@ -175,8 +197,7 @@ impl Queue {
             idle_waiters: Vec::new(),
             draining: false,
             drain_waiters: Vec::new(),
-            latencies: std::collections::VecDeque::new(),
-            latencies_changed: false,
+            latencies: Latencies::default(),
             done: 0,
             failed: 0,
             became_runnable: Vec::new(),
@@ -329,9 +350,7 @@ struct Runner {
     /// Shutting down: nothing new is dispatched.
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
-    /// The last [`LATENCIES_KEPT`] dispatch latencies.
-    latencies: std::collections::VecDeque<f64>,
-    latencies_changed: bool,
+    latencies: Latencies,
     done: u64,
     failed: u64,
     /// Steps queued as runnable, not yet written as such.
@@ -480,9 +499,8 @@ impl Runner {
         st.steps_failed = self.failed;
         st.builds_unfinished = self.builds.len() + self.held.len();
         st.unrecorded = self.unrecorded.len() + self.uncancelled.len();
-        if self.latencies_changed {
-            st.dispatch_latencies = self.latencies.iter().copied().collect();
-            self.latencies_changed = false;
+        if let Some(l) = self.latencies.take_changed() {
+            st.dispatch_latencies = l;
         }
         drop(st);
         self.idle_check();
@@ -497,4 +515,23 @@ async fn eval_builds(db: &Db, eval_id: i64) -> Result<Vec<i64>, DbError> {
 /// Checks a store path string, for callers building step outputs.
 pub fn parse_output(p: &str) -> Option<StorePath> {
     StorePath::parse(p).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_latencies_stay_bounded_and_keep_the_newest() {
+        let mut l = Latencies::default();
+        assert_eq!(l.take_changed(), None);
+        for i in 0..(LATENCIES_KEPT * 3) {
+            l.push(i as f64);
+        }
+        let kept = l.take_changed().expect("changed");
+        assert_eq!(kept.len(), LATENCIES_KEPT);
+        assert_eq!(kept.first().copied(), Some((LATENCIES_KEPT * 2) as f64));
+        assert_eq!(kept.last().copied(), Some((LATENCIES_KEPT * 3 - 1) as f64));
+        assert_eq!(l.take_changed(), None, "published once until the next dispatch");
+    }
 }
