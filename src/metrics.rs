@@ -85,6 +85,12 @@ pub async fn render(db: &Db, queue: &crate::queue::Status) -> Result<String, DbE
     for (machine, _, slots) in &queue.machines {
         o.sample("kiln_machine_slots", &[("machine", &host(machine))], *slots as f64);
     }
+    o.one(
+        "kiln_results_unrecorded",
+        "gauge",
+        "Finished steps and cancellations waiting for the database to take them.",
+        queue.unrecorded as f64,
+    );
     o.one("kiln_steps_built_total", "counter", "Steps this process built.", queue.steps_done as f64);
     o.one("kiln_steps_failed_total", "counter", "Steps that failed in this process.", queue.steps_failed as f64);
 

@@ -80,6 +80,7 @@ print(json.dumps(out))
     assert_eq!(get("kiln_step_duration_seconds_bucket{le=+Inf}"), get("kiln_step_duration_seconds_count"));
     assert!(get("kiln_evaluation_duration_seconds_count") >= 1.0);
     assert_eq!(get("kiln_builds_unfinished"), 0.0);
+    assert_eq!(get("kiln_results_unrecorded"), 0.0);
     assert_eq!(get("kiln_outbox_pending"), 0.0);
     assert!(get("kiln_db_connections") >= 1.0);
     assert!(m.keys().any(|k| k.starts_with("kiln_steps_running{machine=")), "{text}");
