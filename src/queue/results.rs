@@ -9,15 +9,9 @@ use super::*;
 const MAX_REWALKS: u32 = 3;
 
 impl Runner {
-    pub(super) async fn step_done(
-        &mut self,
-        id: i64,
-        attempt: u64,
-        uri: &str,
-        outcome: Result<Outcome, String>,
-        secs: f64,
-        conn: Option<Box<Connection>>,
-    ) -> Result<(), DbError> {
+    pub(super) async fn step_done(&mut self, id: i64, end: AttemptEnd) -> Result<(), DbError> {
+        let AttemptEnd { attempt, machine, outcome, log_file, secs, conn } = end;
+        let (uri, log_file) = (machine.as_str(), log_file.as_deref());
         if self.attempts.get(&id).is_none_or(|a| a.no != attempt) {
             // Cancelled: its slot was freed then, and nothing waits for it.
             debug!(step = id, machine = uri, "a stopped attempt ended");
@@ -42,8 +36,7 @@ impl Runner {
         step.running = false;
         let drv = step.drv_path.clone();
         match outcome {
-            Ok(Outcome::Built { outputs, log, failed_output }) => {
-                let log_file = self.store_log(&drv, &log);
+            Ok(Outcome::Built { outputs, failed_output }) => {
                 self.machine_ok(uri).await?;
                 if failed_output {
                     // Hydra's "failed with output": the outputs are kept and
@@ -54,29 +47,27 @@ impl Runner {
                     }
                     drop(c);
                     let error = "the build marked its output as failed ($out/nix-support/failed)";
-                    self.fail_step(id, BuildStatus::FailedWithOutput, error, log_file.as_deref()).await?;
+                    self.fail_step(id, BuildStatus::FailedWithOutput, error, log_file).await?;
                 } else {
-                    self.step_built(id, &drv, uri, &outputs, log_file.as_deref(), secs).await?;
+                    self.step_built(id, &drv, uri, &outputs, log_file, secs).await?;
                 }
             }
-            Ok(Outcome::Failed { status, error, log }) => {
-                let log_file = self.store_log(&drv, &log);
+            Ok(Outcome::Failed { status, error }) => {
                 self.machine_ok(uri).await?;
-                self.fail_step(id, status, &error, log_file.as_deref()).await?;
+                self.fail_step(id, status, &error, log_file).await?;
             }
-            Ok(Outcome::MachineFault { error, log }) => {
-                let _ = log;
+            // Its log is kept as an earlier attempt's.
+            Ok(Outcome::MachineFault { error }) => {
                 self.machine_failed(uri, &error).await?;
                 self.retry_or_abort(id, uri, &error).await?;
             }
-            Ok(Outcome::CoordinatorFault { error, mut log }) => {
+            Ok(Outcome::CoordinatorFault { error }) => {
                 // Neither the machine's fault nor the derivation's: the
-                // builds end as aborted with the reason, the machine is not
-                // blamed, and a restart builds the step again.
+                // builds end as aborted with the reason (the log's last
+                // line), the machine is not blamed, and a restart builds
+                // the step again.
                 warn!(step = id, drv = %drv, machine = %uri, %error, "the coordinator could not finish a step");
-                log.extend_from_slice(format!("kiln: {error}\n").as_bytes());
-                let log_file = self.store_log(&drv, &log);
-                self.fail_step(id, BuildStatus::Aborted, &error, log_file.as_deref()).await?;
+                self.fail_step(id, BuildStatus::Aborted, &error, log_file).await?;
             }
             Ok(Outcome::Unsubstitutable { paths, error }) => self.unsubstitutable(id, &drv, &paths, &error).await?,
             Err(error) => {
@@ -171,17 +162,6 @@ impl Runner {
         }
         self.remove_step(id);
         self.add_builds(&builds).await
-    }
-
-    pub(super) fn store_log(&self, drv: &str, log: &[u8]) -> Option<String> {
-        // An empty log is kept too: "it printed nothing" is an answer.
-        match self.logs.write(drv, log) {
-            Ok(p) => Some(p.display().to_string()),
-            Err(e) => {
-                warn!(drv, error = %e, "cannot store a build log");
-                None
-            }
-        }
     }
 
     pub(super) async fn retry_or_abort(&mut self, id: i64, uri: &str, error: &str) -> Result<(), DbError> {
