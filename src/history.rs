@@ -2,9 +2,9 @@
 //! no build names, the webhook deliveries remembered to ignore GitHub's
 //! redeliveries, and the outbox's delivered or superseded statuses grow
 //! with every build and every push; on a schedule (`[history]`), the old
-//! ones go, with the logs of the steps that go. Builds, evaluations and
-//! cache paths have their own retention (evaluations per jobset, the
-//! cache's collector).
+//! ones go, with the logs of the steps that go (their earlier attempts'
+//! too). Builds, evaluations and cache paths have their own retention
+//! (evaluations per jobset, the cache's collector).
 
 use std::time::Duration;
 
@@ -47,11 +47,10 @@ pub async fn prune(db: &Db, logs: &Logs, config: &HistoryConfig, now: i64) -> Re
                 db::steps::prune_finished(c.ex(), before, BATCH).await?
             };
             r.steps += files.len() as u64;
-            for f in files.iter().flatten() {
-                match logs.remove(f) {
-                    Ok(true) => r.logs += 1,
-                    Ok(false) => {}
-                    Err(e) => warn!(file = %f, error = %e, "cannot delete an old step's log"),
+            for (drv, file) in &files {
+                match logs.remove_all(drv, file.as_deref()) {
+                    Ok(n) => r.logs += n,
+                    Err(e) => warn!(drv, error = %e, "cannot delete an old step's logs"),
                 }
             }
             if (files.len() as i64) < BATCH {

@@ -61,28 +61,28 @@ async fn exercise(machine: &Machine, sessions: &Sessions) {
     let dep_nix = tempfile::Builder::new().suffix(".nix").tempfile().unwrap();
     std::fs::write(dep_nix.path(), drv_expr(&format!("dep-{tag}"), &format!("echo dep {tag} > $out"))).unwrap();
     let expr = format!(
-        r#"let dep = import {}; in derivation {{ name = "top-{tag}"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep; src = builtins.storePath "{src}"; args = [ "-c" "echo building-{tag}; read a < $dep; read b < $src; echo $a $b > $out" ]; }}"#,
+        r#"let dep = import {}; in derivation {{ name = "top-{tag}"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep; src = builtins.storePath "{src}"; args = [ "-c" "echo building-{tag}; read a < $dep; read b < $src; echo $a $b > $out; echo last-line-{tag}" ]; }}"#,
         dep_nix.path().display()
     );
     let (drv_path, drv) = instantiate(&expr);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    conn.log_to(Some(tx));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    conn.log_to(tx);
     let r = conn
         .serve
         .build_derivation(&drv_path, &drv, std::slice::from_ref(&dep_out), OPTS, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(r.status, BuildStatus::Built, "{}", r.error);
-    conn.log_to(None);
+    // A round trip after the result, then the log ends with its last line
+    // in it (no waiting for stderr).
+    conn.serve.query_valid_paths(&[], false).await.unwrap();
+    conn.end_log().await;
     let mut log = Vec::new();
     while let Ok(chunk) = rx.try_recv() {
         log.extend(chunk);
     }
-    assert!(
-        String::from_utf8_lossy(&log).contains(&format!("building-{tag}")),
-        "log: {}",
-        String::from_utf8_lossy(&log)
-    );
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains(&format!("building-{tag}")) && log.contains(&format!("last-line-{tag}")), "log: {log}");
 
     // The output's path info and NAR come back; the NAR matches the info.
     let out = drv.outputs[0].path.clone();

@@ -1,6 +1,6 @@
-//! History is bounded: old finished steps no build names (and their logs),
-//! old webhook delivery ids and delivered statuses are pruned; everything
-//! still in use stays. On both databases.
+//! History is bounded: old finished steps no build names (and their logs,
+//! earlier attempts' included), old webhook delivery ids and delivered
+//! statuses are pruned; everything still in use stays. On both databases.
 
 mod support;
 
@@ -45,9 +45,10 @@ async fn old_history_goes_and_what_is_in_use_stays() {
             ("old-runnable", "runnable", old),
             ("recent-built", "succeeded", recent),
         ];
+        let drv_of = |i: usize, name: &str| format!("/nix/store/{}-{name}.drv", format!("{i:0>32}").replace('0', "a"));
         let mut log_files = std::collections::HashMap::new();
         for (i, (name, st, ended)) in steps.iter().enumerate() {
-            let drv = format!("/nix/store/{}-{name}.drv", format!("{i:0>32}").replace('0', "a"));
+            let drv = drv_of(i, name);
             let log = logs.write(&drv, b"a log line\n").unwrap();
             log_files.insert(*name, log.clone());
             exec(
@@ -59,6 +60,24 @@ async fn old_history_goes_and_what_is_in_use_stays() {
                 ),
             )
             .await;
+        }
+        // Earlier attempts' logs: a pruned step's go with it, as do those of
+        // a step given up after machine faults (it has no log of its own);
+        // a kept step's stay.
+        let aborted = drv_of(steps.len(), "old-aborted");
+        exec(
+            &db,
+            &format!(
+                "INSERT INTO steps (drv_path, system, state, created_at, stop_time)
+                 VALUES ('{aborted}', 'x86_64-linux', 'aborted', {old}, {old})"
+            ),
+        )
+        .await;
+        let mut attempt_files = Vec::new();
+        for (drv, gone) in [(drv_of(0, "old-built"), true), (aborted, true), (drv_of(7, "recent-built"), false)] {
+            let live = logs.start(&drv, 1, 1 << 20).unwrap();
+            live.append("attempt 1\n").await;
+            attempt_files.push((live.finish(kiln::logs::Kept::Attempt).await.unwrap(), gone));
         }
         // Edges and outputs of a pruned step go with it.
         exec(&db, "INSERT INTO step_deps (step_id, dep_id) SELECT a.id, b.id FROM steps a, steps b WHERE a.drv_path LIKE '%-old-built.drv' AND b.drv_path LIKE '%-old-substituted.drv'").await;
@@ -102,11 +121,14 @@ async fn old_history_goes_and_what_is_in_use_stays() {
         let mut kept = kept;
         kept.sort();
         assert_eq!(kept, ["old-failed-step", "old-runnable", "old-running", "old-top", "recent-built"]);
-        assert_eq!(pruned.steps, 3, "{pruned:?}");
-        assert_eq!(pruned.logs, 3, "{pruned:?}");
+        assert_eq!(pruned.steps, 4, "{pruned:?}");
+        assert_eq!(pruned.logs, 5, "three logs and two earlier attempts' {pruned:?}");
         for (name, log) in &log_files {
             let gone = ["old-built", "old-failed", "old-substituted"].contains(name);
             assert_eq!(!log.exists(), gone, "{name}'s log");
+        }
+        for (file, gone) in &attempt_files {
+            assert_eq!(!file.exists(), *gone, "{}", file.display());
         }
         assert_eq!(ids(&db, "SELECT CAST(step_id AS TEXT) FROM step_deps").await, Vec::<String>::new());
         assert_eq!(ids(&db, "SELECT delivery_id FROM webhook_deliveries").await, ["recent-delivery"]);

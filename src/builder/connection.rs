@@ -4,9 +4,12 @@
 //! `nix-daemon`), over the machine's multiplexed SSH master (its key, its
 //! pinned host key, compression as the machines file says), or as a local
 //! process for `localhost`. The process's stderr carries the build log; a
-//! reader task forwards it to whichever step is building on the connection.
+//! reader task forwards it to whichever step is building on the connection,
+//! and on request hands over everything the pipe holds at that moment and
+//! detaches the log ([`Connection::end_log`]).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::machines::{Machine, Scheme, Transport};
 use super::serve::{ServeConn, ServeError};
@@ -38,7 +41,7 @@ pub type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
 pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 /// Where the build log of the connection's current step goes.
-type LogTarget = Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>>;
+type LogTarget = Arc<Mutex<Option<crate::logs::Sink>>>;
 
 enum Proc {
     Local(tokio::process::Child),
@@ -49,15 +52,33 @@ enum Proc {
 pub struct Connection {
     pub serve: ServeConn<Reader, Writer>,
     log: LogTarget,
+    /// Asks the stderr reader to end the log: forward what the pipe holds
+    /// now, then detach it.
+    end_log: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// The last stderr output, for errors that come with no reply.
     tail: Arc<Mutex<Vec<u8>>>,
     _proc: Proc,
 }
 
 impl Connection {
-    /// Sends the connection's stderr (the build log) to `tx` until cleared.
-    pub fn log_to(&self, tx: Option<mpsc::UnboundedSender<Vec<u8>>>) {
-        *self.log.lock().expect("log target") = tx;
+    /// Sends the connection's stderr (the build log) to `sink` until
+    /// [`Connection::end_log`].
+    pub fn log_to(&self, sink: crate::logs::Sink) {
+        *self.log.lock().expect("log target") = Some(sink);
+    }
+
+    /// Ends the current log: forwards everything the stderr pipe holds
+    /// now, then detaches the log. Called after a round trip that followed
+    /// the build's result, by which time `nix-store` had written all of the
+    /// build's log to its stderr; what the pipe held before this call is
+    /// thereby in the log (decision 017 says how far that reaches over SSH).
+    pub async fn end_log(&self) {
+        let (ack, done) = oneshot::channel();
+        // A reader that has ended (end of file) forwarded all there was.
+        if self.end_log.send(ack).is_ok() {
+            let _ = done.await;
+        }
+        *self.log.lock().expect("log target") = None;
     }
 
     /// What the remote printed last on stderr.
@@ -234,7 +255,7 @@ impl Sessions {
             program: m.remote_program.clone(),
             message,
         };
-        let (stdin, stdout, stderr, proc): (Writer, Reader, Reader, Proc) = match &m.transport {
+        let (stdin, stdout, stderr, stderr_fd, proc): (Writer, Reader, Reader, RawFd, Proc) = match &m.transport {
             Transport::Local => {
                 // The remote program is a shell word list in Nix; here
                 // without a shell, its words.
@@ -257,7 +278,8 @@ impl Sessions {
                 let stdin = child.stdin.take().expect("piped");
                 let stdout = child.stdout.take().expect("piped");
                 let stderr = child.stderr.take().expect("piped");
-                (Box::new(stdin), Box::new(stdout), Box::new(stderr), Proc::Local(child))
+                let fd = stderr.as_raw_fd();
+                (Box::new(stdin), Box::new(stdout), Box::new(stderr), fd, Proc::Local(child))
             }
             Transport::Ssh { .. } => {
                 let session = self.session(m).await?;
@@ -277,12 +299,14 @@ impl Sessions {
                 let stdin = child.stdin().take().expect("piped");
                 let stdout = child.stdout().take().expect("piped");
                 let stderr = child.stderr().take().expect("piped");
-                (Box::new(stdin), Box::new(stdout), Box::new(stderr), Proc::Remote(child))
+                let fd = stderr.as_raw_fd();
+                (Box::new(stdin), Box::new(stdout), Box::new(stderr), fd, Proc::Remote(child))
             }
         };
         let log: LogTarget = Arc::new(Mutex::new(None));
         let tail = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(forward_stderr(stderr, log.clone(), tail.clone()));
+        let (end_log, ends) = mpsc::unbounded_channel();
+        tokio::spawn(forward_stderr(stderr, stderr_fd, ends, log.clone(), tail.clone()));
         let serve = match tokio::time::timeout(
             self.connect_timeout,
             ServeConn::handshake(stdout, stdin, self.progress_timeout),
@@ -309,7 +333,7 @@ impl Sessions {
                 return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
             }
         };
-        Ok(Connection { serve, log, tail, _proc: proc })
+        Ok(Connection { serve, log, end_log, tail, _proc: proc })
     }
 }
 
@@ -324,22 +348,132 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Copies the process's stderr to the current log target, keeping the last
-/// 8 KiB for error messages.
-async fn forward_stderr(mut stderr: Reader, log: LogTarget, tail: Arc<Mutex<Vec<u8>>>) {
+/// 8 KiB for error messages. A request to end the log is answered once
+/// everything the pipe held when it was taken up has gone to the target,
+/// and the target is detached: nothing read later joins that log. `fd` is
+/// `stderr`'s own descriptor, which lives as long as this task.
+async fn forward_stderr(
+    mut stderr: Reader,
+    fd: RawFd,
+    mut ends: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    log: LogTarget,
+    tail: Arc<Mutex<Vec<u8>>>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match stderr.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        {
-            let mut t = tail.lock().expect("tail");
-            t.extend_from_slice(&buf[..n]);
-            let excess = t.len().saturating_sub(8192);
-            t.drain(..excess);
+        tokio::select! {
+            biased;
+            Some(ack) = ends.recv() => {
+                // Whatever was read before is forwarded already (one loop);
+                // what the pipe holds now can be read without waiting.
+                let mut pending = pipe_holds(fd);
+                while pending > 0 {
+                    let want = pending.min(buf.len());
+                    let n = match stderr.read(&mut buf[..want]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    forward(&buf[..n], &log, &tail).await;
+                    pending -= n;
+                }
+                *log.lock().expect("log target") = None;
+                let _ = ack.send(());
+            }
+            r = stderr.read(&mut buf) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                forward(&buf[..n], &log, &tail).await;
+            }
         }
-        if let Some(tx) = log.lock().expect("log target").as_ref() {
-            let _ = tx.send(buf[..n].to_vec());
+    }
+}
+
+async fn forward(chunk: &[u8], log: &LogTarget, tail: &Mutex<Vec<u8>>) {
+    {
+        let mut t = tail.lock().expect("tail");
+        t.extend_from_slice(chunk);
+        let excess = t.len().saturating_sub(8192);
+        t.drain(..excess);
+    }
+    let sink = log.lock().expect("log target").clone();
+    if let Some(sink) = sink {
+        // Waits while the log's writer is behind: the pipe fills and the
+        // builder waits, instead of the log growing in memory.
+        let _ = sink.send(bytes::Bytes::copy_from_slice(chunk)).await;
+    }
+}
+
+/// How many bytes a pipe holds unread (FIONREAD); 0 if it cannot say.
+fn pipe_holds(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at
+    // `n`; `fd` is open (its reader is alive in the caller).
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r == 0 { n.max(0) as usize } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that writes `lines` × 100 bytes to stderr, then `ok` to
+    /// stdout, then waits: the order `nix-store` keeps between a build's
+    /// log and its result.
+    fn writer(lines: u32) -> tokio::process::Child {
+        tokio::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                &format!(
+                    "i=0; while [ $i -lt {lines} ]; do printf '%099d\\n' $i >&2; i=$((i+1)); done; echo ok; read x"
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// What ending the log after the answer forwards: with the reader
+    /// started before the process writes (racing it), and after
+    /// (everything still in the pipe when the end is asked for).
+    #[tokio::test]
+    async fn ending_a_log_forwards_all_the_pipe_held_when_the_answer_came() {
+        use tokio::io::AsyncBufReadExt;
+        for late_reader in [false, true] {
+            for _ in 0..10 {
+                let mut child = writer(600);
+                let stderr = child.stderr.take().unwrap();
+                let fd = stderr.as_raw_fd();
+                let (sink, mut log) = mpsc::channel(1024);
+                let target: LogTarget = Arc::new(Mutex::new(Some(sink)));
+                let (end, ends) = mpsc::unbounded_channel();
+                let tail = Arc::new(Mutex::new(Vec::new()));
+                // Futures are lazy: nothing reads until it is spawned.
+                let mut reader = Some(forward_stderr(Box::new(stderr), fd, ends, target.clone(), tail));
+                if !late_reader {
+                    tokio::spawn(reader.take().unwrap());
+                }
+                let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+                let mut answer = String::new();
+                out.read_line(&mut answer).await.unwrap();
+                assert_eq!(answer, "ok\n");
+                let (ack, done) = oneshot::channel();
+                end.send(ack).unwrap();
+                if let Some(r) = reader.take() {
+                    tokio::spawn(r);
+                }
+                done.await.unwrap();
+                assert!(target.lock().unwrap().is_none(), "detached");
+                let mut got = 0;
+                while let Ok(chunk) = log.try_recv() {
+                    got += chunk.len();
+                }
+                assert_eq!(got, 60_000, "late reader: {late_reader}");
+            }
         }
     }
 }

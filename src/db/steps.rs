@@ -385,10 +385,10 @@ pub async fn transition_many(mut ex: Ex<'_>, ids: &[i64], from: &str, to: &str) 
 
 /// Deletes up to `limit` finished steps that ended before `before` and that
 /// no build names (as its top step or its failed step), with their edges
-/// and outputs; returns the log files they had. A failure forgotten this
-/// way is built again if a build needs it.
-pub async fn prune_finished(ex: Ex<'_>, before: i64, limit: i64) -> Result<Vec<Option<String>>> {
-    Ok(run!(ex, c => sqlx::query_scalar(
+/// and outputs; returns their derivations and the log files they had. A
+/// failure forgotten this way is built again if a build needs it.
+pub async fn prune_finished(ex: Ex<'_>, before: i64, limit: i64) -> Result<Vec<(String, Option<String>)>> {
+    Ok(run!(ex, c => sqlx::query_as(
         "DELETE FROM steps WHERE id IN (
            SELECT id FROM steps
            WHERE state IN ('succeeded', 'failed', 'aborted', 'substituted')
@@ -396,6 +396,6 @@ pub async fn prune_finished(ex: Ex<'_>, before: i64, limit: i64) -> Result<Vec<O
              AND id NOT IN (SELECT top_step_id FROM builds WHERE top_step_id IS NOT NULL)
              AND id NOT IN (SELECT failed_step_id FROM builds WHERE failed_step_id IS NOT NULL)
            LIMIT $2)
-         RETURNING log_file")
+         RETURNING drv_path, log_file")
         .bind(before).bind(limit).fetch_all(&mut *c).await?))
 }

@@ -3,6 +3,7 @@
 //! of its own, whose result comes back to the runner as an event.
 
 use super::*;
+use crate::logs::{Kept, LiveLog};
 
 impl Runner {
     pub(super) async fn dispatch(&mut self) {
@@ -57,7 +58,7 @@ impl Runner {
         if let Some(since) = self.steps.get(&id).and_then(|s| s.runnable_since) {
             self.latencies.push(since.elapsed().as_secs_f64());
         }
-        let (drv_path, timeout, max_silent) = {
+        let (drv_path, timeout, max_silent, try_no) = {
             let s = self.steps.get_mut(&id).expect("live step");
             s.running = true;
             s.tries += 1;
@@ -66,7 +67,7 @@ impl Runner {
                 .iter()
                 .filter_map(|b| self.builds.get(b))
                 .fold((0i64, 0i64), |(t, ms), b| (t.max(b.timeout), ms.max(b.max_silent)));
-            (s.drv_path.clone(), if t > 0 { t } else { 36000 }, if ms > 0 { ms } else { 7200 })
+            (s.drv_path.clone(), if t > 0 { t } else { 36000 }, if ms > 0 { ms } else { 7200 }, s.tries)
         };
         let note = self.steps.get(&id).and_then(|s| s.note.clone());
         let ms = &mut self.machines[mi];
@@ -88,6 +89,7 @@ impl Runner {
         let job = Job {
             step: id,
             drv_path,
+            try_no,
             timeout,
             max_silent,
             max_log: self.config.max_log_mib.saturating_mul(1 << 20),
@@ -99,20 +101,23 @@ impl Runner {
         tokio::spawn(
             async move {
                 let start = Instant::now();
-                let (outcome, conn) = tokio::select! {
+                let (outcome, log_file, conn) = tokio::select! {
                     r = run_attempt(&parts, &machine, conn, &job) => r,
                     // The sender went: the step was cancelled (or the
                     // runner ended). Dropping the attempt ends it remotely.
                     _ = cancelled => return,
                 };
-                let _ = tx.send(Event::Done {
-                    step: id,
-                    attempt,
-                    machine: machine.uri.clone(),
-                    outcome,
-                    secs: start.elapsed().as_secs_f64(),
-                    conn: conn.map(Box::new),
-                });
+                let _ = tx.send(Event::Done(
+                    id,
+                    AttemptEnd {
+                        attempt,
+                        machine: machine.uri.clone(),
+                        outcome,
+                        log_file,
+                        secs: start.elapsed().as_secs_f64(),
+                        conn: conn.map(Box::new),
+                    },
+                ));
             }
             .instrument(info_span!("step", step = id)),
         );
@@ -133,6 +138,7 @@ pub(super) struct Parts {
 pub(super) struct Job {
     step: i64,
     drv_path: String,
+    try_no: u32,
     timeout: i64,
     max_silent: i64,
     max_log: u64,
@@ -141,23 +147,25 @@ pub(super) struct Job {
     note: Option<String>,
 }
 
-/// One attempt of a step on a machine, with its connection (reused if it
+/// One attempt of a step on a machine: its outcome, the stored log that
+/// is the step's if the attempt ended it, and its connection (reused if it
 /// is still good afterwards).
 pub(super) async fn run_attempt(
     parts: &Parts,
     machine: &Machine,
     conn: Option<Connection>,
     job: &Job,
-) -> (Result<Outcome, String>, Option<Connection>) {
+) -> (Result<Outcome, String>, Option<String>, Option<Connection>) {
     let mut conn = match conn {
         Some(c) => c,
         None => match parts.sessions.connect(machine).await {
             Ok(c) => c,
-            Err(e) => return (Err(e.to_string()), None),
+            Err(e) => return (Err(e.to_string()), None, None),
         },
     };
     let spec = StepSpec {
         drv_path: &job.drv_path,
+        try_no: job.try_no,
         max_silent_s: job.max_silent.max(0) as u64,
         timeout_s: job.timeout.max(0) as u64,
         max_log_bytes: job.max_log,
@@ -175,24 +183,76 @@ pub(super) async fn run_attempt(
             }
         }
     });
-    let r = run::run_step(&mut conn, &parts.cache, &parts.upstreams, &parts.logs, &spec, |p| {
+    let mut live = None;
+    let r = run::run_step(&mut conn, &parts.cache, &parts.upstreams, &parts.logs, &spec, &mut live, |p| {
         let _ = ptx.send(p);
     })
     .await;
     drop(ptx);
     let _ = phases.await;
-    match r {
-        // Only a clean ending leaves the connection in a known state.
-        Ok(o @ (Outcome::Built { .. } | Outcome::Failed { .. })) => (Ok(o), Some(conn)),
-        Ok(o) => (Ok(o), None),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let tail = conn.stderr_tail();
-            if !tail.trim().is_empty() {
-                msg.push_str(": ");
-                msg.push_str(tail.trim().lines().last().unwrap_or(""));
+    // Only a clean ending leaves the connection in a known state.
+    let kept = matches!(r, Ok(Outcome::Built { .. } | Outcome::Failed { .. }));
+    let r = r.map_err(|e| {
+        let mut msg = e.to_string();
+        let tail = conn.stderr_tail();
+        if !tail.trim().is_empty() {
+            msg.push_str(": ");
+            msg.push_str(tail.trim().lines().last().unwrap_or(""));
+        }
+        msg
+    });
+    // A connection that is not kept goes before the log ends: its stderr
+    // then reaches its end, which is when a log the attempt could not end
+    // cleanly is complete.
+    let conn = if kept {
+        Some(conn)
+    } else {
+        drop(conn);
+        None
+    };
+    let log_file = end_log(&parts.logs, job, &r, live).await;
+    (r, log_file, conn)
+}
+
+/// Ends an attempt's log: the step's log if the attempt ended the step,
+/// else kept as an earlier attempt's. A step that built nothing gets the
+/// few lines there are (a note, the coordinator's error) as its log.
+async fn end_log(logs: &Logs, job: &Job, r: &Result<Outcome, String>, live: Option<LiveLog>) -> Option<String> {
+    let final_log = matches!(r, Ok(Outcome::Built { .. } | Outcome::Failed { .. } | Outcome::CoordinatorFault { .. }));
+    let coordinator_error = match r {
+        Ok(Outcome::CoordinatorFault { error }) => Some(format!("kiln: {error}\n")),
+        _ => None,
+    };
+    let stored = match live {
+        Some(live) => {
+            if let Some(e) = &coordinator_error {
+                live.append(e).await;
             }
-            (Err(msg), None)
+            let kept = if final_log { Kept::Final } else { Kept::Attempt };
+            live.finish(kept).await.map(Some)
+        }
+        None if final_log => {
+            let mut text = job.note.as_ref().map(|n| format!("kiln: {n}\n")).unwrap_or_default();
+            text.push_str(coordinator_error.as_deref().unwrap_or(""));
+            let (logs, drv, try_no) = (logs.clone(), job.drv_path.clone(), job.try_no);
+            tokio::task::spawn_blocking(move || {
+                logs.forget_attempts_from(&drv, try_no);
+                // An empty log is kept too: "it printed nothing" is an answer.
+                logs.write(&drv, text.as_bytes())
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map(Some)
+        }
+        None => Ok(None),
+    };
+    match stored {
+        Ok(p) if final_log => p.map(|p| p.display().to_string()),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(drv = %job.drv_path, error = %e, "cannot store a build log");
+            None
         }
     }
 }

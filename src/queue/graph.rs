@@ -84,6 +84,15 @@ impl Runner {
         let _ = tokio::task::spawn_blocking(move || roots.reconcile(&drvs.into_iter().collect())).await;
         let roots = self.roots.clone();
         tokio::task::spawn_blocking(move || roots.remove_orphans());
+        // Logs of attempts the last run left building are kept as the
+        // attempts they were (the steps go back to the queue above).
+        // Before any attempt starts here: salvage takes every live log
+        // this process is not writing.
+        let logs = self.logs.clone();
+        let n = tokio::task::spawn_blocking(move || logs.salvage()).await.unwrap_or(0);
+        if n > 0 {
+            info!(logs = n, "logs of attempts the last run left building were kept");
+        }
         for chunk in unfinished.chunks(ADD_BATCH) {
             self.add_builds(chunk).await?;
         }

@@ -55,17 +55,22 @@ pub enum MachineSource {
     List(Vec<Machine>),
 }
 
+/// How an attempt ended, as its task reports it.
+struct AttemptEnd {
+    /// Which attempt of the step: one that was cancelled is stale.
+    attempt: u64,
+    machine: String,
+    outcome: Result<Outcome, String>,
+    /// The step's stored log, if the attempt ended the step.
+    log_file: Option<String>,
+    secs: f64,
+    conn: Option<Box<Connection>>,
+}
+
 enum Event {
     Enqueue(Vec<i64>, oneshot::Sender<()>),
-    Done {
-        step: i64,
-        /// Which attempt of the step: one that was cancelled is stale.
-        attempt: u64,
-        machine: String,
-        outcome: Result<Outcome, String>,
-        secs: f64,
-        conn: Option<Box<Connection>>,
-    },
+    /// An attempt of a step ended.
+    Done(i64, AttemptEnd),
     Cancel(i64),
     Restart(i64),
     Bump(i64),
@@ -388,9 +393,7 @@ impl Runner {
                 self.add_builds(&ids).await?;
                 let _ = done.send(());
             }
-            Event::Done { step, attempt, machine, outcome, secs, conn } => {
-                self.step_done(step, attempt, &machine, outcome, secs, conn).await?
-            }
+            Event::Done(step, end) => self.step_done(step, end).await?,
             Event::Cancel(id) => {
                 if let Err(e) = self.cancel_build(id).await {
                     self.uncancelled.push(id);

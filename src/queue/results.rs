@@ -15,19 +15,14 @@ pub(super) struct Unrecorded {
     id: i64,
     uri: String,
     outcome: Result<Outcome, String>,
+    log_file: Option<String>,
     secs: f64,
 }
 
 impl Runner {
-    pub(super) async fn step_done(
-        &mut self,
-        id: i64,
-        attempt: u64,
-        uri: &str,
-        outcome: Result<Outcome, String>,
-        secs: f64,
-        conn: Option<Box<Connection>>,
-    ) -> Result<(), DbError> {
+    pub(super) async fn step_done(&mut self, id: i64, end: AttemptEnd) -> Result<(), DbError> {
+        let AttemptEnd { attempt, machine, outcome, log_file, secs, conn } = end;
+        let (uri, log_file) = (machine.as_str(), log_file.as_deref());
         if self.attempts.get(&id).is_none_or(|a| a.no != attempt) {
             // Cancelled: its slot was freed then, and nothing waits for it.
             debug!(step = id, machine = uri, "a stopped attempt ended");
@@ -54,10 +49,10 @@ impl Runner {
         // should the step's transition have to be tried again.
         match &outcome {
             Ok(Outcome::Built { .. } | Outcome::Failed { .. }) => self.machine_ok(uri).await,
-            Ok(Outcome::MachineFault { error, .. }) | Err(error) => self.machine_failed(uri, error).await,
+            Ok(Outcome::MachineFault { error }) | Err(error) => self.machine_failed(uri, error).await,
             Ok(Outcome::CoordinatorFault { .. } | Outcome::Unsubstitutable { .. }) => {}
         }
-        let result = Unrecorded { id, uri: uri.to_string(), outcome, secs };
+        let result = Unrecorded { id, uri: uri.to_string(), outcome, log_file: log_file.map(str::to_string), secs };
         if let Err(e) = self.record(&result).await {
             // Neither running nor queued until the database takes it: kept,
             // and tried again each tick (the build is not run again).
@@ -89,37 +84,28 @@ impl Runner {
     /// the database in one transaction before it changes anything held in
     /// memory, so that on an error it can simply be applied again.
     async fn record(&mut self, r: &Unrecorded) -> Result<(), DbError> {
-        let (id, uri, secs) = (r.id, r.uri.as_str(), r.secs);
+        let (id, uri, secs, log_file) = (r.id, r.uri.as_str(), r.secs, r.log_file.as_deref());
         let Some(drv) = self.steps.get(&id).map(|s| s.drv_path.clone()) else { return Ok(()) };
         match &r.outcome {
-            Ok(Outcome::Built { outputs, log, failed_output }) => {
-                let log_file = self.store_log(&drv, log);
+            Ok(Outcome::Built { outputs, failed_output }) => {
                 if *failed_output {
                     // Hydra's "failed with output": the outputs are kept and
                     // served, the builds that need them fail.
-                    self.fail_step_with(id, BuildStatus::FailedWithOutput, FAILED_OUTPUT, log_file.as_deref(), outputs)
-                        .await?;
+                    self.fail_step_with(id, BuildStatus::FailedWithOutput, FAILED_OUTPUT, log_file, outputs).await?;
                 } else {
-                    self.step_built(id, &drv, uri, outputs, log_file.as_deref(), secs).await?;
+                    self.step_built(id, &drv, uri, outputs, log_file, secs).await?;
                 }
             }
-            Ok(Outcome::Failed { status, error, log }) => {
-                let log_file = self.store_log(&drv, log);
-                self.fail_step(id, *status, error, log_file.as_deref()).await?;
-            }
-            Ok(Outcome::MachineFault { error, log }) => {
-                let _ = log;
-                self.retry_or_abort(id, uri, error).await?;
-            }
-            Ok(Outcome::CoordinatorFault { error, log }) => {
+            Ok(Outcome::Failed { status, error }) => self.fail_step(id, *status, error, log_file).await?,
+            // Its log is kept as an earlier attempt's.
+            Ok(Outcome::MachineFault { error }) => self.retry_or_abort(id, uri, error).await?,
+            Ok(Outcome::CoordinatorFault { error }) => {
                 // Neither the machine's fault nor the derivation's: the
-                // builds end as aborted with the reason, the machine is not
-                // blamed, and a restart builds the step again.
+                // builds end as aborted with the reason (the log's last
+                // line), the machine is not blamed, and a restart builds
+                // the step again.
                 warn!(step = id, drv = %drv, machine = %uri, %error, "the coordinator could not finish a step");
-                let mut log = log.clone();
-                log.extend_from_slice(format!("kiln: {error}\n").as_bytes());
-                let log_file = self.store_log(&drv, &log);
-                self.fail_step(id, BuildStatus::Aborted, error, log_file.as_deref()).await?;
+                self.fail_step(id, BuildStatus::Aborted, error, log_file).await?;
             }
             Ok(Outcome::Unsubstitutable { paths, error }) => self.unsubstitutable(id, &drv, paths, error).await?,
             Err(error) => self.retry_or_abort(id, uri, error).await?,
@@ -210,17 +196,6 @@ impl Runner {
         }
         self.remove_step(id);
         self.add_builds(&builds).await
-    }
-
-    pub(super) fn store_log(&self, drv: &str, log: &[u8]) -> Option<String> {
-        // An empty log is kept too: "it printed nothing" is an answer.
-        match self.logs.write(drv, log) {
-            Ok(p) => Some(p.display().to_string()),
-            Err(e) => {
-                warn!(drv, error = %e, "cannot store a build log");
-                None
-            }
-        }
     }
 
     pub(super) async fn retry_or_abort(&mut self, id: i64, uri: &str, error: &str) -> Result<(), DbError> {

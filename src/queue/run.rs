@@ -21,19 +21,20 @@ use crate::nix::nar::Event as NarEvent;
 use crate::nix::{Hash, StorePath};
 use crate::upstream::{Found, Lookup, Upstreams};
 
-/// The result of one attempt.
+/// The result of one attempt. Its log is on disk, not here: the attempt
+/// started it in the log store ([`run_step`]'s `log`).
 #[derive(Debug)]
 pub enum Outcome {
     /// Built (or already there): output name and path. `failed_output`:
     /// an output has `nix-support/failed` (Hydra's "failed with output").
-    Built { outputs: Vec<(String, String)>, log: Vec<u8>, failed_output: bool },
+    Built { outputs: Vec<(String, String)>, failed_output: bool },
     /// The derivation's own failure, or a limit it exceeded: not retried.
-    Failed { status: BuildStatus, error: String, log: Vec<u8> },
+    Failed { status: BuildStatus, error: String },
     /// The machine's or the connection's fault: retried elsewhere.
-    MachineFault { error: String, log: Vec<u8> },
+    MachineFault { error: String },
     /// The coordinator's own fault: reported as itself, never blamed on
     /// the machine, not remembered as a failure of the derivation.
-    CoordinatorFault { error: String, log: Vec<u8> },
+    CoordinatorFault { error: String },
     /// Inputs an upstream offered could not be had after all: they are to
     /// be built instead.
     Unsubstitutable { paths: Vec<String>, error: String },
@@ -49,6 +50,8 @@ pub enum StepError {
 
 pub struct StepSpec<'a> {
     pub drv_path: &'a str,
+    /// Which try of the step this is (1 for the first): names its log.
+    pub try_no: u32,
     pub max_silent_s: u64,
     pub timeout_s: u64,
     pub max_log_bytes: u64,
@@ -76,15 +79,20 @@ enum InputError {
 }
 
 /// Builds one step on `conn`. `phase` is told of each phase as it starts.
+/// If it builds, the build's log goes to `log`, started here; whatever
+/// this returns, the caller ends that log (see `dispatch::run_attempt`):
+/// after a clean end it is detached from the connection already, after a
+/// broken one its last bytes arrive when the connection is dropped.
 pub async fn run_step(
     conn: &mut Connection,
     cache: &Cache,
     upstreams: &Upstreams,
     logs: &crate::logs::Logs,
     spec: &StepSpec<'_>,
+    log: &mut Option<crate::logs::LiveLog>,
     mut phase: impl FnMut(&'static str),
 ) -> Result<Outcome, StepError> {
-    let coordinator = |error: String| Ok(Outcome::CoordinatorFault { error, log: Vec::new() });
+    let coordinator = |error: String| Ok(Outcome::CoordinatorFault { error });
     let drv = match super::walk::read_drv(spec.drv_path).await {
         Ok(d) => d,
         Err(e) => return coordinator(e),
@@ -150,24 +158,17 @@ pub async fn run_step(
         drv.outputs.iter().filter(|o| !o.path.is_empty()).map(|o| (o.name.clone(), o.path.clone())).collect();
     let out_paths: Vec<String> = outputs.iter().map(|(_, p)| p.clone()).collect();
     let already: HashSet<String> = conn.serve.query_valid_paths(&out_paths, true).await?.into_iter().collect();
-    let mut log = Vec::new();
     if already.len() < out_paths.len() {
         phase("building");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        conn.log_to(Some(tx));
-        // The log goes to viewers as it arrives.
-        let limit = spec.max_log_bytes.clamp(1 << 20, 256 << 20) as usize;
-        logs.start_live(spec.drv_path, limit);
+        let limit = spec.max_log_bytes.clamp(1 << 20, 256 << 20);
+        let live = match logs.start(spec.drv_path, spec.try_no, limit) {
+            Ok(l) => log.insert(l),
+            Err(e) => return coordinator(format!("cannot write the build log: {e}")),
+        };
         if let Some(note) = spec.note {
-            logs.append_live(spec.drv_path, format!("kiln: {note}\n").as_bytes());
+            live.append(&format!("kiln: {note}\n")).await;
         }
-        let live = logs.clone();
-        let drv_name = spec.drv_path.to_string();
-        let forwarder = tokio::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                live.append_live(&drv_name, &chunk);
-            }
-        });
+        conn.log_to(live.sink());
         let opts = BuildOptions {
             max_silent_s: spec.max_silent_s,
             timeout_s: spec.timeout_s,
@@ -175,17 +176,16 @@ pub async fn run_step(
         };
         // The builder enforces the timeouts; Kiln waits a little longer.
         let wait = Duration::from_secs(spec.timeout_s.max(spec.max_silent_s).saturating_add(120));
-        let result = conn.serve.build_derivation(spec.drv_path, &drv, &input_outputs, opts, wait).await;
-        // Let the last lines of stderr arrive before the log is closed.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        conn.log_to(None);
-        let _ = forwarder.await;
-        log = logs.finish_live(spec.drv_path);
-        let result = match result {
+        let result = match conn.serve.build_derivation(spec.drv_path, &drv, &input_outputs, opts, wait).await {
             Ok(r) => r,
-            Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),
+            Err(e) => return Ok(Outcome::MachineFault { error: e.to_string() }),
         };
         if !result.status.is_success() {
+            // The stderr of the build may trail its result (separate pipes,
+            // separate SSH streams): a round trip after it, then what the
+            // pipe holds, and the log is complete (decision 017).
+            conn.serve.query_valid_paths(&[], false).await?;
+            conn.end_log().await;
             let status = match result.status {
                 NixStatus::TimedOut => BuildStatus::TimedOut,
                 NixStatus::LogLimitExceeded => BuildStatus::LogLimitExceeded,
@@ -195,23 +195,25 @@ pub async fn run_step(
                 | NixStatus::InputRejected
                 | NixStatus::DependencyFailed => BuildStatus::Failed,
                 // Nix's transient or internal errors are the machine's.
-                _ => return Ok(Outcome::MachineFault { error: result.error, log }),
+                _ => return Ok(Outcome::MachineFault { error: result.error }),
             };
-            return Ok(Outcome::Failed { status, error: result.error, log });
+            return Ok(Outcome::Failed { status, error: result.error });
         }
-    } else if let Some(note) = spec.note {
-        log = format!("kiln: {note}\n").into_bytes();
     }
 
     phase("receiving outputs");
     let infos = conn.serve.query_path_infos(&out_paths).await?;
+    if log.is_some() {
+        // That query was the round trip after the build's result.
+        conn.end_log().await;
+    }
     let parsed: Vec<StorePath> = match out_paths.iter().map(|p| StorePath::parse(p)).collect() {
         Ok(v) => v,
-        Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),
+        Err(e) => return Ok(Outcome::MachineFault { error: e.to_string() }),
     };
     let have = match cache.own_paths(&parsed).await {
         Ok(h) => h,
-        Err(e) => return Ok(coordinator_fault(&e, log)),
+        Err(e) => return Ok(coordinator_fault(&e)),
     };
     let mut failed_output = false;
     for ((_, path), sp) in outputs.iter().zip(parsed) {
@@ -219,17 +221,17 @@ pub async fn run_step(
             continue;
         }
         let Some(info) = infos.iter().find(|i| &i.path == path) else {
-            return Ok(Outcome::MachineFault { error: format!("the builder lacks {path} after building it"), log });
+            return Ok(Outcome::MachineFault { error: format!("the builder lacks {path} after building it") });
         };
         // Known before a byte moves: the output limit is the derivation's
         // problem (Hydra's status 11), not a transfer to retry.
         if info.nar_size > cache.max_output_bytes() {
             let error = output_limit(path, info.nar_size, cache.max_output_bytes());
-            return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error, log });
+            return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error });
         }
         let references = match info.references.iter().map(|r| StorePath::parse(r)).collect::<Result<Vec<_>, _>>() {
             Ok(r) => r,
-            Err(e) => return Ok(Outcome::MachineFault { error: e.to_string(), log }),
+            Err(e) => return Ok(Outcome::MachineFault { error: e.to_string() }),
         };
         let deriver = StorePath::parse(spec.drv_path).ok();
         let expect = Hash::parse(&info.nar_hash).ok().map(|h| (h, info.nar_size));
@@ -249,20 +251,20 @@ pub async fn run_step(
         match ingested {
             Err(CacheError::TooLarge(limit)) => {
                 let error = output_limit(path, info.nar_size, limit);
-                return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error, log });
+                return Ok(Outcome::Failed { status: BuildStatus::OutputLimitExceeded, error });
             }
-            Err(e) if e.is_coordinator_side() => return Ok(coordinator_fault(&e, log)),
+            Err(e) if e.is_coordinator_side() => return Ok(coordinator_fault(&e)),
             Err(e) => {
                 let error = match pumped {
                     Err(p) if !p.is_local() => p.to_string(),
                     _ => format!("the builder sent a bad output {path}: {e}"),
                 };
-                return Ok(Outcome::MachineFault { error, log });
+                return Ok(Outcome::MachineFault { error });
             }
             Ok(_) => pumped?,
         };
     }
-    Ok(Outcome::Built { outputs, log, failed_output })
+    Ok(Outcome::Built { outputs, failed_output })
 }
 
 /// Upstream paths that did not arrive, with the step's own inputs that
@@ -281,13 +283,13 @@ fn output_limit(path: &str, size: u64, limit: u64) -> String {
     format!("output {path} is {} MiB, more than queue.max_output_mib ({} MiB)", size.div_ceil(1 << 20), limit >> 20)
 }
 
-fn coordinator_fault(e: &CacheError, log: Vec<u8>) -> Outcome {
+fn coordinator_fault(e: &CacheError) -> Outcome {
     let error = if e.is_storage_full() {
         format!("cache storage full: {e}")
     } else {
         format!("the coordinator could not store the output: {e}")
     };
-    Outcome::CoordinatorFault { error, log }
+    Outcome::CoordinatorFault { error }
 }
 
 /// Spots `nix-support/failed` at the top of an output as its NAR passes.

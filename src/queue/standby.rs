@@ -30,7 +30,7 @@ impl Runner {
                 let _ = tx.send(());
             }
             // The runner that leads reads the flags at its next rescan.
-            Event::Done { .. } | Event::MachinesChanged | Event::Stop => {}
+            Event::Done(..) | Event::MachinesChanged | Event::Stop => {}
         }
         Ok(())
     }

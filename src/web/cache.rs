@@ -123,35 +123,17 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
 }
 
 pub async fn get_log(State(s): State<AppState>, Path(drv): Path<String>) -> Response {
-    let Some(reader) = s.logs.open(&drv) else {
-        // Still building: the log so far.
-        return match s.logs.follow(&drv) {
-            Some((so_far, _)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], so_far).into_response(),
-            None => not_found(),
-        };
-    };
-    // Decompressed on a blocking thread, a chunk at a time.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    let stream = tokio_stream_from(rx);
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+    const TEXT: &str = "text/plain; charset=utf-8";
+    // Still building: the log so far (a live log first: a stored one may
+    // be an earlier build's of the same derivation).
+    if let Some(f) = s.logs.follow(&drv) {
+        return ([(header::CONTENT_TYPE, TEXT)], super::live::stream_reader(f.so_far())).into_response();
+    }
+    match s.logs.open(&drv) {
+        // Decompressed on a blocking thread, a chunk at a time.
+        Some(r) => ([(header::CONTENT_TYPE, TEXT)], super::live::stream_reader(r)).into_response(),
+        None => not_found(),
+    }
 }
 
 /// Streams `count` bytes of `f` from `start`, read on a blocking thread.

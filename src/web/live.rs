@@ -1,32 +1,19 @@
-//! Following a build log while it grows: what is there already, then every
-//! new chunk as the builder sends it, until the step ends.
+//! Following a build log while it grows: read from its file from the
+//! first byte, then each new piece as it is written, until the step ends.
 
 use axum::body::{Body, Bytes};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::{AppState, ErrorBody};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
 pub async fn follow_log(s: &AppState, drv: &str) -> Response {
-    if let Some((so_far, rx)) = s.logs.follow(drv) {
-        let stream = futures::stream::unfold(
-            (Some(so_far), rx),
-            |(first, mut rx): (Option<Vec<u8>>, broadcast::Receiver<Bytes>)| async move {
-                if let Some(f) = first {
-                    return Some((Ok::<_, std::io::Error>(Bytes::from(f)), (None, rx)));
-                }
-                loop {
-                    match rx.recv().await {
-                        Ok(b) => return Some((Ok(b), (None, rx))),
-                        Err(RecvError::Lagged(_)) => continue,
-                        Err(RecvError::Closed) => return None,
-                    }
-                }
-            },
-        );
+    if let Some(f) = s.logs.follow(drv) {
+        // Read from the log's file as it grows; nothing of it is kept here.
+        let stream = futures::stream::unfold(f, |mut f| async move { f.next().await.map(|c| (c, f)) });
         let stream = futures::StreamExt::take_until(stream, Box::pin(s.events.closing()));
         return ([(header::CONTENT_TYPE, TEXT), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
             .into_response();

@@ -12,6 +12,10 @@ struct LogPage {
     lines_html: String,
     truncated: usize,
     live: bool,
+    /// Which earlier attempt this page shows, if it shows one.
+    attempt: Option<u32>,
+    /// The tries whose logs are kept as earlier attempts.
+    attempts: Vec<u32>,
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -22,6 +26,9 @@ pub struct LogQuery {
     full: Option<String>,
     /// Any value: raw text, streamed live while the step builds.
     follow: Option<String>,
+    /// The log of this earlier try of the step (one that ended in a machine fault, say), not the step's own.
+    #[param(minimum = 1)]
+    attempt: Option<u32>,
 }
 
 /// Lines shown by default for a large log: its tail.
@@ -49,39 +56,53 @@ pub async fn build_log(
         _ => b.drv_path.clone(),
     };
     drop(c);
-    if q.follow.is_some() {
+    if q.follow.is_some() && q.attempt.is_none() {
         return Ok(crate::web::live::follow_log(&s, &drv).await);
     }
     let plain =
         !headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"));
     let tail = if q.full.is_some() { None } else { Some(TAIL_LINES) };
-    // A stored log is streamed, or read through keeping only what is shown.
-    let (shown, truncated) = match s.logs.open(&drv) {
-        Some(r) if plain => {
-            let body = crate::web::live::stream_reader(r);
-            return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
-        }
-        Some(_) => {
-            let (logs, d) = (s.logs.clone(), drv.clone());
-            tokio::task::spawn_blocking(move || logs.lines(&d, tail)).await.ok().flatten().unwrap_or_default()
-        }
-        None => {
-            let (so_far, _) = s.logs.follow(&drv).ok_or_else(|| WebError::NotFound(format!("a log of {drv}")))?;
-            if plain {
-                return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], so_far).into_response());
-            }
-            crate::logs::lines_of(&so_far[..], tail)
-        }
+    let text = |body| ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+    // A live log first (a stored one may be an earlier build's of the same
+    // derivation), then the stored one; each streamed, or read through
+    // keeping only what the page shows.
+    let live = if q.attempt.is_none() { s.logs.follow(&drv) } else { None };
+    let reader: Option<Box<dyn std::io::Read + Send>> = match (q.attempt, &live) {
+        (Some(n), _) => Some(Box::new(
+            s.logs.open_attempt(&drv, n).ok_or_else(|| WebError::NotFound(format!("attempt {n}'s log of {drv}")))?,
+        )),
+        (None, Some(f)) => Some(Box::new(f.so_far())),
+        (None, None) => s.logs.open(&drv).map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
     };
-    let start = truncated;
-    let live = s.logs.follow(&drv).is_some();
+    let logs = s.logs.clone();
+    let d = drv.clone();
+    let attempts = tokio::task::spawn_blocking(move || logs.attempts(&d)).await.unwrap_or_default();
+    let reader = match reader {
+        Some(r) => r,
+        // A step given up after machine faults has no log of its own, but
+        // the page still lists its attempts'.
+        None if !plain && !attempts.is_empty() => Box::new(std::io::empty()),
+        None => return Err(WebError::NotFound(format!("a log of {drv}"))),
+    };
+    if plain {
+        return Ok(text(crate::web::live::stream_reader(reader)));
+    }
+    let (shown, truncated) =
+        tokio::task::spawn_blocking(move || crate::logs::lines_of(std::io::BufReader::new(reader), tail))
+            .await
+            .unwrap_or_default();
     html(LogPage {
         nav: nav(&s, &headers),
-        title: format!("Log of build {id} · Kiln"),
+        title: match q.attempt {
+            Some(n) => format!("Log of build {id}, attempt {n} · Kiln"),
+            None => format!("Log of build {id} · Kiln"),
+        },
         build: id,
         drv: drv.trim_start_matches("/nix/store/").to_string(),
-        lines_html: crate::web::ansi::to_html(&shown, start + 1),
+        lines_html: crate::web::ansi::to_html(&shown, truncated + 1),
         truncated,
-        live,
+        live: live.is_some_and(|f| !f.is_done()),
+        attempt: q.attempt,
+        attempts,
     })
 }
