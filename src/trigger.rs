@@ -228,17 +228,19 @@ impl Evaluator {
             let Some(p) = projects::get_by_id(c.ex(), j.project_id).await? else { return Ok(Checked::Skipped) };
             (j, p)
         };
+        // Triggers up to here are what this check answers; later ones stay.
+        let seen = jobset.trigger_seq;
         let span = info_span!("check", project = %project.name, jobset = %jobset.name);
         async {
             if !project.enabled {
-                self.mark(jobset.id, None).await?;
+                self.mark(jobset.id, None, seen).await?;
                 return Ok(Checked::Skipped);
             }
             let mirror = match self.sync_project(&project).await {
                 Ok(m) => m,
                 Err(TriggerError::Db(e)) => return Err(e.into()),
                 Err(e) => {
-                    self.mark(jobset.id, Some(&e.to_string())).await?;
+                    self.mark(jobset.id, Some(&e.to_string()), seen).await?;
                     return Ok(Checked::Skipped);
                 }
             };
@@ -255,7 +257,7 @@ impl Evaluator {
                 Some(n) => {
                     let auth = self.git_auth(&project).await;
                     if let Err(e) = self.mirrors.fetch_pull(&project.name, &project.repo, n, auth.as_ref()).await {
-                        self.mark(jobset.id, Some(&e.to_string())).await?;
+                        self.mark(jobset.id, Some(&e.to_string()), seen).await?;
                         return Ok(Checked::Skipped);
                     }
                     (format!("refs/pull/{n}/head"), fetch::pull_ref(n))
@@ -268,7 +270,7 @@ impl Evaluator {
             let rev = match self.mirrors.rev_of(&mirror, &local_ref).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.mark(jobset.id, Some(&e.to_string())).await?;
+                    self.mark(jobset.id, Some(&e.to_string()), seen).await?;
                     return Ok(Checked::Skipped);
                 }
             };
@@ -281,11 +283,11 @@ impl Evaluator {
                 && l.commit_sha == rev
                 && l.config_hash == jobset.config_hash
             {
-                self.mark(jobset.id, None).await?;
+                self.mark(jobset.id, None, seen).await?;
                 return Ok(Checked::Unchanged);
             }
             let flake_ref = fetch::flake_ref(&mirror, &local_ref, &rev, &jobset.flake_dir);
-            self.evaluate(&jobset, &git_ref, &rev, &flake_ref).await
+            self.evaluate(&jobset, &git_ref, &rev, &flake_ref, seen).await
         }
         .instrument(span)
         .await
@@ -309,9 +311,9 @@ impl Evaluator {
         }
     }
 
-    async fn mark(&self, jobset_id: i64, error: Option<&str>) -> Result<(), DbError> {
+    async fn mark(&self, jobset_id: i64, error: Option<&str>, seen: i64) -> Result<(), DbError> {
         let mut c = self.db.conn().await?;
-        jobsets::mark_checked(c.ex(), jobset_id, error).await
+        jobsets::mark_checked(c.ex(), jobset_id, error, seen).await
     }
 
     async fn evaluate(
@@ -320,6 +322,7 @@ impl Evaluator {
         git_ref: &str,
         rev: &str,
         flake_ref: &str,
+        seen: i64,
     ) -> Result<Checked, TriggerError> {
         let start = Instant::now();
         let workers = self.config.eval.workers;
@@ -356,7 +359,7 @@ impl Evaluator {
         };
         match failure {
             None => {
-                self.mark(jobset.id, None).await?;
+                self.mark(jobset.id, None, seen).await?;
                 self.events.send(Event::EvalFinished { eval: ev.id, jobset: jobset.id, error: None });
                 Ok(Checked::Evaluated(ev.id))
             }
@@ -370,8 +373,8 @@ impl Evaluator {
                     &Outcome { error: Some(&summary), stderr: Some(&message), ..Default::default() },
                 )
                 .await?;
-                jobsets::mark_checked(tx.ex(), jobset.id, Some(&format!("evaluation {} failed: {summary}", ev.id)))
-                    .await?;
+                let error = format!("evaluation {} failed: {summary}", ev.id);
+                jobsets::mark_checked(tx.ex(), jobset.id, Some(&error), seen).await?;
                 if let Some(p) = &self.statuses {
                     crate::github::statuses::eval_finished(tx.ex(), p, ev.id).await?;
                 }

@@ -90,7 +90,7 @@ async fn jobsets_triggers_coalesce_and_due_respects_interval() {
         // Never checked: main is due; prs has no interval and is not.
         let due: Vec<_> = jobsets::due(c.ex(), now()).await.unwrap().into_iter().map(|j| j.name).collect();
         assert_eq!(due, ["main"]);
-        jobsets::mark_checked(c.ex(), jid, Some("fetch failed")).await.unwrap();
+        jobsets::mark_checked(c.ex(), jid, Some("fetch failed"), 0).await.unwrap();
         let main = jobsets::get_by_id(c.ex(), jid).await.unwrap().unwrap();
         assert_eq!(main.error.as_deref(), Some("fetch failed"));
         assert!(main.error_at.is_some());
@@ -99,13 +99,19 @@ async fn jobsets_triggers_coalesce_and_due_respects_interval() {
 
         // Two triggers collapse into one request; force sticks.
         jobsets::trigger(c.ex(), prs.id, false).await.unwrap();
-        let first = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap().trigger_at;
+        let first = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap();
         jobsets::trigger(c.ex(), prs.id, true).await.unwrap();
         let prs2 = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap();
-        assert_eq!(prs2.trigger_at, first);
+        assert_eq!(prs2.trigger_at, first.trigger_at);
         assert!(prs2.force_eval);
         assert_eq!(jobsets::due(c.ex(), now()).await.unwrap().len(), 1);
-        jobsets::mark_checked(c.ex(), prs.id, None).await.unwrap();
+        // A check that began after the first trigger does not answer the
+        // second (a push while it evaluated): the jobset stays due.
+        jobsets::mark_checked(c.ex(), prs.id, None, first.trigger_seq).await.unwrap();
+        let kept = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap();
+        assert!(kept.trigger_at.is_some() && kept.force_eval, "the later trigger is kept");
+        assert_eq!(jobsets::due(c.ex(), now()).await.unwrap().len(), 1);
+        jobsets::mark_checked(c.ex(), prs.id, None, prs2.trigger_seq).await.unwrap();
         let prs3 = jobsets::get_by_id(c.ex(), prs.id).await.unwrap().unwrap();
         assert!(prs3.trigger_at.is_none() && !prs3.force_eval && prs3.error.is_none());
     })

@@ -291,3 +291,40 @@ async fn a_flake_in_a_subdirectory_with_several_attributes() {
     assert_eq!(jobs, ["checks.x86_64-linux.t", "packages.x86_64-linux.p"], "prefixed names, one system");
     assert!(e["flake"].as_str().unwrap().contains("dir=sub"));
 }
+
+/// A push that arrives while its jobset is being evaluated is evaluated
+/// next: the check that ends clears only the trigger it answered.
+#[tokio::test]
+async fn a_push_during_an_evaluation_is_evaluated_after_it() {
+    let m = unique("m");
+    // About five seconds of evaluation: a few million hashes.
+    let slow = "let inner = i: builtins.foldl' (acc: x: builtins.hashString \"sha256\" (acc + toString x)) \
+                (toString i) (builtins.genList (x: x) 3000); \
+                in builtins.foldl' (acc: i: builtins.hashString \"sha256\" (acc + inner i)) \"\" (builtins.genList (x: x) 4000)";
+    let flake_text = |marker: &str| {
+        format!(
+            "{{ outputs = _: {{ hydraJobs = {{ a = {}; }}; }}; }}",
+            format!(
+                r#"derivation {{ name = "a"; system = "{SYSTEM}"; builder = "/bin/sh"; slow = builtins.substring 0 4 ({slow}); args = [ "-c" "echo {marker} > $out" ]; }}"#
+            )
+        )
+    };
+    let flake = Flake::new(&flake_text(&m), &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")]);
+    let kiln = start_kiln(&[("busy", &flake.path().display().to_string())], "");
+    let api = Api::new(&kiln.url, Some(TOKEN));
+    wait_for(60, "the first evaluation to run", || async {
+        evals(&api, "busy", "main").await.first().is_some_and(|e| e["status"] == "running").then_some(())
+    })
+    .await;
+    flake.write("flake.nix", &flake_text(&format!("{m}-2")));
+    let second = flake.commit("second");
+    let (code, v) = api.send("POST", "/api/push?jobsets=busy:main", None).await;
+    assert_eq!(code, 200, "{v}");
+    let e = evals(&api, "busy", "main").await;
+    assert!(
+        e.len() == 1 && e[0]["status"] == "running",
+        "the push must arrive while the first evaluation runs (make it slower): {e:?}"
+    );
+    let newest = wait_evals(&api, "busy", "main", 2).await;
+    assert_eq!(newest["commit"], second.as_str(), "{newest}");
+}

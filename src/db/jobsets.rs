@@ -26,6 +26,8 @@ pub struct Jobset {
     pub config_hash: String,
     pub last_checked_at: Option<i64>,
     pub trigger_at: Option<i64>,
+    /// Counts triggers; a check clears only those it saw (see [`mark_checked`]).
+    pub trigger_seq: i64,
     pub force_eval: bool,
     pub error: Option<String>,
     pub error_at: Option<i64>,
@@ -84,7 +86,7 @@ macro_rules! cols {
     () => {
         "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
          scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
-         force_eval, error, error_at, created_at, pull_requests"
+         trigger_seq, force_eval, error, error_at, created_at, pull_requests"
     };
 }
 
@@ -154,19 +156,23 @@ pub async fn names(ex: Ex<'_>) -> Result<Vec<(i64, String, bool)>> {
 /// evaluator gets to it collapse into one.
 pub async fn trigger(ex: Ex<'_>, id: i64, force: bool) -> Result<()> {
     run!(ex, c => sqlx::query(
-        "UPDATE jobsets SET trigger_at = COALESCE(trigger_at, $2), force_eval = (force_eval OR $3) WHERE id = $1")
+        "UPDATE jobsets SET trigger_at = COALESCE(trigger_at, $2), trigger_seq = trigger_seq + 1,
+             force_eval = (force_eval OR $3) WHERE id = $1")
         .bind(id).bind(now()).bind(force).execute(&mut *c).await?.rows_affected());
     Ok(())
 }
 
-/// Records that the jobset was checked: clears the trigger and sets or
-/// clears the jobset's error.
-pub async fn mark_checked(ex: Ex<'_>, id: i64, error: Option<&str>) -> Result<()> {
+/// Records that the jobset was checked, and sets or clears its error. The
+/// trigger is cleared only if no other came since the check began (when
+/// `seen_seq` was read): a push during an evaluation is evaluated next.
+pub async fn mark_checked(ex: Ex<'_>, id: i64, error: Option<&str>, seen_seq: i64) -> Result<()> {
     let t = now();
     run!(ex, c => sqlx::query(
-        "UPDATE jobsets SET last_checked_at = $2, trigger_at = NULL, force_eval = FALSE, error = $3,
+        "UPDATE jobsets SET last_checked_at = $2,
+             trigger_at = CASE WHEN trigger_seq = $4 THEN NULL ELSE trigger_at END,
+             force_eval = CASE WHEN trigger_seq = $4 THEN FALSE ELSE force_eval END, error = $3,
              error_at = CASE WHEN $3 IS NULL THEN NULL ELSE $2 END WHERE id = $1")
-        .bind(id).bind(t).bind(error).execute(&mut *c).await?.rows_affected());
+        .bind(id).bind(t).bind(error).bind(seen_seq).execute(&mut *c).await?.rows_affected());
     Ok(())
 }
 
