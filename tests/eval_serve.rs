@@ -303,10 +303,7 @@ async fn a_push_during_an_evaluation_is_evaluated_after_it() {
                 in builtins.foldl' (acc: i: builtins.hashString \"sha256\" (acc + inner i)) \"\" (builtins.genList (x: x) 4000)";
     let flake_text = |marker: &str| {
         format!(
-            "{{ outputs = _: {{ hydraJobs = {{ a = {}; }}; }}; }}",
-            format!(
-                r#"derivation {{ name = "a"; system = "{SYSTEM}"; builder = "/bin/sh"; slow = builtins.substring 0 4 ({slow}); args = [ "-c" "echo {marker} > $out" ]; }}"#
-            )
+            r#"{{ outputs = _: {{ hydraJobs = {{ a = derivation {{ name = "a"; system = "{SYSTEM}"; builder = "/bin/sh"; slow = builtins.substring 0 4 ({slow}); args = [ "-c" "echo {marker} > $out" ]; }}; }}; }}; }}"#
         )
     };
     let flake = Flake::new(&flake_text(&m), &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")]);
