@@ -89,14 +89,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
 pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     info!(web = roles.web, eval = roles.eval, queue = roles.queue, notify = roles.notify, "roles");
     let db = open_db(&config).await?;
-    {
+    let tokens = {
         let tokens = config.api_tokens()?;
         let mut c = db.conn().await?;
         db::api_tokens::sync_from_files(c.ex(), &tokens).await?;
         if tokens.is_empty() {
             info!("no api_token_files configured: write endpoints refuse every request");
         }
-    }
+        tokens
+    };
     let key_file = config.cache_secret_key_file();
     let (key, generated) = crate::cache::load_or_generate_key(&key_file, &config.cache.key_name)?;
     if generated {
@@ -138,7 +139,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     let eval_task = roles.eval.then(|| tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone()))));
 
     // One process of a deployment collects and prunes: the queue's.
-    let gc_tasks = if roles.queue {
+    let mut gc_tasks = if roles.queue {
         vec![
             tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone()))),
             tokio::spawn(crate::history::run(
@@ -151,6 +152,9 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     } else {
         Vec::new()
     };
+    if roles.web && !config.api_token_files.is_empty() {
+        gc_tasks.push(tokio::spawn(watch_token_files(db.clone(), config.clone(), tokens, stopped(stop_rx.clone()))));
+    }
     let (webhook_secret, sender_task) = match &config.github {
         Some(gh) => {
             let secret = match &gh.webhook_secret_file {
@@ -241,6 +245,56 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
 }
 
 /// Runs cache garbage collection every `cache.gc_interval_s`.
+/// How often the token files are read again.
+const TOKEN_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads `api_token_files` again every [`TOKEN_RELOAD`]: a token changed in
+/// its file (rotated) works at once, and the old one, with the sessions
+/// made from it, stops at the next request; a file that cannot be read
+/// any more takes its token away (failing closed). The database is only
+/// written when the tokens changed, in one transaction, so no request
+/// sees a moment without tokens.
+async fn watch_token_files(
+    db: Db,
+    config: Arc<Config>,
+    mut last: Vec<(String, String)>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(TOKEN_RELOAD) => {}
+        }
+        let mut now = Vec::new();
+        let mut unreadable = Vec::new();
+        for f in &config.api_token_files {
+            match crate::config::read_secret(f) {
+                Ok(t) => now.push((f.display().to_string(), t)),
+                Err(e) => unreadable.push(e),
+            }
+        }
+        if now == last {
+            continue;
+        }
+        let synced = async {
+            let mut tx = db.begin().await?;
+            db::api_tokens::sync_from_files(tx.ex(), &now).await?;
+            tx.commit().await
+        };
+        match synced.await {
+            Ok(()) => {
+                info!(tokens = now.len(), "API tokens read again from their files");
+                for e in &unreadable {
+                    tracing::warn!(error = %e, "an API token file cannot be read: its token no longer works");
+                }
+                last = now;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record the API tokens read again"),
+        }
+    }
+}
+
 async fn periodic_gc(cache: crate::cache::Cache, config: Arc<Config>, stop: impl std::future::Future<Output = ()>) {
     if config.cache.gc_interval_s == 0 {
         return;

@@ -425,7 +425,7 @@ async fn a_client_that_sends_half_a_header_is_disconnected_and_others_are_served
 }
 
 #[tokio::test]
-async fn removing_a_token_ends_the_sessions_made_from_it_at_the_next_start() {
+async fn removing_or_rotating_a_token_ends_the_sessions_made_from_it() {
     for backend in ["sqlite", "postgres"] {
         let pg = if backend == "postgres" { Some(PgDatabase::create().await) } else { None };
         let db_line = pg.as_ref().map(|p| format!("database_url = \"{}\"\n", p.url)).unwrap_or_default();
@@ -471,8 +471,25 @@ async fn removing_a_token_ends_the_sessions_made_from_it_at_the_next_start() {
         std::fs::write(dir.path().join("kiln.toml"), config("\"token-b\"")).unwrap();
         let kiln = Kiln::start_in(dir, &[]);
         assert_eq!(check(kiln.url.clone(), a).await, (401, false, 401), "{backend}: A's session ended with its token");
-        assert_eq!(check(kiln.url.clone(), b).await, (200, true, 403), "{backend}: B's token is still configured");
+        assert_eq!(
+            check(kiln.url.clone(), b.clone()).await,
+            (200, true, 403),
+            "{backend}: B's token is still configured"
+        );
         let r = http.post(format!("{}/login", kiln.url)).form(&[("token", "token-aaaa")]).send().await.unwrap();
         assert_eq!(r.status(), 401, "{backend}: A no longer signs in");
+
+        // Token B is rotated in its file, Kiln running: B's session ends
+        // and the new token works, within seconds and without a restart.
+        std::fs::write(kiln.dir.path().join("token-b"), "token-cccc\n").unwrap();
+        wait_for(15, "the rotated token to replace the old one", || {
+            let (url, b) = (kiln.url.clone(), b.clone());
+            async move { (check(url, b).await == (401, false, 401)).then_some(()) }
+        })
+        .await;
+        let r = http.post(format!("{}/login", kiln.url)).form(&[("token", "token-cccc")]).send().await.unwrap();
+        assert!(r.status().is_redirection(), "{backend}: the rotated token signs in: {}", r.status());
+        let r = http.post(format!("{}/login", kiln.url)).form(&[("token", "token-bbbb")]).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{backend}: the old token no longer signs in");
     }
 }

@@ -2,8 +2,8 @@
 //! (`POST /login`), and gets a session cookie signed with a key of Kiln's
 //! own (`<state_dir>/keys/session.key`). The cookie names its token by a
 //! keyed digest, and a session counts only while that token is one Kiln
-//! knows: removing a token from `api_token_files` ends its sessions when
-//! Kiln next loads them (at start). Forms that change anything carry a
+//! knows: a token changed or deleted in its file ends its sessions when
+//! Kiln reads the files again (every two seconds, see `serve`). Forms that change anything carry a
 //! CSRF token derived from the session, which another site cannot know.
 
 use std::path::Path;
