@@ -115,11 +115,20 @@ pub async fn nar_file_in_use(ex: Ex<'_>, nar_file: &str) -> Result<bool> {
 
 /// Of these hash parts, the ones in the cache as Kiln's own (built or
 /// substituted, not uploaded): one query per 500.
-pub async fn own(mut ex: Ex<'_>, hash_parts: &[&str]) -> Result<Vec<String>> {
+pub async fn own(ex: Ex<'_>, hash_parts: &[&str]) -> Result<Vec<String>> {
+    matching(ex, hash_parts, "origin <> 'upload' AND").await
+}
+
+/// Of `hash_parts`, those in the cache, whatever their origin.
+pub async fn present(ex: Ex<'_>, hash_parts: &[&str]) -> Result<Vec<String>> {
+    matching(ex, hash_parts, "").await
+}
+
+async fn matching(mut ex: Ex<'_>, hash_parts: &[&str], condition: &'static str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for chunk in hash_parts.chunks(500) {
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT hash_part FROM cache_paths WHERE origin <> 'upload' AND hash_part IN {}",
+            "SELECT hash_part FROM cache_paths WHERE {condition} hash_part IN {}",
             super::builds::values_placeholders(ex.backend(), 1, chunk.len(), 1)
         ));
         let found: Vec<String> = run!(ex.re(), c => {

@@ -14,6 +14,7 @@
 mod aggregates;
 mod dispatch;
 mod graph;
+mod inputs;
 pub mod leader;
 mod lifecycle;
 mod machines;

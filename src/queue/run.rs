@@ -8,18 +8,18 @@
 //! coordinator's own (cache storage full, an input gone, an upstream that
 //! no longer delivers), which never counts against the machine.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::builder::connection::{ConnectError, Connection};
-use crate::builder::serve::{AddInfo, BuildOptions, BuildStatus as NixStatus, ServeError};
+use crate::builder::serve::{BuildOptions, BuildStatus as NixStatus, ServeError};
 use crate::cache::{Cache, CacheError, Origin, PathInfo};
 use crate::db::builds::BuildStatus;
 use crate::nix::nar::Event as NarEvent;
 use crate::nix::{Hash, StorePath};
-use crate::upstream::{Found, Lookup, Upstreams};
+use crate::upstream::Upstreams;
+
+use super::inputs::{InputError, SendError, Source, input_closure, send_path};
 
 /// The result of one attempt. Its log is on disk, not here: the attempt
 /// started it in the log store ([`run_step`]'s `log`).
@@ -63,21 +63,6 @@ pub struct StepSpec<'a> {
     pub note: Option<&'a str>,
 }
 
-/// Where an input path's NAR comes from.
-enum Source {
-    Cache(Box<crate::nix::NarInfo>),
-    Local,
-    Upstream(Arc<Found>),
-}
-
-/// Why the inputs could not be gathered.
-enum InputError {
-    /// The coordinator's own trouble (a `.drv` or an input gone).
-    Coordinator(String),
-    /// These upstream paths cannot be had any more.
-    Upstream(Vec<String>, String),
-}
-
 /// Builds one step on `conn`. `phase` is told of each phase as it starts.
 /// If it builds, the build's log goes to `log`, started here; whatever
 /// this returns, the caller ends that log (see `dispatch::run_attempt`):
@@ -115,15 +100,14 @@ pub async fn run_step(
     inputs.extend(drv.input_srcs.iter().map(|p| p.to_string()));
 
     // The closure of the inputs, references first, and what the builder lacks.
-    let closure = match input_closure(cache, upstreams, &inputs).await {
+    let (closure, mut valid) = match input_closure(conn, cache, upstreams, &inputs).await {
         Ok(c) => c,
         Err(InputError::Coordinator(e)) => return coordinator(e),
         Err(InputError::Upstream(paths, error)) => {
             return Ok(unsubstitutable(cache, paths, &input_outputs, error).await);
         }
+        Err(InputError::Serve(e)) => return Err(e.into()),
     };
-    let names: Vec<String> = closure.iter().map(|(p, _, _)| p.clone()).collect();
-    let mut valid: HashSet<String> = conn.serve.query_valid_paths(&names, true).await?.into_iter().collect();
     let from_upstream: Vec<String> = closure
         .iter()
         .filter(|(p, _, s)| matches!(s, Source::Upstream(_)) && !valid.contains(p))
@@ -312,264 +296,6 @@ impl FailedMarker {
                 self.found = true;
             }
             _ => {}
-        }
-    }
-}
-
-type ClosureEntry = (String, Option<AddInfo>, Source);
-
-/// The closure of `roots`, references before referrers, each with where
-/// its NAR comes from: Kiln's cache if it has it, else the local store
-/// (sources, `.drv` files), else a trusted upstream.
-async fn input_closure(
-    cache: &Cache,
-    upstreams: &Upstreams,
-    roots: &[String],
-) -> Result<Vec<ClosureEntry>, InputError> {
-    let mut infos: HashMap<String, (AddInfo, Source)> = HashMap::new();
-    let mut todo: VecDeque<String> = roots.iter().cloned().collect();
-    let mut local: Vec<String> = Vec::new();
-    let mut elsewhere: Vec<StorePath> = Vec::new();
-    let mut queued: HashSet<String> = HashSet::new();
-    loop {
-        while let Some(p) = todo.pop_front() {
-            if infos.contains_key(&p) || !queued.insert(p.clone()) {
-                continue;
-            }
-            let sp = StorePath::parse(&p).map_err(|e| InputError::Coordinator(e.to_string()))?;
-            match cache.narinfo(&sp).await {
-                Ok(Some(ni)) => {
-                    let add = add_info(&ni);
-                    todo.extend(add.references.iter().filter(|r| **r != p).cloned());
-                    infos.insert(p, (add, Source::Cache(Box::new(ni))));
-                }
-                Ok(None) => elsewhere.push(sp),
-                Err(e) => return Err(InputError::Coordinator(format!("reading the cache: {e}"))),
-            }
-        }
-        if elsewhere.is_empty() {
-            break;
-        }
-        // What the local store has is sent from there; the rest must come
-        // from an upstream.
-        let batch = std::mem::take(&mut elsewhere);
-        let names: Vec<String> = batch.iter().map(|p| p.to_string()).collect();
-        let valid_here = local_valid(&names).await.map_err(InputError::Coordinator)?;
-        let mut ask = Vec::new();
-        for p in batch {
-            if valid_here.contains(&p.to_string()) {
-                local.push(p.to_string());
-            } else {
-                ask.push(p);
-            }
-        }
-        if ask.is_empty() {
-            continue;
-        }
-        let answers = upstreams.lookup_many(&ask).await;
-        let mut gone = Vec::new();
-        let mut why = Vec::new();
-        for p in ask {
-            let name = p.to_string();
-            match answers.get(&name) {
-                Some(Lookup::Found(f)) => {
-                    let add = add_info(&f.narinfo);
-                    todo.extend(add.references.iter().filter(|r| **r != name).cloned());
-                    infos.insert(name, (add, Source::Upstream(f.clone())));
-                }
-                Some(Lookup::Unusable(r)) => {
-                    why.push(r.to_string());
-                    gone.push(name);
-                }
-                _ => gone.push(name),
-            }
-        }
-        if !gone.is_empty() {
-            let error = format!(
-                "input {} is in neither Kiln's cache, the coordinator's store nor an upstream{}",
-                gone.join(", "),
-                if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) }
-            );
-            return Err(if upstreams.is_empty() {
-                InputError::Coordinator(error)
-            } else {
-                InputError::Upstream(gone, error)
-            });
-        }
-    }
-    if !local.is_empty() {
-        for (path, add) in local_infos(&local).await.map_err(InputError::Coordinator)? {
-            infos.entry(path).or_insert((add, Source::Local));
-        }
-    }
-    // References first (the builder refuses a path whose references are missing).
-    let mut ordered = Vec::with_capacity(infos.len());
-    let mut done: HashSet<String> = HashSet::new();
-    let mut keys: Vec<String> = infos.keys().cloned().collect();
-    keys.sort();
-    fn visit(p: &str, infos: &HashMap<String, (AddInfo, Source)>, done: &mut HashSet<String>, out: &mut Vec<String>) {
-        if !done.insert(p.to_string()) {
-            return;
-        }
-        if let Some((info, _)) = infos.get(p) {
-            for r in &info.references {
-                if r != p {
-                    visit(r, infos, done, out);
-                }
-            }
-            out.push(p.to_string());
-        }
-    }
-    for k in &keys {
-        visit(k, &infos, &mut done, &mut ordered);
-    }
-    Ok(ordered
-        .into_iter()
-        .map(|p| {
-            let (info, source) = infos.remove(&p).expect("visited paths have info");
-            (p, Some(info), source)
-        })
-        .collect())
-}
-
-fn add_info(ni: &crate::nix::NarInfo) -> AddInfo {
-    AddInfo {
-        path: ni.store_path.to_string(),
-        deriver: ni.deriver.as_ref().map(|d| d.to_string()),
-        nar_hash: ni.nar_hash.to_string(),
-        references: ni.references.iter().map(|r| r.to_string()).collect(),
-        nar_size: ni.nar_size,
-        ca: ni.ca.clone(),
-    }
-}
-
-/// Which of `paths` the coordinator's own Nix store holds.
-async fn local_valid(paths: &[String]) -> Result<HashSet<String>, String> {
-    let invalid = crate::nix::command::output(
-        "nix-store",
-        ["--check-validity", "--print-invalid"].into_iter().map(String::from).chain(paths.iter().cloned()),
-    )
-    .await
-    .map_err(|e| format!("asking the local store: {e}"))?;
-    let invalid: HashSet<&str> = std::str::from_utf8(&invalid).unwrap_or("").lines().collect();
-    Ok(paths.iter().filter(|p| !invalid.contains(p.as_str())).cloned().collect())
-}
-
-/// Path infos of local store paths and their closures.
-async fn local_infos(paths: &[String]) -> Result<Vec<(String, AddInfo)>, String> {
-    let out = crate::nix::command::output(
-        "nix",
-        ["path-info", "--json", "--recursive"].into_iter().map(String::from).chain(paths.iter().cloned()),
-    )
-    .await
-    .map_err(|e| format!("an input is missing from the coordinator's store: {e}"))?;
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Info {
-        path: String,
-        nar_hash: String,
-        nar_size: u64,
-        #[serde(default)]
-        references: Vec<String>,
-        deriver: Option<String>,
-        ca: Option<String>,
-    }
-    let list: Vec<Info> = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
-    Ok(list
-        .into_iter()
-        .map(|i| {
-            let add = AddInfo {
-                path: i.path.clone(),
-                deriver: i.deriver,
-                nar_hash: i.nar_hash,
-                references: i.references,
-                nar_size: i.nar_size,
-                ca: i.ca,
-            };
-            (i.path, add)
-        })
-        .collect())
-}
-
-enum SendError {
-    /// The connection failed: the machine's fault.
-    Serve(ServeError),
-    /// The coordinator could not read what it was to send.
-    Coordinator(String),
-    /// The upstream did not deliver.
-    Upstream(String),
-}
-
-async fn send_path(
-    conn: &mut Connection,
-    cache: &Cache,
-    upstreams: &Upstreams,
-    path: &str,
-    info: &Option<AddInfo>,
-    source: &Source,
-    mirror: bool,
-) -> Result<(), SendError> {
-    let info = info.as_ref().expect("closure entries carry info");
-    let local_side = |e: ServeError, what: &dyn Fn(String) -> SendError| match e {
-        ServeError::Local(io) => what(format!("sending {path}: {io}")),
-        other => SendError::Serve(other),
-    };
-    match source {
-        Source::Local => {
-            let (mut rx, mut tx) = tokio::io::duplex(1 << 20);
-            let p = Path::new(path).to_path_buf();
-            let dump = tokio::spawn(async move { crate::nix::nar::dump_path_async(&p, &mut tx).await });
-            let sent = conn.serve.add_to_store_nar(info, &mut rx).await;
-            let dumped = dump.await.map_err(|e| SendError::Coordinator(e.to_string()))?;
-            if let Err(e) = dumped {
-                return Err(SendError::Coordinator(format!("reading {path} from the local store: {e}")));
-            }
-            sent.map_err(|e| local_side(e, &SendError::Coordinator))
-        }
-        Source::Cache(ni) => {
-            let file = cache.storage().path(&ni.url).map_err(|e| SendError::Coordinator(e.to_string()))?;
-            let f = tokio::fs::File::open(&file).await.map_err(|e| {
-                SendError::Coordinator(format!("input {path} is in the cache index but its NAR cannot be read: {e}"))
-            })?;
-            let mut nar = crate::nix::compression::decompressing(&ni.compression, f)
-                .map_err(|e| SendError::Coordinator(e.to_string()))?;
-            conn.serve.add_to_store_nar(info, &mut nar).await.map_err(|e| local_side(e, &SendError::Coordinator))
-        }
-        Source::Upstream(found) => {
-            if mirror {
-                // Into Kiln's cache first (verified against its NarHash),
-                // then on from there.
-                let nar = upstreams.nar(found).await.map_err(|e| SendError::Upstream(e.to_string()))?;
-                let ni = &found.narinfo;
-                let pi = PathInfo {
-                    path: ni.store_path.clone(),
-                    references: ni.references.clone(),
-                    deriver: ni.deriver.clone(),
-                    ca: ni.ca.clone(),
-                };
-                let (stored, _) =
-                    match cache.ingest(pi, nar, Some((ni.nar_hash.clone(), ni.nar_size)), Origin::Upstream).await {
-                        Ok(r) => r,
-                        Err(e) if e.is_coordinator_side() => return Err(SendError::Coordinator(e.to_string())),
-                        Err(e) => return Err(SendError::Upstream(format!("{}: {e}", found.base))),
-                    };
-                return Box::pin(send_path(
-                    conn,
-                    cache,
-                    upstreams,
-                    path,
-                    &Some(info.clone()),
-                    &Source::Cache(Box::new(stored)),
-                    false,
-                ))
-                .await;
-            }
-            let mut nar = upstreams.nar(found).await.map_err(|e| SendError::Upstream(e.to_string()))?;
-            // The builder checks the NAR against its NarHash as it adds it.
-            conn.serve
-                .add_to_store_nar(info, &mut nar)
-                .await
-                .map_err(|e| local_side(e, &|m| SendError::Upstream(format!("{}: {m}", found.base))))
         }
     }
 }
