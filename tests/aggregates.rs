@@ -48,13 +48,7 @@ async fn an_aggregate_succeeds_only_when_every_constituent_did() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let results: BTreeMap<String, Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}"));
-            (v["job"].as_str().unwrap().to_string(), v)
-        })
-        .collect();
+    let results: BTreeMap<String, Value> = build_results(&out);
     let status = |job: &str| results[job]["buildstatus"].as_i64().unwrap_or_else(|| panic!("{job}: {stderr}"));
     assert_eq!(status("ok"), 0, "{stderr}");
     assert_eq!(status("bad"), 1, "{stderr}");

@@ -50,14 +50,7 @@ fn kiln_build(dir: &Path, tmp: &Path, args: &[&str]) -> Output {
 }
 
 fn jobs(out: &Output) -> BTreeMap<String, Value> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}"));
-            (v["job"].as_str().unwrap().to_string(), v)
-        })
-        .collect()
+    build_results(out)
 }
 
 fn entries(dir: &Path) -> Vec<String> {

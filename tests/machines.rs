@@ -35,15 +35,7 @@ fn kiln_build(dir: &Path, machines: &Path) -> (Option<i32>, BTreeMap<String, ser
         .current_dir(dir)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let jobs = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}"));
-            (v["job"].as_str().unwrap().to_string(), v)
-        })
-        .collect();
-    (out.status.code(), jobs, stderr)
+    (out.status.code(), build_results(&out), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `kiln machines check` on `file`: (exit code, stdout, stderr).

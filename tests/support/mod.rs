@@ -538,6 +538,19 @@ impl Drop for Kiln {
     }
 }
 
+/// The results `kiln build --json` printed, one JSON object a line, by
+/// job name; a line that is not JSON fails the test with Kiln's stderr.
+pub fn build_results(out: &Output) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}"));
+            (v["job"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
 /// A command for the `kiln` binary under test, with the test Nix config.
 pub fn kiln_cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
