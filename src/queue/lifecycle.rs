@@ -134,13 +134,18 @@ impl Runner {
         }
     }
 
-    /// After the lock was lost: every running attempt is dropped (their
-    /// remote builds end with their connections) and the queue forgotten;
-    /// the runner that holds the lock now starts them again, and this one,
-    /// should it lead again, reloads everything from the database.
+    /// After the lock was lost: nothing more is recorded here and the
+    /// queue is forgotten; the runner that holds the lock now starts the
+    /// running steps again, and this one, should it lead again, reloads
+    /// everything from the database. The attempts under way are left to
+    /// end on their machines, their results ignored: started again on the
+    /// same machine, a step waits on Nix's lock for the build under way and
+    /// finds its output. Stopping them instead raced the new attempt: a
+    /// cancelled local build's builder outlived its `nix-store` and wrote
+    /// the output under the new build (seen as the derivation failing).
     fn step_down(&mut self) {
         for (_, a) in self.attempts.drain() {
-            let _ = a.cancel.send(());
+            self.detached.insert(a.no, a.cancel);
         }
         for m in &mut self.machines {
             m.running = 0;

@@ -218,6 +218,7 @@ impl Queue {
             unrecorded: Vec::new(),
             uncancelled: Vec::new(),
             resume_on: HashMap::new(),
+            detached: HashMap::new(),
         };
         tokio::spawn(runner.main(rx).instrument(info_span!("queue")));
         Queue { tx, status }
@@ -385,6 +386,9 @@ struct Runner {
     /// Steps a dead runner left running, and the machine each ran on,
     /// until they are dispatched again (see `recover`).
     resume_on: HashMap<i64, String>,
+    /// Attempts left running when this runner stepped down, by number:
+    /// dropping one's sender would stop it (see `step_down`).
+    detached: HashMap<u64, oneshot::Sender<()>>,
 }
 
 impl Runner {

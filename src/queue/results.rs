@@ -24,7 +24,9 @@ impl Runner {
         let AttemptEnd { attempt, machine, outcome, log_file, secs, conn } = end;
         let (uri, log_file) = (machine.as_str(), log_file.as_deref());
         if self.attempts.get(&id).is_none_or(|a| a.no != attempt) {
-            // Cancelled: its slot was freed then, and nothing waits for it.
+            // Cancelled (its slot was freed then), or left running when
+            // this runner stepped down: nothing waits for it.
+            self.detached.remove(&attempt);
             debug!(step = id, machine = uri, "a stopped attempt ended");
             return Ok(());
         }
