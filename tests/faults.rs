@@ -275,3 +275,32 @@ async fn a_result_the_database_refuses_is_recorded_when_it_takes_it_and_never_bu
     })
     .await;
 }
+
+/// Item 3 on the coordinator itself (`localhost`): cancelling stops the
+/// builder too. The local `nix-store` was killed outright when its
+/// connection went, before it could stop its builder (which Nix runs in a
+/// session of its own): the builder went on, and wrote its output under
+/// the next attempt's.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_local_build_stops_its_builder() {
+    use kiln::db::builds::BuildStatus;
+    use support::inproc::*;
+    let t = TestDb::sqlite().await;
+    let machines = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(machines.path(), format!("localhost {SYSTEM} - 1\n")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let queue = start_queue(&t.db, machines.path(), state.path(), Default::default());
+    let (_, jobset) = make_jobset(&t.db, "p", "main").await;
+    let marker = unique("local-sleeper");
+    let slow = instantiate(&format!(
+        r#"derivation {{ name = "slow-{marker}"; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin"; args = [ "-c" "sleep 300; echo {marker} > $out" ]; }}"#
+    ));
+    let id = new_build(&t.db, jobset, "slow", &slow).await;
+    queue.enqueue(vec![id]).await;
+    let builder = format!("sleep 300; echo {marker}");
+    wait_for(60, "the local builder to run", || async { process_with(&builder).then_some(()) }).await;
+    queue.cancel(id);
+    wait_for(2, "the local builder to end", || async { (!process_with(&builder)).then_some(()) }).await;
+    assert_eq!(build(&t.db, id).await.status(), Some(BuildStatus::Cancelled));
+    queue.stop();
+}

@@ -44,7 +44,8 @@ pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 type LogTarget = Arc<Mutex<Option<crate::logs::Sink>>>;
 
 enum Proc {
-    Local(tokio::process::Child),
+    /// Taken when the connection goes (see its `Drop`).
+    Local(Option<tokio::process::Child>),
     Remote(#[allow(dead_code)] openssh::Child<Arc<openssh::Session>>),
 }
 
@@ -90,21 +91,35 @@ impl Connection {
 /// A connection that goes (a cancelled step, a timeout, an error) ends
 /// its `nix-store`. A local one gets SIGTERM, on which Nix stops the build
 /// it runs and kills the builder's processes; SIGKILL would leave the
-/// builder, which Nix puts in a session of its own, running. A remote one
-/// ends when its SSH channel closes (what the cancel test checks).
+/// builder, which Nix puts in a session of its own, running (it did, when
+/// the process was also killed on drop: a cancelled build's builder went
+/// on and wrote the output under the next attempt's). Only a `nix-store`
+/// still there after [`LOCAL_STOP_GRACE`] is killed. A remote one ends
+/// when its SSH channel closes. Both are tested by cancelling a build.
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Proc::Local(c) = &self._proc
-            && let Some(pid) = c.id()
-        {
+        let Proc::Local(c) = &mut self._proc else { return };
+        let Some(mut child) = c.take() else { return };
+        if let Some(pid) = child.id() {
             // SAFETY: kill(2) has no memory effects; the child is ours and
-            // not yet reaped (tokio reaps it later).
+            // not yet reaped.
             unsafe {
                 libc::kill(pid as i32, libc::SIGTERM);
             }
         }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if tokio::time::timeout(LOCAL_STOP_GRACE, child.wait()).await.is_err() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            });
+        }
     }
 }
+
+/// How long a local `nix-store` has to stop its build after SIGTERM.
+const LOCAL_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A machine's SSH master, if open. Each machine has its own lock, so
 /// connecting to a dead machine (up to the connect timeout) holds up
@@ -262,6 +277,8 @@ impl Sessions {
                 let mut words = m.remote_program.split_whitespace();
                 let mut c = crate::nix::command::nix_command(words.next().unwrap_or("nix-store"));
                 c.args(words).args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                // Stopped by SIGTERM when the connection goes, not killed.
+                c.kill_on_drop(false);
                 // ETXTBSY: a program written a moment ago may still be open
                 // for writing in a process forked meanwhile; it passes.
                 let mut tries = 0;
@@ -279,7 +296,7 @@ impl Sessions {
                 let stdout = child.stdout.take().expect("piped");
                 let stderr = child.stderr.take().expect("piped");
                 let fd = stderr.as_raw_fd();
-                (Box::new(stdin), Box::new(stdout), Box::new(stderr), fd, Proc::Local(child))
+                (Box::new(stdin), Box::new(stdout), Box::new(stderr), fd, Proc::Local(Some(child)))
             }
             Transport::Ssh { .. } => {
                 let session = self.session(m).await?;
