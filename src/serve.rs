@@ -138,8 +138,9 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     };
     let eval_task = roles.eval.then(|| tokio::spawn(evaluator.clone().run(stopped(stop_rx.clone()))));
 
-    // One process of a deployment collects and prunes: the queue's.
-    let mut gc_tasks = if roles.queue {
+    // Periodic work. One process of a deployment collects and prunes: the
+    // queue's; each web process reads its token files again.
+    let mut periodic = if roles.queue {
         vec![
             tokio::spawn(periodic_gc(cache.clone(), config.clone(), stopped(stop_rx.clone()))),
             tokio::spawn(crate::history::run(
@@ -153,7 +154,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
         Vec::new()
     };
     if roles.web && !config.api_token_files.is_empty() {
-        gc_tasks.push(tokio::spawn(watch_token_files(db.clone(), config.clone(), tokens, stopped(stop_rx.clone()))));
+        periodic.push(tokio::spawn(watch_token_files(db.clone(), config.clone(), tokens, stopped(stop_rx.clone()))));
     }
     let (webhook_secret, sender_task) = match &config.github {
         Some(gh) => {
@@ -234,7 +235,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     if let Some(t) = eval_task {
         let _ = t.await;
     }
-    for t in gc_tasks {
+    for t in periodic {
         let _ = t.await;
     }
     if let Some(t) = sender_task {

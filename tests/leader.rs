@@ -46,6 +46,15 @@ async fn slow_build_running(api: &Api) -> i64 {
     .await
 }
 
+/// Waits until build `id` is finished; its JSON.
+async fn finished(api: &Api, id: i64, what: &str) -> serde_json::Value {
+    wait_for(90, what, || async {
+        let (_, b) = api.get(&format!("/build/{id}")).await;
+        (b["finished"] == 1).then_some(b)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn one_queue_runner_per_database_and_the_standby_takes_over_when_it_dies() {
     let pg = PgDatabase::create().await;
@@ -71,11 +80,7 @@ async fn one_queue_runner_per_database_and_the_standby_takes_over_when_it_dies()
     first.child.wait().unwrap();
     std::fs::write(&gate, "").unwrap();
     wait_for(30, "the take-over", || async { second.log().contains("runs the queue now").then_some(()) }).await;
-    let b = wait_for(90, "the slow build on the second", || async {
-        let (_, b) = api2.get(&format!("/build/{slow}")).await;
-        (b["finished"] == 1).then_some(b)
-    })
-    .await;
+    let b = finished(&api2, slow, "the slow build on the second").await;
     assert_eq!(b["buildstatus"], 0, "{b}");
 
     // One queue runner still: the new leader built it, once. (The quick
@@ -132,11 +137,7 @@ async fn a_leader_whose_lock_connection_dies_stops_and_the_standby_takes_over() 
     })
     .await;
     std::fs::write(&gate, "").unwrap();
-    let b = wait_for(90, "the slow build on the second", || async {
-        let (_, b) = api2.get(&format!("/build/{slow}")).await;
-        (b["finished"] == 1).then_some(b)
-    })
-    .await;
+    let b = finished(&api2, slow, "the slow build on the second").await;
     assert_eq!(b["buildstatus"], 0, "{b}");
     assert_eq!(second.log().matches("built step").count(), 1, "{}", second.log());
     // The first, still alive, stands by and never recorded a result.
@@ -223,11 +224,7 @@ async fn postgresql_restarted_mid_build_the_queue_leads_again_and_finishes_the_b
     wait_for(60, "the runner to lead again", || async { kiln.log().contains("leading the queue again").then_some(()) })
         .await;
     std::fs::write(&gate, "").unwrap();
-    let b = wait_for(90, "the slow build", || async {
-        let (_, b) = api.get(&format!("/build/{slow}")).await;
-        (b["finished"] == 1).then_some(b)
-    })
-    .await;
+    let b = finished(&api, slow, "the slow build").await;
     if b["buildstatus"] != 0 {
         let log = reqwest::get(format!("{}/build/{slow}/log", kiln.url)).await.unwrap().text().await.unwrap();
         panic!("{b}\nthe step's log:\n{log}\nkiln:\n{}", kiln.log());
@@ -237,5 +234,6 @@ async fn postgresql_restarted_mid_build_the_queue_leads_again_and_finishes_the_b
     assert_eq!(log.lines().filter(|l| l.contains("built step") && l.contains("slow-")).count(), 1, "{log}");
     let (_, q) = api.get("/queue").await;
     assert!(q["running"].as_array().is_some_and(|r| r.is_empty()), "{q}");
-    assert!(q["runnable"].as_array().is_none_or(|r| r.is_empty()), "{q}");
+    assert!(q["runnable"].as_array().is_some_and(|r| r.is_empty()), "{q}");
+    assert_eq!(q["unfinished"], 0, "{q}");
 }

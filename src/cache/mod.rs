@@ -374,14 +374,6 @@ impl Cache {
 
     /// The narinfo of a path in the cache.
     pub async fn narinfo(&self, path: &StorePath) -> Result<Option<NarInfo>, CacheError> {
-        let mut c = self.inner.db.conn().await?;
-        if !cache_paths::contains(c.ex(), path.hash_part()).await? {
-            return Ok(None);
-        }
-        let key = format!("{}.narinfo", path.hash_part());
-        match std::fs::read_to_string(self.inner.storage.path(&key)?) {
-            Ok(t) => Ok(NarInfo::parse(&t).ok()),
-            Err(_) => Ok(None),
-        }
+        Ok(self.narinfos(std::slice::from_ref(path)).await?.into_values().next())
     }
 }
