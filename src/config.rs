@@ -101,6 +101,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub cache: CacheConfig,
     pub history: HistoryConfig,
+    pub deploy: DeployConfig,
     pub github: Option<GithubConfig>,
     pub projects: Vec<ProjectConfig>,
 }
@@ -215,6 +216,28 @@ impl Default for HistoryConfig {
     }
 }
 
+/// How Kiln reaches the hosts of the environments repositories declare
+/// (see `deploy`). The key and the cache's address are the server's to
+/// give, never a repository's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeployConfig {
+    /// The SSH key Kiln logs in to hosts with (default: ssh's own).
+    pub ssh_key_file: Option<PathBuf>,
+    /// The binary cache a host substitutes a closure from when its store
+    /// lacks it (default: `base_url`, where Kiln serves its cache).
+    pub cache_url: Option<String>,
+    pub connect_timeout_s: u64,
+    /// Seconds an activation may take.
+    pub activate_timeout_s: u64,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig { ssh_key_file: None, cache_url: None, connect_timeout_s: 10, activate_timeout_s: 600 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GithubConfig {
@@ -272,6 +295,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             cache: CacheConfig::default(),
             history: HistoryConfig::default(),
+            deploy: DeployConfig::default(),
             github: None,
             projects: Vec::new(),
         }

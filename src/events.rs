@@ -12,11 +12,34 @@ use tokio::sync::broadcast;
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    EvalStarted { eval: i64, jobset: i64 },
-    EvalFinished { eval: i64, jobset: i64, error: Option<String> },
-    BuildQueued { build: i64, jobset: Option<i64> },
-    StepStarted { step: i64, drv: String, machine: String, builds: Vec<i64> },
-    BuildFinished { build: i64, jobset: Option<i64>, buildstatus: i64 },
+    EvalStarted {
+        eval: i64,
+        jobset: i64,
+    },
+    EvalFinished {
+        eval: i64,
+        jobset: i64,
+        error: Option<String>,
+    },
+    BuildQueued {
+        build: i64,
+        jobset: Option<i64>,
+    },
+    StepStarted {
+        step: i64,
+        drv: String,
+        machine: String,
+        builds: Vec<i64>,
+    },
+    BuildFinished {
+        build: i64,
+        jobset: Option<i64>,
+        buildstatus: i64,
+    },
+    /// A deployment or one of its hosts changed (status, log, checks).
+    DeploymentChanged {
+        deployment: i64,
+    },
 }
 
 impl Event {
@@ -28,6 +51,7 @@ impl Event {
             Event::BuildQueued { .. } => "build_queued",
             Event::StepStarted { .. } => "step_started",
             Event::BuildFinished { .. } => "build_finished",
+            Event::DeploymentChanged { .. } => "deployment_changed",
         }
     }
 
@@ -41,6 +65,8 @@ impl Event {
                 (std::slice::from_ref(build), None, *jobset)
             }
             Event::StepStarted { builds, .. } => (builds.as_slice(), None, None),
+            // Deployment pages follow every stream of their own kind.
+            Event::DeploymentChanged { .. } => (&[], None, None),
         };
         build.is_some_and(|x| b.contains(&x)) || (eval.is_some() && eval == e) || (jobset.is_some() && jobset == j)
     }
@@ -72,6 +98,10 @@ impl Events {
     pub fn send(&self, ev: Event) {
         // No listener is not an error.
         let _ = self.tx.send(ev);
+    }
+
+    pub fn deployment_changed(&self, deployment: i64) {
+        self.send(Event::DeploymentChanged { deployment });
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -10,6 +10,7 @@ pub mod builder;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod deploy;
 pub mod eval;
 pub mod events;
 pub mod fetch;

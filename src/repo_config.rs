@@ -43,6 +43,16 @@ pub enum RepoConfigError {
 struct File {
     #[serde(default)]
     jobsets: BTreeMap<String, JobsetFile>,
+    /// Checked by `deploy::spec`, which names keys below the environment.
+    #[serde(default)]
+    environments: BTreeMap<String, toml::Value>,
+}
+
+/// What a repository's `.kiln.toml` declares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declared {
+    pub jobsets: Vec<JobsetSpec>,
+    pub environments: BTreeMap<String, crate::deploy::spec::Environment>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -79,16 +89,16 @@ fn d_true() -> bool {
     true
 }
 
-/// The jobsets of a repository without `.kiln.toml`.
-pub fn defaults() -> Vec<JobsetSpec> {
+/// What a repository without `.kiln.toml` has: one jobset, no environment.
+pub fn defaults() -> Declared {
     let mut spec = JobsetSpec::new("main");
     // Empty: hydraJobs if the flake has it, else checks.
     spec.attributes = Vec::new();
     spec.config_hash = hash_spec(&spec);
-    vec![spec]
+    Declared { jobsets: vec![spec], environments: BTreeMap::new() }
 }
 
-pub fn parse(text: &str) -> Result<Vec<JobsetSpec>, RepoConfigError> {
+pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| RepoConfigError::Invalid(e.to_string()))?;
     let file: File = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let key = e.path().to_string();
@@ -97,6 +107,8 @@ pub fn parse(text: &str) -> Result<Vec<JobsetSpec>, RepoConfigError> {
     if file.jobsets.is_empty() {
         return Err(RepoConfigError::Invalid("declares no [jobsets.NAME]".into()));
     }
+    let names: Vec<String> = file.jobsets.keys().cloned().collect();
+    let environments = crate::deploy::spec::parse(&file.environments, &names)?;
     let mut out = Vec::new();
     for (name, j) in file.jobsets {
         let key = |k: &str| format!("jobsets.{name}.{k}");
@@ -159,7 +171,7 @@ pub fn parse(text: &str) -> Result<Vec<JobsetSpec>, RepoConfigError> {
         spec.config_hash = hash_spec(&spec);
         out.push(spec);
     }
-    Ok(out)
+    Ok(Declared { jobsets: out, environments })
 }
 
 /// A hash of what changes an evaluation's result (not its schedule), so an
@@ -179,7 +191,7 @@ mod tests {
 
     #[test]
     fn parses_jobsets_with_defaults() {
-        let d = parse("[jobsets.main]\n[jobsets.pulls]\npull_requests = true\nattributes = [\"checks\", \"packages\"]\nsystems = [\"x86_64-linux\"]\ncheck_interval = 0\n").unwrap();
+        let d = parse("[jobsets.main]\n[jobsets.pulls]\npull_requests = true\nattributes = [\"checks\", \"packages\"]\nsystems = [\"x86_64-linux\"]\ncheck_interval = 0\n").unwrap().jobsets;
         assert_eq!(d.len(), 2);
         let main = &d[0];
         assert_eq!(
@@ -190,7 +202,7 @@ mod tests {
         assert!(d[1].pull_requests);
         assert_eq!(d[1].attributes, ["checks", "packages"]);
         assert_ne!(d[0].config_hash, d[1].config_hash);
-        assert_eq!(defaults()[0].attributes, Vec::<String>::new());
+        assert_eq!(defaults().jobsets[0].attributes, Vec::<String>::new());
     }
 
     #[test]
@@ -206,5 +218,6 @@ mod tests {
         assert!(err("jobsets = 3").contains("jobsets"));
         assert!(err("[[[").contains(".kiln.toml"));
         assert!(err("").contains("no [jobsets"));
+        assert!(err("[jobsets.main]\n[environments.prod]\njobset = \"main\"\n").contains("environments.prod"));
     }
 }

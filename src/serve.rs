@@ -153,6 +153,13 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     } else {
         Vec::new()
     };
+    if roles.queue {
+        let deployer = crate::deploy::Deployer::new(
+            deploy_ctx(&config, &db, &public_key, Some(events.clone())),
+            lease_owner(&config),
+        );
+        periodic.push(tokio::spawn(deployer.run(stopped(stop_rx.clone()))));
+    }
     if roles.web && !config.api_token_files.is_empty() {
         periodic.push(tokio::spawn(watch_token_files(db.clone(), config.clone(), tokens, stopped(stop_rx.clone()))));
     }
@@ -364,4 +371,32 @@ async fn http1_serve(
     }
     // Open requests get a while to finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+/// What deployments need from the server's configuration.
+pub fn deploy_ctx(
+    config: &Config,
+    db: &crate::db::Db,
+    public_key: &crate::nix::PublicKey,
+    events: Option<crate::events::Events>,
+) -> crate::deploy::run::Ctx {
+    let d = &config.deploy;
+    crate::deploy::run::Ctx {
+        db: db.clone(),
+        ssh: crate::deploy::host::Ssh {
+            dir: config.state_dir.join("ssh-deploy"),
+            key: d.ssh_key_file.clone(),
+            connect_timeout: std::time::Duration::from_secs(d.connect_timeout_s),
+        },
+        activate_timeout: std::time::Duration::from_secs(d.activate_timeout_s),
+        substituter: Some((d.cache_url.clone().unwrap_or_else(|| config.base_url()), public_key.to_string())),
+        events,
+    }
+}
+
+/// This server's name in environment leases: the same after a restart, so
+/// it takes its deployments back at once.
+fn lease_owner(config: &Config) -> String {
+    let dir = std::fs::canonicalize(&config.state_dir).unwrap_or_else(|_| config.state_dir.clone());
+    format!("serve:{}", &crate::nix::Hash::sha256(dir.as_os_str().as_encoded_bytes()).to_hex()[..16])
 }

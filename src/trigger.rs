@@ -207,14 +207,15 @@ impl Evaluator {
         let mut tx = self.db.begin().await?;
         let existing: HashSet<String> =
             jobsets::list_for_project(tx.ex(), p.id).await?.into_iter().map(|j| j.name).collect();
-        for spec in &decls {
+        for spec in &decls.jobsets {
             let j = jobsets::upsert(tx.ex(), p.id, spec).await?;
             if !existing.contains(&spec.name) && spec.enabled && !spec.pull_requests {
                 jobsets::trigger(tx.ex(), j.id, false).await?;
             }
         }
-        let names: Vec<String> = decls.iter().map(|d| d.name.clone()).collect();
+        let names: Vec<String> = decls.jobsets.iter().map(|d| d.name.clone()).collect();
         jobsets::disable_undeclared(tx.ex(), p.id, &names).await?;
+        crate::db::environments::sync(tx.ex(), p.id, &decls.environments).await?;
         tx.commit().await?;
         Ok(mirror)
     }

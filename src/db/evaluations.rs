@@ -127,6 +127,21 @@ pub async fn latest(ex: Ex<'_>, jobset_id: i64, limit: i64) -> Result<Vec<Evalua
     Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(limit).fetch_all(&mut *c).await?))
 }
 
+/// The members of an evaluation named `jobs` (a deployment's hosts and
+/// required jobs): `(job, build, error)` for each that exists.
+pub async fn members_named(mut ex: Ex<'_>, eval_id: i64, jobs: &[String]) -> Result<Vec<Member>> {
+    let mut out = Vec::new();
+    for job in jobs {
+        let row: Option<(String, Option<i64>, bool, Option<String>)> = run!(ex.re(), c => sqlx::query_as(
+            "SELECT job, build_id, is_new, error FROM eval_members WHERE eval_id = $1 AND job = $2")
+            .bind(eval_id).bind(job).fetch_optional(&mut *c).await?);
+        if let Some((job, build_id, is_new, error)) = row {
+            out.push(Member { eval_id, job, build_id, is_new, error });
+        }
+    }
+    Ok(out)
+}
+
 pub async fn add_member(ex: Ex<'_>, m: &Member) -> Result<()> {
     run!(ex, c => sqlx::query(
         "INSERT INTO eval_members (eval_id, job, build_id, is_new, error) VALUES ($1, $2, $3, $4, $5)

@@ -273,3 +273,85 @@ pub async fn logout() -> Response {
     ([(header::SET_COOKIE, format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"))], Redirect::to("/"))
         .into_response()
 }
+
+#[utoipa::path(post, path = "/deployment/{id}/{action}", tag = "actions", security(("token" = [])),
+    params(("id" = i64, Path, description = "deployment id", minimum = 1), ("action" = String, Path, description = "promote (a deployment waiting for it) or cancel (one that has not started)")),
+    responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "not possible in this state", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+pub async fn deployment_action(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(i64, String)>,
+    headers: HeaderMap,
+    form: FormData,
+) -> Result<Response, WebError> {
+    let via = authorize(&s, &headers, csrf_of(&form)).await?;
+    let mut c = s.db.conn().await?;
+    let d = db::deployments::get(c.ex(), id).await?.ok_or_else(|| WebError::NotFound(format!("deployment {id}")))?;
+    match action.as_str() {
+        "promote" => {
+            if !db::deployments::promote(c.ex(), id).await? {
+                return Err(WebError::BadRequest(format!(
+                    "deployment {id} is {}, not waiting for promotion",
+                    d.status
+                )));
+            }
+        }
+        "cancel" => {
+            if !matches!(d.status.as_str(), db::deployments::WAITING | db::deployments::QUEUED) {
+                return Err(WebError::BadRequest(format!(
+                    "deployment {id} is {}: only one that has not started can be cancelled",
+                    d.status
+                )));
+            }
+            db::deployments::finish(c.ex(), id, db::deployments::CANCELLED, Some("cancelled")).await?;
+        }
+        other => return Err(WebError::NotFound(format!("action {other}"))),
+    }
+    s.events.deployment_changed(id);
+    Ok(done(via, &action, 1, format!("/deployment/{id}")))
+}
+
+/// What `POST /environment/{project}/{name}/deploy` deploys.
+#[derive(serde::Deserialize, utoipa::ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// The evaluation (default: the jobset's newest).
+    pub eval: Option<i64>,
+    /// Only these hosts (default: all).
+    pub hosts: Option<Vec<String>>,
+}
+
+/// The deployment a request started.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Started {
+    pub deployment: i64,
+}
+
+#[utoipa::path(post, path = "/environment/{project}/{name}/deploy", tag = "actions", security(("token" = [])),
+    params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("name" = String, Path, description = "environment name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
+    request_body(content = DeployRequest, content_type = "application/json"),
+    responses((status = 200, description = "the deployment is queued", body = Started), (status = 400, description = "the evaluation cannot be deployed, or a malformed request", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+pub async fn environment_deploy(
+    State(s): State<AppState>,
+    Path((project, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, WebError> {
+    auth::require(&s, &headers).await?;
+    let req: DeployRequest = if body.is_empty() {
+        DeployRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| WebError::BadRequest(format!("the request body: {e}")))?
+    };
+    let env = {
+        let mut c = s.db.conn().await?;
+        db::environments::get(c.ex(), &project, &name)
+            .await?
+            .filter(|e| e.declared)
+            .ok_or_else(|| WebError::NotFound(format!("environment {project}:{name}")))?
+    };
+    let d = crate::deploy::deploy_now(&s.db, &env, req.eval, req.hosts.as_deref(), "api")
+        .await?
+        .map_err(WebError::BadRequest)?;
+    s.events.deployment_changed(d.id);
+    Ok(axum::Json(Started { deployment: d.id }).into_response())
+}

@@ -50,8 +50,9 @@ impl Generations {
                 Some(j) => self.bump(*j),
                 None => self.bump_all(),
             },
-            // A step starting changes no status these pages show.
-            Event::StepStarted { .. } => {}
+            // A step starting or a deployment changes no status these
+            // pages show.
+            Event::StepStarted { .. } | Event::DeploymentChanged { .. } => {}
         }
     }
 

@@ -16,6 +16,7 @@ use crate::db::builds::{self, BuildStatus};
 use crate::db::{evaluations, jobsets, projects, steps};
 
 mod build;
+mod deploy;
 mod eval;
 mod home;
 mod job;
@@ -26,6 +27,7 @@ mod queue;
 mod search;
 
 pub use build::*;
+pub use deploy::*;
 pub use eval::*;
 pub use home::*;
 pub use job::*;

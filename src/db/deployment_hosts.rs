@@ -1,0 +1,146 @@
+//! The `deployment_hosts` table: each host's part in a deployment, the
+//! closure it goes to and the one it had, its status (`pending`,
+//! `switching`, `checking`, then `succeeded`, `skipped`, `failed`,
+//! `rolled-back`, `rollback-failed` or `not-started`), the activation's
+//! log and each health check's output. The previous closure is written
+//! before the host is touched, so a rollback after a crash knows it.
+
+use serde::Serialize;
+
+use super::{Ex, Result, now, run};
+
+pub const PENDING: &str = "pending";
+pub const SWITCHING: &str = "switching";
+pub const CHECKING: &str = "checking";
+pub const SUCCEEDED: &str = "succeeded";
+pub const SKIPPED: &str = "skipped";
+pub const FAILED: &str = "failed";
+pub const ROLLED_BACK: &str = "rolled-back";
+pub const ROLLBACK_FAILED: &str = "rollback-failed";
+pub const NOT_STARTED: &str = "not-started";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct HostRow {
+    pub deployment_id: i64,
+    pub host: String,
+    pub wave: i64,
+    pub job: String,
+    pub build_id: Option<i64>,
+    pub store_path: String,
+    pub previous_path: Option<String>,
+    pub status: String,
+    /// The host-side directory of this switch (its watchdog's files).
+    pub work_dir: Option<String>,
+    pub log: String,
+    /// JSON: `[{"command", "ok", "output"}]`.
+    pub checks: String,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl HostRow {
+    pub fn is_done(&self) -> bool {
+        !matches!(self.status.as_str(), PENDING | SWITCHING | CHECKING)
+    }
+}
+
+macro_rules! cols {
+    () => {
+        "deployment_id, host, wave, job, build_id, store_path, previous_path, status, work_dir, log, checks, error, \
+         started_at, finished_at"
+    };
+}
+
+/// A host's planned part: `(host, wave, job, build, closure)`.
+pub struct Planned<'a> {
+    pub host: &'a str,
+    pub wave: i64,
+    pub job: &'a str,
+    pub build_id: Option<i64>,
+    pub store_path: &'a str,
+}
+
+pub async fn add(mut ex: Ex<'_>, deployment_id: i64, hosts: &[Planned<'_>]) -> Result<()> {
+    for h in hosts {
+        run!(ex.re(), c => sqlx::query(
+            "INSERT INTO deployment_hosts (deployment_id, host, wave, job, build_id, store_path, status)
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending')")
+            .bind(deployment_id).bind(h.host).bind(h.wave).bind(h.job).bind(h.build_id).bind(h.store_path)
+            .execute(&mut *c).await?.rows_affected());
+    }
+    Ok(())
+}
+
+pub async fn of_deployment(ex: Ex<'_>, deployment_id: i64) -> Result<Vec<HostRow>> {
+    let sql = concat!("SELECT ", cols!(), " FROM deployment_hosts WHERE deployment_id = $1 ORDER BY wave, host");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(deployment_id).fetch_all(&mut *c).await?))
+}
+
+/// Records what the host had, and where this attempt's switch keeps its
+/// files, before anything on it changes. A previous path already recorded
+/// stays: after a crash the host may already be on the new closure.
+pub async fn begin_switch(
+    ex: Ex<'_>,
+    deployment_id: i64,
+    host: &str,
+    previous: Option<&str>,
+    work_dir: &str,
+) -> Result<HostRow> {
+    let sql = concat!(
+        "UPDATE deployment_hosts SET status = 'switching', previous_path = COALESCE(previous_path, $3),
+             work_dir = $4, started_at = COALESCE(started_at, $5)
+         WHERE deployment_id = $1 AND host = $2 RETURNING ",
+        cols!()
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(deployment_id).bind(host).bind(previous).bind(work_dir).bind(now())
+        .fetch_one(&mut *c).await?))
+}
+
+pub async fn set_status(ex: Ex<'_>, deployment_id: i64, host: &str, status: &str, error: Option<&str>) -> Result<()> {
+    let done = !matches!(status, PENDING | SWITCHING | CHECKING);
+    run!(ex, c => sqlx::query(
+        "UPDATE deployment_hosts SET status = $3, error = COALESCE($4, error),
+             finished_at = CASE WHEN $5 THEN $6 ELSE NULL END WHERE deployment_id = $1 AND host = $2")
+        .bind(deployment_id).bind(host).bind(status).bind(error).bind(done).bind(now())
+        .execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn append_log(ex: Ex<'_>, deployment_id: i64, host: &str, text: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE deployment_hosts SET log = log || $3 WHERE deployment_id = $1 AND host = $2")
+        .bind(deployment_id).bind(host).bind(text).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn set_checks(ex: Ex<'_>, deployment_id: i64, host: &str, checks_json: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE deployment_hosts SET checks = $3 WHERE deployment_id = $1 AND host = $2")
+        .bind(deployment_id).bind(host).bind(checks_json).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// What each host of the environment runs now, as far as Kiln made it so:
+/// per host, the closure its newest finished part left it on.
+pub async fn current(ex: Ex<'_>, environment_id: i64) -> Result<Vec<(String, Option<String>, i64)>> {
+    let sql = "SELECT h.host, h.status, h.store_path, h.previous_path, h.deployment_id
+               FROM deployment_hosts h JOIN deployments d ON d.id = h.deployment_id
+               WHERE d.environment_id = $1 AND h.status IN ('succeeded', 'skipped', 'rolled-back', 'failed', 'rollback-failed')
+               ORDER BY h.deployment_id DESC";
+    let rows: Vec<(String, String, String, Option<String>, i64)> =
+        run!(ex, c => sqlx::query_as(sql).bind(environment_id).fetch_all(&mut *c).await?);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (host, status, path, prev, dep) in rows {
+        if !seen.insert(host.clone()) {
+            continue;
+        }
+        let on = match status.as_str() {
+            SUCCEEDED | SKIPPED => Some(path),
+            ROLLED_BACK => prev,
+            // Where a failed switch left it is not known for certain.
+            _ => None,
+        };
+        out.push((host, on, dep));
+    }
+    Ok(out)
+}

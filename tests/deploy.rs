@@ -1,0 +1,368 @@
+//! Deployments end to end: real `kiln serve` evaluating and building a
+//! flake whose jobs are "system" closures, and hosts that are real sshd
+//! servers on loopback. The hosts share this machine's Nix store but each
+//! has its own profile and state directory; a closure's
+//! `bin/switch-to-configuration` records what is active, copies the
+//! closure's health into the host's directory (where the health check
+//! reads it), and, when the closure says so, stops the host's sshd (a
+//! configuration that cuts the host off) or starts it again.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+/// What each closure's activation does on its host.
+const SWITCH: &str = r#"#!/bin/sh
+H="$HOST_DIR"
+echo "$KILN_PATH" > "$H/active"
+echo "$KILN_PATH" >> "$H/activations"
+cat "$KILN_PATH/health" > "$H/health"
+if [ "$(cat "$KILN_PATH/reach")" = no ]; then
+  kill "$(cat "$H/../sshd.pid")"
+else
+  kill -0 "$(cat "$H/../sshd.pid")" 2>/dev/null || /usr/sbin/sshd -f "$H/../sshd_config" -E "$H/../sshd-again.log"
+fi
+"#;
+
+const TOKEN: &str = "deploy-test-token-0123456789";
+
+struct Host {
+    name: String,
+    sshd: Sshd,
+    /// The host's own state: its profile, what is active, its health.
+    dir: PathBuf,
+}
+
+impl Host {
+    fn start(name: &str, deploy_pub: &str) -> Host {
+        let sshd = Sshd::start();
+        let keys = sshd.dir.path().join("authorized_keys");
+        let mut k = std::fs::read_to_string(&keys).unwrap();
+        k.push_str(deploy_pub);
+        std::fs::write(&keys, k).unwrap();
+        let dir = sshd.dir.path().join("host");
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid = sshd.dir.path().join("sshd.pid");
+        for _ in 0..100 {
+            if pid.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(pid.exists(), "sshd wrote no pid file");
+        Host { name: name.to_string(), sshd, dir }
+    }
+
+    fn host_key(&self) -> String {
+        let line = std::fs::read_to_string(self.sshd.dir.path().join("hostkey.pub")).unwrap();
+        line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    }
+
+    fn active(&self) -> String {
+        std::fs::read_to_string(self.dir.join("active")).unwrap_or_default().trim().to_string()
+    }
+
+    fn activations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("activations")).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
+    /// Where the host's profile points.
+    fn profile(&self) -> String {
+        std::fs::canonicalize(self.dir.join("profiles/system")).map(|p| p.display().to_string()).unwrap_or_default()
+    }
+
+    fn toml(&self, env: &str) -> String {
+        let h = self.dir.display();
+        format!(
+            "[environments.{env}.hosts.{n}]\ntarget = \"ssh://root@127.0.0.1:{port}\"\nhost_key = \"{key}\"\n\
+             job = \"hosts.{n}\"\nprofile = \"{h}/profiles/system\"\n\
+             activate = \"HOST_DIR={h} $KILN_PATH/bin/switch-to-configuration switch\"\n\
+             health_checks = [{{ command = \"grep -qx ok {h}/health\", timeout_s = 10 }}]\n",
+            n = self.name,
+            port = self.sshd.port,
+            key = self.host_key(),
+        )
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // An sshd a closure started again is not the fixture's child.
+        if let Ok(pid) = std::fs::read_to_string(self.sshd.dir.path().join("sshd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// `(host, health, reachable, tag)`: a closure per host; a new tag makes
+/// a new closure.
+fn flake_nix(hosts: &[(&str, &str, &str, &str)]) -> String {
+    let jobs: String = hosts
+        .iter()
+        .map(|(h, health, reach, tag)| format!("{h} = sys \"{h}\" \"{health}\" \"{reach}\" \"{tag}\"; "))
+        .collect();
+    r#"{ outputs = { self }: let
+    sys = host: health: reach: tag: derivation {
+      name = "system-${host}"; system = "SYSTEM"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      args = [ "-c" "mkdir -p $out/bin && echo ${health} > $out/health && echo ${reach} > $out/reach && echo ${tag} > $out/tag && cp ${./switch.sh} $out/bin/switch-to-configuration && chmod +x $out/bin/switch-to-configuration" ];
+    };
+  in { hydraJobs.hosts = { JOBS}; }; }
+"#
+    .replace("SYSTEM", SYSTEM)
+    .replace("JOBS", &jobs)
+}
+
+struct Fixture {
+    hosts: Vec<Host>,
+    flake: Flake,
+    kiln: Kiln,
+    api: Api,
+    _key_dir: tempfile::TempDir,
+}
+
+fn deploy_key() -> (tempfile::TempDir, PathBuf, String) {
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("deploy");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-deploy", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let public = std::fs::read_to_string(d.path().join("deploy.pub")).unwrap();
+    (d, key, public)
+}
+
+fn start(names: &[&str], env_toml: &dyn Fn(&[Host]) -> String, first: &[(&str, &str, &str, &str)]) -> Fixture {
+    let (key_dir, key, public) = deploy_key();
+    let hosts: Vec<Host> = names.iter().map(|n| Host::start(n, &public)).collect();
+    let kiln_toml = format!("[jobsets.main]\ncheck_interval = 1\n{}", env_toml(&hosts));
+    let flake = Flake::new(&flake_nix(first), &[("switch.sh", SWITCH), (".kiln.toml", &kiln_toml)]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "api_token_files = [\"token\"]\n[deploy]\nssh_key_file = \"{}\"\nconnect_timeout_s = 3\nactivate_timeout_s = 60\n\
+             [[projects]]\nname = \"infra\"\nrepo = \"{}\"\n",
+            key.display(),
+            flake.path().display()
+        ),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, Some(TOKEN));
+    Fixture { hosts, flake, kiln, api, _key_dir: key_dir }
+}
+
+impl Fixture {
+    fn host(&self, n: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == n).unwrap()
+    }
+
+    /// Commits a new generation of the hosts' closures; returns its commit.
+    fn commit(&self, hosts: &[(&str, &str, &str, &str)], msg: &str) -> String {
+        self.flake.write("flake.nix", &flake_nix(hosts));
+        self.flake.commit(msg)
+    }
+
+    /// The evaluation of `sha`, once it succeeded.
+    async fn eval_of(&self, sha: &str) -> i64 {
+        let e = wait_for(120, "the commit's evaluation", || async {
+            let (_, v) = self.api.get("/jobset/infra/main/evals").await;
+            v["evals"].as_array()?.iter().find(|e| e["commit"] == sha && e["status"] == "succeeded").cloned()
+        })
+        .await;
+        e["id"].as_i64().unwrap()
+    }
+
+    /// The deployment of evaluation `eval` in `env`, once it has ended.
+    async fn ended_deployment(&self, env: &str, eval: i64) -> Value {
+        let d = wait_for(180, "the deployment to end", || async {
+            let (_, v) = self.api.get(&format!("/environment/infra/{env}")).await;
+            v["deployments"]
+                .as_array()?
+                .iter()
+                .find(|d| d["eval_id"] == eval && matches!(d["status"].as_str(), Some("succeeded" | "failed")))
+                .cloned()
+        })
+        .await;
+        self.api.get(&format!("/deployment/{}", d["id"])).await.1
+    }
+
+    /// The closure the jobset built for a host's job in `eval`.
+    async fn closure(&self, eval: i64, host: &str) -> String {
+        let (_, e) = self.api.get(&format!("/eval/{eval}")).await;
+        let build =
+            e["jobs"][format!("hosts.{host}")].as_i64().unwrap_or_else(|| panic!("no build of hosts.{host} in {e}"));
+        let (_, b) = self.api.get(&format!("/build/{build}")).await;
+        b["buildoutputs"]["out"]["path"].as_str().unwrap().to_string()
+    }
+}
+
+fn host_part<'a>(d: &'a Value, host: &str) -> &'a Value {
+    d["hosts"].as_array().unwrap().iter().find(|h| h["host"] == host).unwrap_or_else(|| panic!("{host} in {d}"))
+}
+
+fn prod_env(hosts: &[Host]) -> String {
+    let mut t =
+        "[environments.prod]\njobset = \"main\"\nwaves = [[\"web1\"], [\"web2\", \"web3\"]]\nconfirm_timeout_s = 4\n"
+            .to_string();
+    for h in hosts {
+        t.push_str(&h.toml("prod"));
+    }
+    t
+}
+
+#[tokio::test]
+async fn waves_go_green_a_failing_canary_is_rolled_back_and_stops_the_rollout() {
+    let v1 = [("web1", "ok", "yes", "v1"), ("web2", "ok", "yes", "v1"), ("web3", "ok", "yes", "v1")];
+    let f = start(&["web1", "web2", "web3"], &prod_env, &v1);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+
+    // 1. The first green evaluation goes to every host, canary first.
+    let e1 = f.eval_of(&sha1).await;
+    let d1 = f.ended_deployment("prod", e1).await;
+    assert_eq!(d1["status"], "succeeded", "{d1:#}");
+    let mut p1 = std::collections::HashMap::new();
+    for n in ["web1", "web2", "web3"] {
+        let path = f.closure(e1, n).await;
+        let h = host_part(&d1, n);
+        assert_eq!((h["status"].as_str(), h["store_path"].as_str()), (Some("succeeded"), Some(path.as_str())), "{h:#}");
+        assert!(h["previous_path"].is_null(), "a first deployment has nothing before it: {h:#}");
+        assert!(h["log"].as_str().unwrap().contains("nothing to roll back to"), "{h:#}");
+        assert_eq!(h["checks"][0]["ok"], true, "{h:#}");
+        assert_eq!((f.host(n).active(), f.host(n).profile()), (path.clone(), path.clone()));
+        p1.insert(n, path);
+    }
+    let canary_done = host_part(&d1, "web1")["finished_at"].as_i64().unwrap();
+    for n in ["web2", "web3"] {
+        assert!(
+            host_part(&d1, n)["started_at"].as_i64().unwrap() >= canary_done,
+            "the second wave waits for the canary"
+        );
+    }
+    let (_, env) = f.api.get("/environment/infra/prod").await;
+    for h in env["hosts"].as_array().unwrap() {
+        assert_eq!(h["running"].as_str(), Some(p1[h["host"].as_str().unwrap()].as_str()), "{env:#}");
+    }
+
+    // 2. A canary that fails its health check goes back to the exact
+    // previous closure, and the second wave never starts.
+    let sha2 =
+        f.commit(&[("web1", "bad", "yes", "v2"), ("web2", "ok", "yes", "v2"), ("web3", "ok", "yes", "v2")], "v2");
+    let e2 = f.eval_of(&sha2).await;
+    let d2 = f.ended_deployment("prod", e2).await;
+    assert_eq!(d2["status"], "failed", "{d2:#}");
+    assert!(d2["error"].as_str().unwrap().contains("wave 1"), "{d2:#}");
+    let w1 = host_part(&d2, "web1");
+    let p2 = f.closure(e2, "web1").await;
+    assert_eq!(w1["status"], "rolled-back", "{w1:#}");
+    assert_eq!(w1["previous_path"].as_str(), Some(p1["web1"].as_str()));
+    assert!(w1["error"].as_str().unwrap().contains("health check failed"), "{w1:#}");
+    assert_eq!(w1["checks"][0]["ok"], false, "{w1:#}");
+    assert_eq!(f.host("web1").activations(), vec![p1["web1"].clone(), p2.clone(), p1["web1"].clone()]);
+    assert_eq!((f.host("web1").active(), f.host("web1").profile()), (p1["web1"].clone(), p1["web1"].clone()));
+    for n in ["web2", "web3"] {
+        assert_eq!(host_part(&d2, n)["status"], "not-started", "{d2:#}");
+        assert_eq!(f.host(n).activations(), vec![p1[n].clone()], "{n} was never switched");
+    }
+
+    // 3. A canary whose new configuration cuts it off cannot be confirmed:
+    // its own watchdog goes back to the previous closure.
+    let sha3 = f.commit(&[("web1", "ok", "no", "v3"), ("web2", "ok", "yes", "v1"), ("web3", "ok", "yes", "v1")], "v3");
+    let e3 = f.eval_of(&sha3).await;
+    let d3 = f.ended_deployment("prod", e3).await;
+    assert_eq!(d3["status"], "failed", "{d3:#}");
+    let w1 = host_part(&d3, "web1");
+    let p3 = f.closure(e3, "web1").await;
+    assert_eq!(w1["status"], "rolled-back", "{w1:#}");
+    assert!(w1["error"].as_str().unwrap().contains("watchdog rolled back"), "{w1:#}");
+    assert_eq!(f.host("web1").activations(), vec![p1["web1"].clone(), p2, p1["web1"].clone(), p3, p1["web1"].clone()]);
+    assert_eq!(f.host("web1").profile(), p1["web1"]);
+
+    // 4. Only what changed is switched: web2 and web3 already run their
+    // closures.
+    let sha4 = f.commit(&[("web1", "ok", "yes", "v4"), ("web2", "ok", "yes", "v1"), ("web3", "ok", "yes", "v1")], "v4");
+    let e4 = f.eval_of(&sha4).await;
+    let d4 = f.ended_deployment("prod", e4).await;
+    assert_eq!(d4["status"], "succeeded", "{d4:#}");
+    let p4 = f.closure(e4, "web1").await;
+    assert_eq!(host_part(&d4, "web1")["status"], "succeeded");
+    assert_eq!(f.host("web1").active(), p4);
+    for n in ["web2", "web3"] {
+        assert_eq!(host_part(&d4, n)["status"], "skipped", "{d4:#}");
+        assert_eq!(f.host(n).activations(), vec![p1[n].clone()]);
+    }
+    // The pages render what the JSON says.
+    let page = reqwest::get(format!("{}/deployment/{}", f.kiln.url, d3["id"])).await.unwrap().text().await.unwrap();
+    assert!(page.contains("rolled-back") && page.contains("Wave 2"), "{page}");
+    let page = reqwest::get(format!("{}/environments", f.kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(page.contains("infra:prod") && page.contains(&p4), "{page}");
+}
+
+#[tokio::test]
+async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_key() {
+    let v1 = [("app", "ok", "yes", "v1")];
+    let env = |hosts: &[Host]| {
+        format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
+    };
+    let f = start(&["app"], &env, &v1);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let e1 = f.eval_of(&sha1).await;
+    let waiting = wait_for(120, "a deployment waiting for promotion", || async {
+        let (_, v) = f.api.get("/environment/infra/live").await;
+        v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e1 && d["status"] == "waiting").cloned()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(f.host("app").activations().is_empty(), "nothing is switched before Promote");
+    let id = waiting["id"].as_i64().unwrap();
+
+    // Promote needs a token; then the deployment runs.
+    let anon = Api::new(&f.kiln.url, None);
+    assert_eq!(anon.send("POST", &format!("/deployment/{id}/promote"), None).await.0, 401);
+    let (code, body) = f.api.send("POST", &format!("/deployment/{id}/promote"), None).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = f.api.send("POST", &format!("/deployment/{id}/promote"), None).await;
+    assert_eq!(code, 400, "promoted twice: {body}");
+    let d = f.ended_deployment("live", e1).await;
+    assert_eq!((d["status"].as_str(), d["reason"].as_str()), (Some("succeeded"), Some("promoted")), "{d:#}");
+    let p1 = f.closure(e1, "app").await;
+    assert_eq!(f.host("app").activations(), vec![p1.clone()]);
+
+    // Deploying by hand an evaluation the host already runs skips it.
+    let (code, body) =
+        f.api.send("POST", "/environment/infra/live/deploy", Some(serde_json::json!({"eval": e1}))).await;
+    assert_eq!(code, 200, "{body}");
+    let again = body["deployment"].as_i64().unwrap();
+    let d = wait_for(60, "the deployment by hand", || async {
+        let (_, d) = f.api.get(&format!("/deployment/{again}")).await;
+        (d["status"] == "succeeded").then_some(d)
+    })
+    .await;
+    assert_eq!(host_part(&d, "app")["status"], "skipped", "{d:#}");
+    let (code, body) =
+        f.api.send("POST", "/environment/infra/live/deploy", Some(serde_json::json!({"hosts": ["nope"]}))).await;
+    assert_eq!(code, 400, "{body}");
+
+    // A bad environment is an error that names the key, and changes nothing.
+    let bad = std::fs::read_to_string(f.flake.path().join(".kiln.toml"))
+        .unwrap()
+        .replace("mode = \"manual\"", "mode = \"manual\"\nbake_time = 3");
+    f.flake.write(".kiln.toml", &bad);
+    f.flake.commit("a typo");
+    let err = wait_for(60, "the project's error", || async {
+        let (_, p) = f.api.get("/project/infra").await;
+        p["error"].as_str().filter(|e| e.contains("bake_time")).map(str::to_string)
+    })
+    .await;
+    assert!(err.contains("environments.live"), "{err}");
+    let (code, _) = f.api.get("/environment/infra/live").await;
+    assert_eq!(code, 200, "the environment as last declared stays");
+}
