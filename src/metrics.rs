@@ -94,6 +94,14 @@ pub async fn render(db: &Db, queue: &crate::queue::Status) -> Result<String, DbE
     o.one("kiln_steps_built_total", "counter", "Steps this process built.", queue.steps_done as f64);
     o.one("kiln_steps_failed_total", "counter", "Steps that failed in this process.", queue.steps_failed as f64);
 
+    o.head("kiln_deployments", "gauge", "Deployments in the database, by status.");
+    for (status, n) in db::deployments::count_by_status(c.ex()).await? {
+        o.sample("kiln_deployments", &[("status", &status)], n as f64);
+    }
+    o.head("kiln_deployment_hosts", "gauge", "Hosts' parts in deployments, by status (rolled-back, failed, …).");
+    for (status, n) in db::deployment_hosts::count_by_status(c.ex()).await? {
+        o.sample("kiln_deployment_hosts", &[("status", &status)], n as f64);
+    }
     o.head("kiln_builds_finished", "gauge", "Finished builds in the database, by Hydra's status.");
     for (status, n) in db::builds::count_by_status(c.ex()).await? {
         let label = db::builds::BuildStatus::from_i64(status).map(|s| s.label()).unwrap_or("other");

@@ -5,7 +5,8 @@
 //! `bin/switch-to-configuration` records what is active, copies the
 //! closure's health into the host's directory (where the health check
 //! reads it), and, when the closure says so, stops the host's sshd (a
-//! configuration that cuts the host off) or starts it again.
+//! configuration that cuts the host off) or starts it again, or takes its
+//! time (so Kiln can be killed in the middle).
 
 mod support;
 
@@ -22,6 +23,7 @@ H="$HOST_DIR"
 echo "$KILN_PATH" > "$H/active"
 echo "$KILN_PATH" >> "$H/activations"
 cat "$KILN_PATH/health" > "$H/health"
+if [ "$(cat "$KILN_PATH/reach")" = slow ]; then sleep 4; fi
 if [ "$(cat "$KILN_PATH/reach")" = no ]; then
   kill "$(cat "$H/../sshd.pid")"
 else
@@ -139,6 +141,16 @@ fn deploy_key() -> (tempfile::TempDir, PathBuf, String) {
 }
 
 fn start(names: &[&str], env_toml: &dyn Fn(&[Host]) -> String, first: &[(&str, &str, &str, &str)]) -> Fixture {
+    start_on(None, names, env_toml, first)
+}
+
+/// As [`start`], on PostgreSQL when `database_url` is given.
+fn start_on(
+    database_url: Option<&str>,
+    names: &[&str],
+    env_toml: &dyn Fn(&[Host]) -> String,
+    first: &[(&str, &str, &str, &str)],
+) -> Fixture {
     let (key_dir, key, public) = deploy_key();
     let hosts: Vec<Host> = names.iter().map(|n| Host::start(n, &public)).collect();
     let kiln_toml = format!("[jobsets.main]\ncheck_interval = 1\n{}", env_toml(&hosts));
@@ -148,8 +160,9 @@ fn start(names: &[&str], env_toml: &dyn Fn(&[Host]) -> String, first: &[(&str, &
     std::fs::write(
         dir.path().join("kiln.toml"),
         format!(
-            "api_token_files = [\"token\"]\n[deploy]\nssh_key_file = \"{}\"\nconnect_timeout_s = 3\nactivate_timeout_s = 60\n\
+            "{}api_token_files = [\"token\"]\n[deploy]\nssh_key_file = \"{}\"\nconnect_timeout_s = 3\nactivate_timeout_s = 60\n\
              [[projects]]\nname = \"infra\"\nrepo = \"{}\"\n",
+            database_url.map(|u| format!("database_url = \"{u}\"\n")).unwrap_or_default(),
             key.display(),
             flake.path().display()
         ),
@@ -299,6 +312,9 @@ async fn waves_go_green_a_failing_canary_is_rolled_back_and_stops_the_rollout() 
         assert_eq!(host_part(&d4, n)["status"], "skipped", "{d4:#}");
         assert_eq!(f.host(n).activations(), vec![p1[n].clone()]);
     }
+    let metrics = reqwest::get(format!("{}/metrics", f.kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kiln_deployments{status=\"failed\"} 2"), "{metrics}");
+    assert!(metrics.contains("kiln_deployment_hosts{status=\"rolled-back\"} 2"), "{metrics}");
     // The pages render what the JSON says.
     let page = reqwest::get(format!("{}/deployment/{}", f.kiln.url, d3["id"])).await.unwrap().text().await.unwrap();
     assert!(page.contains("rolled-back") && page.contains("Wave 2"), "{page}");
@@ -308,11 +324,13 @@ async fn waves_go_green_a_failing_canary_is_rolled_back_and_stops_the_rollout() 
 
 #[tokio::test]
 async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_key() {
+    // On PostgreSQL (the other tests run on SQLite).
+    let pg = PgDatabase::create().await;
     let v1 = [("app", "ok", "yes", "v1")];
     let env = |hosts: &[Host]| {
         format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
     };
-    let f = start(&["app"], &env, &v1);
+    let f = start_on(Some(&pg.url), &["app"], &env, &v1);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
     let waiting = wait_for(120, "a deployment waiting for promotion", || async {
@@ -365,4 +383,54 @@ async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_
     assert!(err.contains("environments.live"), "{err}");
     let (code, _) = f.api.get("/environment/infra/live").await;
     assert_eq!(code, 200, "the environment as last declared stays");
+}
+
+#[tokio::test]
+async fn kiln_killed_mid_switch_resumes_the_deployment_after_a_restart() {
+    let env = |hosts: &[Host]| {
+        let mut t =
+            "[environments.prod]\njobset = \"main\"\nwaves = [[\"a\"], [\"b\"]]\nconfirm_timeout_s = 4\n".to_string();
+        for h in hosts {
+            t.push_str(&h.toml("prod"));
+        }
+        t
+    };
+    let mut f = start(&["a", "b"], &env, &[("a", "ok", "yes", "v1"), ("b", "ok", "yes", "v1")]);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let e1 = f.eval_of(&sha1).await;
+    assert_eq!(f.ended_deployment("prod", e1).await["status"], "succeeded");
+    let p1 = f.closure(e1, "a").await;
+
+    // The canary's activation takes seconds: Kiln is killed during it.
+    let sha2 = f.commit(&[("a", "ok", "slow", "v2"), ("b", "ok", "yes", "v2")], "v2");
+    let e2 = f.eval_of(&sha2).await;
+    let id = wait_for(120, "the canary switching", || async {
+        let (_, v) = f.api.get("/environment/infra/prod").await;
+        let d = v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e2)?.clone();
+        let (_, d) = f.api.get(&format!("/deployment/{}", d["id"])).await;
+        (host_part(&d, "a")["status"] == "switching").then(|| d["id"].as_i64().unwrap())
+    })
+    .await;
+    f.kiln.child.kill().unwrap();
+    let _ = f.kiln.child.wait();
+    let dir = std::mem::replace(&mut f.kiln.dir, tempfile::tempdir().unwrap());
+    f.kiln = Kiln::start_in(dir, &[]);
+    f.api = Api::new(&f.kiln.url, Some(TOKEN));
+
+    // The restarted server ends the old attempt's watchdog, switches the
+    // canary again from the previous closure it recorded, and goes on.
+    let d = f.ended_deployment("prod", e2).await;
+    assert_eq!((d["id"].as_i64(), d["status"].as_str()), (Some(id), Some("succeeded")), "{d:#}");
+    let p2 = f.closure(e2, "a").await;
+    let a = host_part(&d, "a");
+    assert_eq!((a["status"].as_str(), a["previous_path"].as_str()), (Some("succeeded"), Some(p1.as_str())), "{a:#}");
+    assert_eq!(host_part(&d, "b")["status"], "succeeded", "{d:#}");
+    let acts = f.host("a").activations();
+    assert_eq!(acts.first(), Some(&p1));
+    assert!(acts[1..].iter().all(|p| p == &p2) && acts.len() >= 2, "{acts:?}");
+    // Past the confirmation timeout no watchdog has rolled the canary back.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!((f.host("a").active(), f.host("a").profile()), (p2.clone(), p2));
+    let (_, env) = f.api.get("/environment/infra/prod").await;
+    assert_eq!(env["deployments"].as_array().unwrap().iter().filter(|d| d["eval_id"] == e2).count(), 1, "{env:#}");
 }

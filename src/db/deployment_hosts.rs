@@ -144,3 +144,9 @@ pub async fn current(ex: Ex<'_>, environment_id: i64) -> Result<Vec<(String, Opt
     }
     Ok(out)
 }
+
+/// Hosts' parts by status, for `/metrics`.
+pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(run!(ex, c => sqlx::query_as("SELECT status, COUNT(*) FROM deployment_hosts GROUP BY status ORDER BY status")
+        .fetch_all(&mut *c).await?))
+}

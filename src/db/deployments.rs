@@ -107,3 +107,9 @@ pub async fn finish(ex: Ex<'_>, id: i64, status: &str, error: Option<&str>) -> R
         .bind(id).bind(status).bind(error).bind(now()).execute(&mut *c).await?.rows_affected());
     Ok(())
 }
+
+/// Deployments by status, for `/metrics`.
+pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(run!(ex, c => sqlx::query_as("SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status")
+        .fetch_all(&mut *c).await?))
+}

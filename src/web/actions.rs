@@ -314,8 +314,10 @@ pub async fn deployment_action(
 #[derive(serde::Deserialize, utoipa::ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
-    /// The evaluation (default: the jobset's newest).
-    pub eval: Option<i64>,
+    /// The evaluation (default: the jobset's newest that succeeded). A
+    /// number: JSON's `12.0` is 12, as JSON Schema counts it.
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    pub eval: Option<serde_json::Number>,
     /// Only these hosts (default: all).
     pub hosts: Option<Vec<String>>,
 }
@@ -337,11 +339,6 @@ pub async fn environment_deploy(
     body: axum::body::Bytes,
 ) -> Result<Response, WebError> {
     auth::require(&s, &headers).await?;
-    let req: DeployRequest = if body.is_empty() {
-        DeployRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| WebError::BadRequest(format!("the request body: {e}")))?
-    };
     let env = {
         let mut c = s.db.conn().await?;
         db::environments::get(c.ex(), &project, &name)
@@ -349,7 +346,20 @@ pub async fn environment_deploy(
             .filter(|e| e.declared)
             .ok_or_else(|| WebError::NotFound(format!("environment {project}:{name}")))?
     };
-    let d = crate::deploy::deploy_now(&s.db, &env, req.eval, req.hosts.as_deref(), "api")
+    let req: DeployRequest = if body.is_empty() {
+        DeployRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| WebError::BadRequest(format!("the request body: {e}")))?
+    };
+    let eval = match &req.eval {
+        None => None,
+        Some(n) => Some(
+            n.as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64))
+                .ok_or_else(|| WebError::BadRequest(format!("eval: {n} is not an evaluation id")))?,
+        ),
+    };
+    let d = crate::deploy::deploy_now(&s.db, &env, eval, req.hosts.as_deref(), "api")
         .await?
         .map_err(WebError::BadRequest)?;
     s.events.deployment_changed(d.id);
