@@ -1,7 +1,8 @@
 //! Kiln: a continuous-integration build coordinator for Nix flakes.
 //!
 //! Data flows one way: trigger → fetch → eval → queue → builder → cache →
-//! notify, with the database (`db`) underneath. `nix` holds Nix's formats,
+//! notify, with the database (`db`) underneath; `deploy` takes green
+//! evaluations' closures from there to hosts. `nix` holds Nix's formats,
 //! `config` the configuration, `serve` wires the long-running server
 //! together and `web` its HTTP side.
 
