@@ -194,65 +194,40 @@ impl Sessions {
 
     async fn open(&self, m: &Machine) -> Result<Arc<openssh::Session>, ConnectError> {
         let Transport::Ssh { user, host, port } = &m.transport else { unreachable!("local machines have no session") };
-        let err = |message: String| ConnectError::Ssh { machine: m.uri.clone(), message };
-        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
-        let mut b = openssh::SessionBuilder::default();
-        b.known_hosts_check(openssh::KnownHosts::Strict)
-            .connect_timeout(self.connect_timeout)
-            .server_alive_interval(Duration::from_secs(15))
-            // A master Kiln no longer uses (after a crash, say) goes away.
-            .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(60).expect("non-zero")))
-            .control_directory(&self.dir);
-        if let Some(u) = user {
-            b.user(u.clone());
-        }
-        if let Some(p) = port {
-            b.port(*p);
-        }
-        if let Some(k) = &m.ssh_key {
-            b.keyfile(k);
-        }
-        if m.compress {
-            b.compression(true);
-        }
-        if let Some(key) = &m.host_key {
-            // The machines file pins the host key: a known_hosts of our own.
-            let name = crate::nix::Hash::sha256(m.uri.as_bytes()).to_hex();
-            let file = self.dir.join(format!("known_hosts-{}", &name[..16]));
-            let mut lines = format!("{host} {key}\n");
-            if let Some(p) = port {
-                lines.push_str(&format!("[{host}]:{p} {key}\n"));
-            }
-            std::fs::write(&file, lines).map_err(|e| err(e.to_string()))?;
-            b.user_known_hosts_file(&file);
-        }
-        let connect = b.connect(host);
-        let s = match tokio::time::timeout(self.connect_timeout + Duration::from_secs(5), connect).await {
-            Ok(Ok(s)) => Arc::new(s),
-            Ok(Err(e)) => {
-                let mut message = format!("{e}: {}", source_chain(&e));
-                // Strict checking refuses a changed or unknown key; say
-                // where the expected one came from.
-                if message.contains("Host key verification failed") {
-                    // ssh's banner says it at length; the key it got is
-                    // what a reader needs from it.
-                    let got = message.split_whitespace().find(|w| w.starts_with("SHA256:"));
-                    message = format!(
-                        "Host key verification failed: the host's key{} is not {}",
-                        got.map(|k| format!(" ({})", k.trim_end_matches('.'))).unwrap_or_default(),
-                        match m.host_key {
-                            Some(_) => "the one the machines file pins (its 8th field or base64-ssh-public-host-key)",
-                            None => "in known_hosts, and the machines file pins none (its 8th field)",
-                        }
-                    );
-                }
-                return Err(err(message));
-            }
-            Err(_) => {
-                return Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() });
-            }
+        let login = SshLogin {
+            user: user.as_deref(),
+            host,
+            port: *port,
+            key_file: m.ssh_key.as_deref(),
+            pinned_host_key: m.host_key.as_deref(),
         };
-        Ok(s)
+        let compress = m.compress;
+        let opened = open_ssh(&self.dir, &login, self.connect_timeout, |b| {
+            b.server_alive_interval(Duration::from_secs(15))
+                // A master Kiln no longer uses (after a crash, say) goes away.
+                .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(60).expect("non-zero")));
+            if compress {
+                b.compression(true);
+            }
+        })
+        .await;
+        match opened {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(SshFailure::Timeout) => {
+                Err(ConnectError::Timeout { machine: m.uri.clone(), secs: self.connect_timeout.as_secs() })
+            }
+            Err(SshFailure::Failed(message)) => Err(ConnectError::Ssh { machine: m.uri.clone(), message }),
+            Err(SshFailure::HostKey { got }) => Err(ConnectError::Ssh {
+                machine: m.uri.clone(),
+                message: host_key_message(
+                    got.as_deref(),
+                    match m.host_key {
+                        Some(_) => "the one the machines file pins (its 8th field or base64-ssh-public-host-key)",
+                        None => "in known_hosts, and the machines file pins none (its 8th field)",
+                    },
+                ),
+            }),
+        }
     }
 
     /// Forgets a machine's master (after an error), so the next connection
@@ -362,6 +337,82 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s.join(": ")
+}
+
+/// Where Kiln logs in over SSH: what builders and deployment targets share.
+pub struct SshLogin<'a> {
+    pub user: Option<&'a str>,
+    pub host: &'a str,
+    pub port: Option<u16>,
+    pub key_file: Option<&'a Path>,
+    /// A pinned host key line (`ssh-ed25519 AAAA…`); without it, the
+    /// user's known_hosts must know the host.
+    pub pinned_host_key: Option<&'a str>,
+}
+
+/// Why an SSH master could not be opened.
+pub enum SshFailure {
+    Timeout,
+    /// Strict checking refused the host's key; `got` is its fingerprint.
+    HostKey {
+        got: Option<String>,
+    },
+    Failed(String),
+}
+
+/// "Host key verification failed", with the key the host offered and
+/// where the expected one comes from (ssh's own banner says it at length).
+pub fn host_key_message(got: Option<&str>, expected: &str) -> String {
+    format!(
+        "Host key verification failed: the host's key{} is not {expected}",
+        got.map(|k| format!(" ({k})")).unwrap_or_default()
+    )
+}
+
+/// Opens an SSH master to `login` with strict host key checking (a
+/// pinned key goes into a known_hosts file of Kiln's own in `dir`, named
+/// by host, port and key); `configure` adds the caller's own settings.
+pub async fn open_ssh(
+    dir: &Path,
+    login: &SshLogin<'_>,
+    connect_timeout: Duration,
+    configure: impl FnOnce(&mut openssh::SessionBuilder),
+) -> Result<openssh::Session, SshFailure> {
+    std::fs::create_dir_all(dir).map_err(|e| SshFailure::Failed(format!("{}: {e}", dir.display())))?;
+    let mut b = openssh::SessionBuilder::default();
+    b.known_hosts_check(openssh::KnownHosts::Strict).connect_timeout(connect_timeout).control_directory(dir);
+    if let Some(u) = login.user {
+        b.user(u.to_string());
+    }
+    if let Some(p) = login.port {
+        b.port(p);
+    }
+    if let Some(k) = login.key_file {
+        b.keyfile(k);
+    }
+    if let Some(key) = login.pinned_host_key {
+        let name = crate::nix::Hash::sha256(format!("{} {:?} {key}", login.host, login.port).as_bytes()).to_hex();
+        let file = dir.join(format!("known_hosts-{}", &name[..16]));
+        let mut lines = format!("{} {key}\n", login.host);
+        if let Some(p) = login.port {
+            lines.push_str(&format!("[{}]:{p} {key}\n", login.host));
+        }
+        std::fs::write(&file, lines).map_err(|e| SshFailure::Failed(format!("{}: {e}", file.display())))?;
+        b.user_known_hosts_file(&file);
+    }
+    configure(&mut b);
+    match tokio::time::timeout(connect_timeout + Duration::from_secs(5), b.connect(login.host)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            let message = format!("{e}: {}", source_chain(&e));
+            if message.contains("Host key verification failed") {
+                let got = message.split_whitespace().find(|w| w.starts_with("SHA256:"));
+                return Err(SshFailure::HostKey { got: got.map(|k| k.trim_end_matches('.').to_string()) });
+            }
+            Err(SshFailure::Failed(message))
+        }
+        Err(_) => Err(SshFailure::Timeout),
+    }
 }
 
 /// Copies the process's stderr to the current log target, keeping the last

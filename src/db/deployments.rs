@@ -15,11 +15,12 @@ pub const FAILED: &str = "failed";
 pub const SUPERSEDED: &str = "superseded";
 pub const CANCELLED: &str = "cancelled";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Deployment {
     pub id: i64,
     pub environment_id: i64,
     pub eval_id: i64,
+    /// `waiting` (for Promote), `queued`, `running`, `succeeded`, `failed`, `superseded`, `cancelled`.
     pub status: String,
     /// `auto`, `promoted`, `cli`, `api`.
     pub reason: String,
@@ -70,6 +71,16 @@ pub async fn latest_planned(ex: Ex<'_>, environment_id: i64) -> Result<Option<De
         " FROM deployments WHERE environment_id = $1 AND status NOT IN ('superseded', 'cancelled') ORDER BY id DESC LIMIT 1"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(environment_id).fetch_optional(&mut *c).await?))
+}
+
+/// The environment's newest deployment (any status), and whether any of
+/// its deployments is still open: what planning's memo is keyed on.
+pub async fn newest_and_open(ex: Ex<'_>, environment_id: i64) -> Result<(Option<i64>, bool)> {
+    let (newest, open): (Option<i64>, Option<i64>) = run!(ex, c => sqlx::query_as(
+        "SELECT MAX(id), CAST(MAX(CASE WHEN status IN ('waiting', 'queued', 'running') THEN 1 ELSE 0 END) AS BIGINT)
+         FROM deployments WHERE environment_id = $1")
+        .bind(environment_id).fetch_one(&mut *c).await?);
+    Ok((newest, open == Some(1)))
 }
 
 /// Deployments that are queued or running, oldest first.

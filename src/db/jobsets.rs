@@ -121,6 +121,11 @@ pub async fn get(ex: Ex<'_>, project: &str, name: &str) -> Result<Option<Jobset>
     Ok(run!(ex, c => sqlx::query_as(sql).bind(project).bind(name).fetch_optional(&mut *c).await?))
 }
 
+pub async fn get_in_project(ex: Ex<'_>, project_id: i64, name: &str) -> Result<Option<Jobset>> {
+    let sql = concat!("SELECT ", cols!(), " FROM jobsets WHERE project_id = $1 AND name = $2");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(project_id).bind(name).fetch_optional(&mut *c).await?))
+}
+
 pub async fn get_by_id(ex: Ex<'_>, id: i64) -> Result<Option<Jobset>> {
     let sql = concat!("SELECT ", cols!(), " FROM jobsets WHERE id = $1");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))

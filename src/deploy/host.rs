@@ -22,6 +22,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::spec::{HealthCheck, target_parts};
+use crate::builder::connection::{SshFailure, SshLogin, host_key_message, open_ssh};
 
 #[derive(Debug, Error)]
 pub enum HostError {
@@ -115,51 +116,28 @@ fn tail(mut s: String) -> String {
 
 impl Ssh {
     async fn open(&self, t: &Target) -> Result<openssh::Session, HostError> {
+        let login = SshLogin {
+            user: t.user.as_deref(),
+            host: &t.host,
+            port: t.port,
+            key_file: self.key.as_deref(),
+            pinned_host_key: t.host_key.as_deref(),
+        };
         let unreachable = |message: String| HostError::Unreachable { host: t.name.clone(), message };
-        std::fs::create_dir_all(&self.dir).map_err(|e| HostError::Local(format!("{}: {e}", self.dir.display())))?;
-        let mut b = openssh::SessionBuilder::default();
-        b.known_hosts_check(openssh::KnownHosts::Strict)
-            .connect_timeout(self.connect_timeout)
-            .server_alive_interval(Duration::from_secs(5))
-            .control_directory(&self.dir);
-        if let Some(u) = &t.user {
-            b.user(u.clone());
-        }
-        if let Some(p) = t.port {
-            b.port(p);
-        }
-        if let Some(k) = &self.key {
-            b.keyfile(k);
-        }
-        if let Some(key) = &t.host_key {
-            let name = crate::nix::Hash::sha256(format!("{}:{:?}", t.host, t.port).as_bytes()).to_hex();
-            let file = self.dir.join(format!("known_hosts-{}", &name[..16]));
-            let mut lines = format!("{} {key}\n", t.host);
-            if let Some(p) = t.port {
-                lines.push_str(&format!("[{}]:{p} {key}\n", t.host));
+        open_ssh(&self.dir, &login, self.connect_timeout, |b| {
+            b.server_alive_interval(Duration::from_secs(5));
+        })
+        .await
+        .map_err(|e| match e {
+            SshFailure::Timeout => {
+                unreachable(format!("connecting timed out after {} s", self.connect_timeout.as_secs()))
             }
-            std::fs::write(&file, lines).map_err(|e| HostError::Local(format!("{}: {e}", file.display())))?;
-            b.user_known_hosts_file(&file);
-        }
-        match tokio::time::timeout(self.connect_timeout + Duration::from_secs(5), b.connect(&t.host)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => {
-                let mut message = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    message.push_str(&format!(": {s}"));
-                    src = s.source();
-                }
-                if message.contains("Host key verification failed") {
-                    message = format!(
-                        "Host key verification failed: the host's key is not {}",
-                        if t.host_key.is_some() { "the environment's host_key" } else { "in known_hosts" }
-                    );
-                }
-                Err(unreachable(message))
-            }
-            Err(_) => Err(unreachable(format!("connecting timed out after {} s", self.connect_timeout.as_secs()))),
-        }
+            SshFailure::HostKey { got } => unreachable(host_key_message(
+                got.as_deref(),
+                if t.host_key.is_some() { "the environment's host_key" } else { "in known_hosts" },
+            )),
+            SshFailure::Failed(message) => unreachable(message),
+        })
     }
 
     /// Runs `script` with `sh` on the host over a new connection.

@@ -12,7 +12,7 @@ pub mod plan;
 pub mod run;
 pub mod spec;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,11 +33,14 @@ pub struct Deployer {
     owner: String,
     /// Environments whose deployment runs in this process.
     active: Arc<Mutex<HashSet<i64>>>,
+    /// Per environment, what planning settled (see [`plan::Tick`]) and the
+    /// declaration it was settled under: not worked out again each tick.
+    settled: Arc<Mutex<HashMap<i64, (plan::Settled, String)>>>,
 }
 
 impl Deployer {
     pub fn new(ctx: run::Ctx, owner: String) -> Deployer {
-        Deployer { ctx, owner, active: Default::default() }
+        Deployer { ctx, owner, active: Default::default(), settled: Default::default() }
     }
 
     /// Plans and starts deployments until `stop` resolves.
@@ -60,8 +63,16 @@ impl Deployer {
             environments::list(c.ex()).await?
         };
         for (_, env) in &envs {
-            if let Err(e) = plan::tick(&self.ctx.db, env).await {
-                warn!(environment = %env.name, error = %e, "cannot plan a deployment");
+            let settled = match self.settled.lock().expect("settled").get(&env.id) {
+                Some((key, spec)) if *spec == env.spec => Some(*key),
+                _ => None,
+            };
+            match plan::tick(&self.ctx.db, env, settled).await {
+                Ok(plan::Tick::Settled(key)) => {
+                    self.settled.lock().expect("settled").insert(env.id, (key, env.spec.clone()));
+                }
+                Ok(_) => {}
+                Err(e) => warn!(environment = %env.name, error = %e, "cannot plan a deployment"),
             }
         }
         let runnable = {
@@ -154,11 +165,7 @@ pub async fn deploy_now(
     let spec = env.spec()?;
     let eval_id = {
         let mut c = db.conn().await?;
-        let Some(jobset) = crate::db::jobsets::list_for_project(c.ex(), env.project_id)
-            .await?
-            .into_iter()
-            .find(|j| j.name == spec.jobset)
-        else {
+        let Some(jobset) = crate::db::jobsets::get_in_project(c.ex(), env.project_id, &spec.jobset).await? else {
             return Ok(Err(format!("the jobset {} does not exist", spec.jobset)));
         };
         match eval {

@@ -75,38 +75,68 @@ pub async fn readiness(mut ex: Ex<'_>, env: &spec::Environment, eval_id: i64) ->
     Ok(Readiness::Ready(hosts))
 }
 
+/// What a planning tick came to.
+#[derive(Debug)]
+pub enum Tick {
+    Planned(Deployment),
+    /// The newest evaluation is settled: planned already, never
+    /// deployable, or what every host runs. Nothing changes that until a
+    /// newer evaluation, a new deployment or a new declaration: the key
+    /// is the evaluation and the environment's newest deployment, given
+    /// only while no deployment is open (an open one changes hosts).
+    Settled(Settled),
+    /// Not decided yet (an evaluation running, builds unfinished).
+    Later,
+}
+
+/// What a settled tick is keyed on: `(evaluation, newest deployment)`.
+pub type Settled = (i64, Option<i64>);
+
 /// Plans the environment's next deployment if a newer green evaluation
-/// changes some host; returns it.
-pub async fn tick(db: &Db, env: &Environment) -> Result<Option<Deployment>, DbError> {
+/// changes some host. `settled` is what an earlier tick settled, which is
+/// not worked out again.
+pub async fn tick(db: &Db, env: &Environment, settled: Option<Settled>) -> Result<Tick, DbError> {
     let spec = env.spec()?;
     let mut c = db.conn().await?;
-    let Some(jobset) =
-        jobsets::list_for_project(c.ex(), env.project_id).await?.into_iter().find(|j| j.name == spec.jobset)
-    else {
-        return Ok(None);
+    let Some(jobset) = jobsets::get_in_project(c.ex(), env.project_id, &spec.jobset).await? else {
+        return Ok(Tick::Later);
     };
-    let Some(eval) = evaluations::latest(c.ex(), jobset.id, 1).await?.into_iter().next() else { return Ok(None) };
-    if eval.status != "succeeded" {
-        return Ok(None);
+    let Some(eval) = evaluations::latest(c.ex(), jobset.id, 1).await?.into_iter().next() else {
+        return Ok(Tick::Later);
+    };
+    let (newest, open) = deployments::newest_and_open(c.ex(), env.id).await?;
+    let key = (eval.id, newest);
+    if settled == Some(key) {
+        return Ok(Tick::Settled(key));
+    }
+    let settle = if open { Tick::Later } else { Tick::Settled(key) };
+    match eval.status.as_str() {
+        "succeeded" => {}
+        "running" => return Ok(Tick::Later),
+        _ => return Ok(settle),
     }
     if let Some(last) = deployments::latest_planned(c.ex(), env.id).await?
         && last.eval_id >= eval.id
     {
-        return Ok(None);
+        return Ok(settle);
     }
-    let Readiness::Ready(hosts) = readiness(c.ex(), &spec, eval.id).await? else { return Ok(None) };
+    let hosts = match readiness(c.ex(), &spec, eval.id).await? {
+        Readiness::Ready(hosts) => hosts,
+        Readiness::NotYet(_) => return Ok(Tick::Later),
+        Readiness::Never(_) => return Ok(settle),
+    };
     let current = deployment_hosts::current(c.ex(), env.id).await?;
     let unchanged =
         hosts.iter().all(|h| current.iter().any(|(n, on, _)| n == &h.host && on.as_deref() == Some(&h.path)));
     if unchanged {
-        return Ok(None);
+        return Ok(settle);
     }
     drop(c);
     let status = match spec.mode {
         Mode::Auto => deployments::QUEUED,
         Mode::Manual => deployments::WAITING,
     };
-    create(db, env.id, eval.id, &hosts, status, "auto").await.map(Some)
+    create(db, env.id, eval.id, &hosts, status, "auto").await.map(Tick::Planned)
 }
 
 /// Records a deployment of `hosts` and supersedes the environment's

@@ -9,36 +9,6 @@ use crate::db::deployments::{self, Deployment};
 use crate::db::environments;
 use crate::deploy::host::CheckResult;
 
-/// A deployment without its hosts.
-#[derive(serde::Serialize, utoipa::ToSchema, Clone)]
-pub struct DeploymentSummary {
-    pub id: i64,
-    pub eval_id: i64,
-    /// `waiting` (for Promote), `queued`, `running`, `succeeded`, `failed`, `superseded`, `cancelled`.
-    pub status: String,
-    /// `auto`, `promoted`, `api`, `cli`.
-    pub reason: String,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    pub error: Option<String>,
-}
-
-impl From<Deployment> for DeploymentSummary {
-    fn from(d: Deployment) -> Self {
-        DeploymentSummary {
-            id: d.id,
-            eval_id: d.eval_id,
-            status: d.status,
-            reason: d.reason,
-            created_at: d.created_at,
-            started_at: d.started_at,
-            finished_at: d.finished_at,
-            error: d.error,
-        }
-    }
-}
-
 /// A host of an environment and the closure Kiln last left it on.
 #[derive(serde::Serialize, utoipa::ToSchema, Clone)]
 pub struct HostNow {
@@ -61,7 +31,7 @@ pub struct EnvironmentView {
     pub waves: Vec<Vec<String>>,
     pub hosts: Vec<HostNow>,
     /// Newest first.
-    pub deployments: Vec<DeploymentSummary>,
+    pub deployments: Vec<Deployment>,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -109,7 +79,7 @@ impl From<HostRow> for DeploymentHost {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct DeploymentView {
     #[serde(flatten)]
-    pub deployment: DeploymentSummary,
+    pub deployment: Deployment,
     pub project: String,
     pub environment: String,
     pub hosts: Vec<DeploymentHost>,
@@ -138,7 +108,7 @@ async fn environment_view(
             }
         })
         .collect();
-    let deployments = deployments::of_environment(c.ex(), env.id, limit).await?.into_iter().map(Into::into).collect();
+    let deployments = deployments::of_environment(c.ex(), env.id, limit).await?;
     Ok(EnvironmentView {
         project: project.to_string(),
         name: env.name.clone(),
@@ -231,7 +201,7 @@ pub async fn deployment(
         .await?
         .ok_or_else(|| WebError::NotFound(format!("deployment {id}")))?;
     let hosts: Vec<DeploymentHost> = dh::of_deployment(c.ex(), id).await?.into_iter().map(Into::into).collect();
-    let view = DeploymentView { deployment: d.into(), project: project.name, environment: env.name, hosts };
+    let view = DeploymentView { deployment: d, project: project.name, environment: env.name, hosts };
     if wants_json(&headers) {
         return Ok(axum::Json(view).into_response());
     }
