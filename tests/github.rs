@@ -446,6 +446,7 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
         }
         let hung_before = fake.hub.lock().unwrap().hung;
         let mut paused = 0;
+        let before = kiln::db::now();
         // Without a timeout the first request waits for ever, and so does the second.
         let tried =
             tokio::time::timeout(Duration::from_secs(20), kiln::github::sender::send_due(&db, creds, &mut paused))
@@ -461,7 +462,11 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
         let m = &m[0];
         assert!(m.delivered_at.is_none() && m.given_up_at.is_none(), "{m:?}");
         assert_eq!(m.attempts, 1, "{m:?}");
-        assert!(m.next_attempt_at > kiln::db::now(), "retried later, after the backoff: {m:?}");
+        // Timestamps are whole seconds and the first backoff is one: the
+        // failure is marked at least a second (the timeout) after `before`,
+        // so the retry is due no sooner than two. Comparing with the clock
+        // after the call raced the backoff running out.
+        assert!(m.next_attempt_at >= before + 2, "retried later, after the timeout and the backoff: {m:?}");
         assert!(m.last_error.as_deref().is_some_and(|e| !e.is_empty()), "{m:?}");
         let d = outbox::for_target(c.ex(), &fine.target()).await.unwrap();
         assert!(d[0].delivered_at.is_some(), "{d:?}");
