@@ -230,11 +230,23 @@ pub struct DeployConfig {
     pub connect_timeout_s: u64,
     /// Seconds an activation may take.
     pub activate_timeout_s: u64,
+    /// Per pull host (`pull = true`), the file holding the token its
+    /// `kiln agent` presents.
+    pub agent_token_files: std::collections::BTreeMap<String, PathBuf>,
+    /// Seconds a pull host's wave waits for its agent to take the closure.
+    pub agent_wait_s: u64,
 }
 
 impl Default for DeployConfig {
     fn default() -> Self {
-        DeployConfig { ssh_key_file: None, cache_url: None, connect_timeout_s: 10, activate_timeout_s: 600 }
+        DeployConfig {
+            ssh_key_file: None,
+            cache_url: None,
+            connect_timeout_s: 10,
+            activate_timeout_s: 600,
+            agent_token_files: Default::default(),
+            agent_wait_s: 600,
+        }
     }
 }
 
@@ -467,6 +479,10 @@ impl Config {
         }
         for f in &self.api_token_files {
             read_secret(f).map_err(|reason| ConfigError::key(origin, "api_token_files", reason))?;
+        }
+        for (host, f) in &self.deploy.agent_token_files {
+            read_secret(f)
+                .map_err(|reason| ConfigError::key(origin, &format!("deploy.agent_token_files.{host}"), reason))?;
         }
         if let Some(gh) = &self.github {
             for (key, f) in [

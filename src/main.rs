@@ -75,6 +75,20 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Run on a pull host (`pull = true` in its environment): take each
+    /// closure Kiln deploys to this host, switch to it, check it, roll back
+    /// on failure, and report every step to Kiln.
+    Agent {
+        /// Kiln's URL, e.g. https://ci.example.org.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// This host's name in its environment.
+        #[arg(long, value_name = "NAME")]
+        host: String,
+        /// The file holding this host's agent token ([deploy] agent_token_files on the server).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+    },
     /// Manage the database.
     Db {
         #[command(subcommand)]
@@ -257,6 +271,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Usage(anyhow::anyhow!("--workers must be at least 1")));
             }
             runtime()?.block_on(eval_command(req, json))
+        }
+        Command::Agent { server, host, token_file } => {
+            init_logging(LogFormat::Text);
+            if !(server.starts_with("http://") || server.starts_with("https://")) {
+                return Err(Failure::Usage(anyhow::anyhow!("--server must be an http:// or https:// URL")));
+            }
+            let token = kiln::config::read_secret(&token_file).map_err(|e| Failure::Usage(anyhow::anyhow!(e)))?;
+            let reporter = kiln::deploy::agent::Reporter::new(&server, &host, token);
+            runtime()?.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| Failure::Failed(e.into()))?;
+                let stop = async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                };
+                kiln::deploy::agent::run(reporter, stop).await;
+                Ok(())
+            })
         }
         Command::Db { command: DbCommand::Migrate } => {
             let config = Config::load(cli.config.as_deref())?;

@@ -389,6 +389,7 @@ pub fn deploy_ctx(
             connect_timeout: std::time::Duration::from_secs(d.connect_timeout_s),
         },
         activate_timeout: std::time::Duration::from_secs(d.activate_timeout_s),
+        agent_wait: std::time::Duration::from_secs(d.agent_wait_s),
         substituter: Some((d.cache_url.clone().unwrap_or_else(|| config.base_url()), public_key.to_string())),
         events,
     }

@@ -24,6 +24,7 @@ echo "$KILN_PATH" > "$H/active"
 echo "$KILN_PATH" >> "$H/activations"
 cat "$KILN_PATH/health" > "$H/health"
 if [ "$(cat "$KILN_PATH/reach")" = slow ]; then sleep 4; fi
+if [ ! -e "$H/../sshd_config" ]; then exit 0; fi
 if [ "$(cat "$KILN_PATH/reach")" = no ]; then
   kill "$(cat "$H/../sshd.pid")"
 else
@@ -32,6 +33,8 @@ fi
 "#;
 
 const TOKEN: &str = "deploy-test-token-0123456789";
+/// The token of the pull host `lap`'s agent.
+const AGENT_TOKEN: &str = "agent-token-of-lap-9876543210";
 
 struct Host {
     name: String,
@@ -157,10 +160,12 @@ fn start_on(
     let flake = Flake::new(&flake_nix(first), &[("switch.sh", SWITCH), (".kiln.toml", &kiln_toml)]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(dir.path().join("agent-token"), format!("{AGENT_TOKEN}\n")).unwrap();
     std::fs::write(
         dir.path().join("kiln.toml"),
         format!(
             "{}api_token_files = [\"token\"]\n[deploy]\nssh_key_file = \"{}\"\nconnect_timeout_s = 3\nactivate_timeout_s = 60\n\
+             agent_wait_s = 6\nagent_token_files = {{ lap = \"agent-token\" }}\n\
              [[projects]]\nname = \"infra\"\nrepo = \"{}\"\n",
             database_url.map(|u| format!("database_url = \"{u}\"\n")).unwrap_or_default(),
             key.display(),
@@ -433,4 +438,149 @@ async fn kiln_killed_mid_switch_resumes_the_deployment_after_a_restart() {
     assert_eq!((f.host("a").active(), f.host("a").profile()), (p2.clone(), p2));
     let (_, env) = f.api.get("/environment/infra/prod").await;
     assert_eq!(env["deployments"].as_array().unwrap().iter().filter(|d| d["eval_id"] == e2).count(), 1, "{env:#}");
+}
+
+/// A host Kiln cannot reach: its agent, run as on the host, takes each
+/// closure, switches, checks, rolls back and reports, as a push would.
+struct PullHost {
+    dir: tempfile::TempDir,
+}
+
+impl PullHost {
+    fn new() -> PullHost {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("host")).unwrap();
+        PullHost { dir }
+    }
+    fn h(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+    fn toml(&self) -> String {
+        let h = self.h();
+        let h = h.display();
+        format!(
+            "[environments.field]\njobset = \"main\"\nconfirm_timeout_s = 4\n\
+             [environments.field.hosts.lap]\npull = true\njob = \"hosts.lap\"\nprofile = \"{h}/profiles/system\"\n\
+             activate = \"HOST_DIR={h} $KILN_PATH/bin/switch-to-configuration switch\"\n\
+             health_checks = [{{ command = \"grep -qx ok {h}/health\", timeout_s = 10 }}]\n"
+        )
+    }
+    fn active(&self) -> String {
+        std::fs::read_to_string(self.h().join("active")).unwrap_or_default().trim().to_string()
+    }
+    fn activations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.h().join("activations")).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+    fn profile(&self) -> String {
+        std::fs::canonicalize(self.h().join("profiles/system")).map(|p| p.display().to_string()).unwrap_or_default()
+    }
+}
+
+struct Agent(std::process::Child);
+
+impl Agent {
+    fn start(url: &str, token_file: &std::path::Path, log: &std::path::Path) -> Agent {
+        let child = kiln_cmd()
+            .args(["agent", "--server", url, "--host", "lap", "--token-file"])
+            .arg(token_file)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent(child)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
+    let lap = PullHost::new();
+    let toml = lap.toml();
+    let f = start(&[], &|_| toml.clone(), &[("lap", "ok", "yes", "v1")]);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let token_file = lap.dir.path().join("agent-token");
+    std::fs::write(&token_file, AGENT_TOKEN).unwrap();
+    let agent_log = lap.dir.path().join("agent.log");
+
+    // Only the host's own token opens the agent's endpoints.
+    let (code, _) = f.api.get("/api/agent/lap/next").await;
+    assert_eq!(code, 401, "an API token is not the agent's token");
+    let wrong = Api::new(&f.kiln.url, Some("agent-token-of-someone-else"));
+    assert_eq!(
+        wrong
+            .send("POST", "/api/agent/lap/deployment/1", Some(serde_json::json!({"kind": "log", "text": "x"})))
+            .await
+            .0,
+        401
+    );
+    let other = Api::new(&f.kiln.url, Some(AGENT_TOKEN));
+    assert_eq!(other.get("/api/agent/web9/next").await.0, 401, "the token is lap's, not web9's");
+
+    // 1. The first closure: taken, switched, checked, reported.
+    let agent = Agent::start(&f.kiln.url, &token_file, &agent_log);
+    let e1 = f.eval_of(&sha1).await;
+    let d1 = f.ended_deployment("field", e1).await;
+    let log = || std::fs::read_to_string(&agent_log).unwrap_or_default();
+    assert_eq!(d1["status"], "succeeded", "{d1:#}\n{}", log());
+    let p1 = f.closure(e1, "lap").await;
+    let h = host_part(&d1, "lap");
+    assert_eq!(h["status"], "succeeded", "{h:#}");
+    assert!(h["previous_path"].is_null() && h["log"].as_str().unwrap().contains("nothing to roll back to"), "{h:#}");
+    assert_eq!(h["checks"][0]["ok"], true, "{h:#}");
+    assert_eq!((lap.active(), lap.profile()), (p1.clone(), p1.clone()));
+
+    // 2. A closure that fails its health check goes back to the exact
+    // previous one, and the deployment says so.
+    let sha2 = f.commit(&[("lap", "bad", "yes", "v2")], "v2");
+    let e2 = f.eval_of(&sha2).await;
+    let d2 = f.ended_deployment("field", e2).await;
+    assert_eq!(d2["status"], "failed", "{d2:#}");
+    let h = host_part(&d2, "lap");
+    let p2 = f.closure(e2, "lap").await;
+    assert_eq!((h["status"].as_str(), h["previous_path"].as_str()), (Some("rolled-back"), Some(p1.as_str())), "{h:#}");
+    assert!(h["error"].as_str().unwrap().contains("health check failed"), "{h:#}");
+    assert_eq!(lap.activations(), vec![p1.clone(), p2, p1.clone()]);
+    assert_eq!((lap.active(), lap.profile()), (p1.clone(), p1.clone()));
+
+    // 3. Deploying what the host runs skips it.
+    let (code, d) = f.api.send("POST", "/environment/infra/field/deploy", Some(serde_json::json!({"eval": e1}))).await;
+    assert_eq!(code, 200, "{d}");
+    let d3 = wait_for(60, "the redeployment to end", || async {
+        let (_, v) = f.api.get(&format!("/deployment/{}", d["deployment"])).await;
+        matches!(v["status"].as_str(), Some("succeeded" | "failed")).then_some(v)
+    })
+    .await;
+    assert_eq!(host_part(&d3, "lap")["status"], "skipped", "{d3:#}");
+    assert_eq!(lap.activations().len(), 3);
+    // Going back to an older evaluation by hand is not undone by planning
+    // the newest (failed) one again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, env) = f.api.get("/environment/infra/field").await;
+    let of_e2 = env["deployments"].as_array().unwrap().iter().filter(|d| d["eval_id"] == e2).count();
+    assert_eq!(of_e2, 1, "{env:#}");
+
+    // 4. Without its agent, the host's wave fails after agent_wait_s, and
+    // the host is untouched.
+    drop(agent);
+    let sha4 = f.commit(&[("lap", "ok", "yes", "v4")], "v4");
+    let e4 = f.eval_of(&sha4).await;
+    let d4 = f.ended_deployment("field", e4).await;
+    let h = host_part(&d4, "lap");
+    assert_eq!((d4["status"].as_str(), h["status"].as_str()), (Some("failed"), Some("failed")), "{d4:#}");
+    assert!(h["error"].as_str().unwrap().contains("did not take the closure within 6 s"), "{h:#}");
+    assert_eq!(lap.active(), p1);
+    // A report for a part Kiln ended is refused, not recorded.
+    let late = other
+        .send(
+            "POST",
+            &format!("/api/agent/lap/deployment/{}", d4["id"]),
+            Some(serde_json::json!({"kind": "status", "status": "succeeded"})),
+        )
+        .await;
+    assert_eq!(late.0, 409, "{late:?}");
 }

@@ -1,6 +1,6 @@
 //! The `deployment_hosts` table: each host's part in a deployment, the
-//! closure it goes to and the one it had, its status (`pending`,
-//! `switching`, `checking`, then `succeeded`, `skipped`, `failed`,
+//! closure it goes to and the one it had, its status (`pending`, `waiting`
+//! (a pull host, for its agent), `switching`, `checking`, then `succeeded`, `skipped`, `failed`,
 //! `rolled-back`, `rollback-failed` or `not-started`), the activation's
 //! log and each health check's output. The previous closure is written
 //! before the host is touched, so a rollback after a crash knows it.
@@ -10,6 +10,8 @@ use serde::Serialize;
 use super::{Ex, Result, now, run};
 
 pub const PENDING: &str = "pending";
+/// A pull host's wave has come: its agent may take the closure.
+pub const WAITING: &str = "waiting";
 pub const SWITCHING: &str = "switching";
 pub const CHECKING: &str = "checking";
 pub const SUCCEEDED: &str = "succeeded";
@@ -19,7 +21,7 @@ pub const ROLLED_BACK: &str = "rolled-back";
 pub const ROLLBACK_FAILED: &str = "rollback-failed";
 pub const NOT_STARTED: &str = "not-started";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct HostRow {
     pub deployment_id: i64,
     pub host: String,
@@ -41,7 +43,7 @@ pub struct HostRow {
 
 impl HostRow {
     pub fn is_done(&self) -> bool {
-        !matches!(self.status.as_str(), PENDING | SWITCHING | CHECKING)
+        !matches!(self.status.as_str(), PENDING | WAITING | SWITCHING | CHECKING)
     }
 }
 
@@ -80,31 +82,78 @@ pub async fn of_deployment(ex: Ex<'_>, deployment_id: i64) -> Result<Vec<HostRow
 /// Records what the host had, and where this attempt's switch keeps its
 /// files, before anything on it changes. A previous path already recorded
 /// stays: after a crash the host may already be on the new closure.
+/// `None` when the part has ended (a pull host's agent came too late).
 pub async fn begin_switch(
     ex: Ex<'_>,
     deployment_id: i64,
     host: &str,
     previous: Option<&str>,
     work_dir: &str,
-) -> Result<HostRow> {
+) -> Result<Option<HostRow>> {
     let sql = concat!(
         "UPDATE deployment_hosts SET status = 'switching', previous_path = COALESCE(previous_path, $3),
              work_dir = $4, started_at = COALESCE(started_at, $5)
-         WHERE deployment_id = $1 AND host = $2 RETURNING ",
+         WHERE deployment_id = $1 AND host = $2 AND status IN ('pending', 'waiting', 'switching', 'checking')
+         RETURNING ",
         cols!()
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(deployment_id).bind(host).bind(previous).bind(work_dir).bind(now())
-        .fetch_one(&mut *c).await?))
+        .fetch_optional(&mut *c).await?))
 }
 
 pub async fn set_status(ex: Ex<'_>, deployment_id: i64, host: &str, status: &str, error: Option<&str>) -> Result<()> {
-    let done = !matches!(status, PENDING | SWITCHING | CHECKING);
+    let done = !matches!(status, PENDING | WAITING | SWITCHING | CHECKING);
     run!(ex, c => sqlx::query(
         "UPDATE deployment_hosts SET status = $3, error = COALESCE($4, error),
              finished_at = CASE WHEN $5 THEN $6 ELSE NULL END WHERE deployment_id = $1 AND host = $2")
         .bind(deployment_id).bind(host).bind(status).bind(error).bind(done).bind(now())
         .execute(&mut *c).await?.rows_affected());
     Ok(())
+}
+
+/// Moves a host from `from` to `to` unless something else moved it first
+/// (an agent's report racing the server's timeout); says whether it did.
+pub async fn set_status_if(
+    ex: Ex<'_>,
+    deployment_id: i64,
+    host: &str,
+    from: &[&str],
+    to: &str,
+    error: Option<&str>,
+) -> Result<bool> {
+    let done = !matches!(to, PENDING | WAITING | SWITCHING | CHECKING);
+    let n = run!(ex, c => sqlx::query(
+        "UPDATE deployment_hosts SET status = $3, error = COALESCE($4, error),
+             finished_at = CASE WHEN $5 THEN $6 ELSE NULL END
+         WHERE deployment_id = $1 AND host = $2 AND status IN ($7, $8, $9, $10)")
+        .bind(deployment_id).bind(host).bind(to).bind(error).bind(done).bind(now())
+        .bind(from.first().copied().unwrap_or("")).bind(from.get(1).copied().unwrap_or(""))
+        .bind(from.get(2).copied().unwrap_or("")).bind(from.get(3).copied().unwrap_or(""))
+        .execute(&mut *c).await?.rows_affected());
+    Ok(n > 0)
+}
+
+pub async fn get(ex: Ex<'_>, deployment_id: i64, host: &str) -> Result<Option<HostRow>> {
+    let sql = concat!("SELECT ", cols!(), " FROM deployment_hosts WHERE deployment_id = $1 AND host = $2");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(deployment_id).bind(host).fetch_optional(&mut *c).await?))
+}
+
+/// Parts named `host` that an agent may take or resume: waiting, or left
+/// mid-switch, in a running deployment; with their environment's id.
+pub async fn for_agent(mut ex: Ex<'_>, host: &str) -> Result<Vec<(i64, HostRow)>> {
+    let ids: Vec<(i64, i64)> = run!(ex.re(), c => sqlx::query_as(
+        "SELECT d.environment_id, h.deployment_id
+         FROM deployment_hosts h JOIN deployments d ON d.id = h.deployment_id
+         WHERE h.host = $1 AND d.status = 'running' AND h.status IN ('waiting', 'switching', 'checking')
+         ORDER BY h.deployment_id")
+        .bind(host).fetch_all(&mut *c).await?);
+    let mut out = Vec::new();
+    for (env, dep) in ids {
+        if let Some(r) = get(ex.re(), dep, host).await? {
+            out.push((env, r));
+        }
+    }
+    Ok(out)
 }
 
 pub async fn append_log(ex: Ex<'_>, deployment_id: i64, host: &str, text: &str) -> Result<()> {

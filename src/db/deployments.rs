@@ -62,15 +62,15 @@ pub async fn of_environment(ex: Ex<'_>, environment_id: i64, limit: i64) -> Resu
     Ok(run!(ex, c => sqlx::query_as(sql).bind(environment_id).bind(limit).fetch_all(&mut *c).await?))
 }
 
-/// The newest deployment of the environment that is not superseded or
-/// cancelled: what planning compares a new evaluation with.
-pub async fn latest_planned(ex: Ex<'_>, environment_id: i64) -> Result<Option<Deployment>> {
-    let sql = concat!(
-        "SELECT ",
-        cols!(),
-        " FROM deployments WHERE environment_id = $1 AND status NOT IN ('superseded', 'cancelled') ORDER BY id DESC LIMIT 1"
-    );
-    Ok(run!(ex, c => sqlx::query_as(sql).bind(environment_id).fetch_optional(&mut *c).await?))
+/// The newest evaluation planned for the environment by any deployment
+/// that was not superseded or cancelled: planning takes only evaluations
+/// newer than it, so deploying an older evaluation by hand (going back to
+/// a known-good one) is not undone by planning the newest again.
+pub async fn newest_planned_eval(ex: Ex<'_>, environment_id: i64) -> Result<Option<i64>> {
+    let (max,): (Option<i64>,) = run!(ex, c => sqlx::query_as(
+        "SELECT MAX(eval_id) FROM deployments WHERE environment_id = $1 AND status NOT IN ('superseded', 'cancelled')")
+        .bind(environment_id).fetch_one(&mut *c).await?);
+    Ok(max)
 }
 
 /// The environment's newest deployment (any status), and whether any of

@@ -36,7 +36,8 @@ pub enum HostError {
     Local(String),
 }
 
-/// How Kiln reaches a host.
+/// How Kiln reaches a host: over SSH, or, for the pull agent running on
+/// the host itself, here.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
@@ -44,12 +45,18 @@ pub struct Target {
     pub host: String,
     pub port: Option<u16>,
     pub host_key: Option<String>,
+    pub local: bool,
 }
 
 impl Target {
     pub fn new(name: &str, target: &str, host_key: Option<&str>) -> Result<Target, HostError> {
         let (user, host, port) = target_parts(target).map_err(HostError::Local)?;
-        Ok(Target { name: name.to_string(), user, host, port, host_key: host_key.map(str::to_string) })
+        Ok(Target { name: name.to_string(), user, host, port, host_key: host_key.map(str::to_string), local: false })
+    }
+
+    /// This machine (the agent's view of its own host).
+    pub fn local(name: &str) -> Target {
+        Target { name: name.to_string(), user: None, host: String::new(), port: None, host_key: None, local: true }
     }
 }
 
@@ -140,8 +147,12 @@ impl Ssh {
         })
     }
 
-    /// Runs `script` with `sh` on the host over a new connection.
+    /// Runs `script` with `sh` on the host over a new connection (or here,
+    /// for a local target).
     pub async fn sh(&self, t: &Target, what: &str, script: &str, timeout: Duration) -> Result<Output, HostError> {
+        if t.local {
+            return local_sh(t, what, script, timeout).await;
+        }
         let session = self.open(t).await?;
         let run = async {
             let mut cmd = session.command("sh");
@@ -334,6 +345,23 @@ impl Ssh {
             return Err(failed(t, "rollback", &o));
         }
         Ok(o)
+    }
+}
+
+/// The agent's commands: the same scripts, run here. The detached parts
+/// (activation, watchdog) start their own sessions, so they outlive this
+/// process as they outlive an SSH connection.
+async fn local_sh(t: &Target, what: &str, script: &str, timeout: Duration) -> Result<Output, HostError> {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c").arg(script).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => Err(HostError::Timeout { host: t.name.clone(), what: what.into(), secs: timeout.as_secs() }),
+        Ok(Err(e)) => Err(HostError::Local(format!("cannot run sh: {e}"))),
+        Ok(Ok(o)) => Ok(Output {
+            code: o.status.code(),
+            stdout: tail(String::from_utf8_lossy(&o.stdout).into_owned()),
+            stderr: tail(String::from_utf8_lossy(&o.stderr).into_owned()),
+        }),
     }
 }
 

@@ -7,8 +7,10 @@
 //! or `kiln deploy` when the server is unreachable), and a deployment whose
 //! runner died is resumed by the next one to take the lease.
 
+pub mod agent;
 pub mod host;
 pub mod plan;
+pub mod record;
 pub mod run;
 pub mod spec;
 
@@ -121,7 +123,7 @@ impl Deployer {
 
     /// Runs the deployment while renewing the lease; stops if the lease is
     /// lost (another process took it after this one stalled).
-    async fn run_leased(&self, env: &environments::Environment, id: i64) -> Result<(), DbError> {
+    async fn run_leased(&self, env: &environments::Environment, id: i64) -> Result<(), record::RecordError> {
         let spec = env.spec()?;
         info!(deployment = id, environment = %env.name, "deployment starting");
         let work = run::run(&self.ctx, &spec, id);

@@ -115,9 +115,7 @@ pub async fn tick(db: &Db, env: &Environment, settled: Option<Settled>) -> Resul
         "running" => return Ok(Tick::Later),
         _ => return Ok(settle),
     }
-    if let Some(last) = deployments::latest_planned(c.ex(), env.id).await?
-        && last.eval_id >= eval.id
-    {
+    if deployments::newest_planned_eval(c.ex(), env.id).await?.is_some_and(|e| e >= eval.id) {
         return Ok(settle);
     }
     let hosts = match readiness(c.ex(), &spec, eval.id).await? {

@@ -12,10 +12,11 @@ use futures::future::join_all;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::host::{CheckResult, HostError, Ssh, Target};
-use super::spec::{self, OnFailure};
+use super::record::{RecordError, Recorder};
+use super::spec::{self, HealthCheck, OnFailure};
+use crate::db::Db;
 use crate::db::deployment_hosts::{self as dh, HostRow};
 use crate::db::deployments;
-use crate::db::{Db, DbError};
 
 /// What a deployment needs besides its rows.
 #[derive(Clone)]
@@ -25,6 +26,8 @@ pub struct Ctx {
     pub activate_timeout: Duration,
     /// Where a host substitutes a closure it lacks, with the key to trust.
     pub substituter: Option<(String, String)>,
+    /// How long a pull host's wave waits for its agent to take the closure.
+    pub agent_wait: Duration,
     pub events: Option<crate::events::Events>,
 }
 
@@ -34,10 +37,23 @@ impl Ctx {
             e.deployment_changed(deployment);
         }
     }
+
+    fn recorder(&self) -> Recorder {
+        Recorder::Db { db: self.db.clone(), events: self.events.clone() }
+    }
+}
+
+/// What switching one host needs: how to run commands on it, and where its
+/// steps are recorded.
+pub struct Switch<'a> {
+    pub ssh: &'a Ssh,
+    pub rec: &'a Recorder,
+    pub activate_timeout: Duration,
+    pub substituter: Option<(&'a str, &'a str)>,
 }
 
 /// Runs deployment `id` of an environment declared as `env` to its end.
-pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, DbError> {
+pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, RecordError> {
     let span = info_span!("deployment", deployment = id);
     async {
         {
@@ -49,6 +65,7 @@ pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, 
             let mut c = ctx.db.conn().await?;
             dh::of_deployment(c.ex(), id).await?
         };
+        let rec = ctx.recorder();
         let waves = rows.iter().map(|r| r.wave).max().map_or(0, |w| w + 1);
         let mut failure: Option<String> = None;
         for wave in 0..waves {
@@ -62,7 +79,7 @@ pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, 
                 tokio::time::sleep(Duration::from_secs(env.bake_s)).await;
             }
             info!(wave, hosts = hosts.len(), "wave starting");
-            let results = join_all(hosts.iter().map(|h| switch_host(ctx, env, id, h))).await;
+            let results = join_all(hosts.iter().map(|h| host_part(ctx, &rec, env, id, h))).await;
             let mut failed = Vec::new();
             for (h, r) in hosts.iter().zip(results) {
                 let status = r?;
@@ -85,7 +102,7 @@ pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, 
                 }
                 drop(c);
                 if env.on_failure == OnFailure::RollbackAll {
-                    roll_back_all(ctx, env, id, &rows).await?;
+                    roll_back_all(ctx, &rec, env, id, &rows).await?;
                 }
                 warn!(error = %why, "deployment failed");
                 deployments::FAILED
@@ -103,12 +120,100 @@ pub async fn run(ctx: &Ctx, env: &spec::Environment, id: i64) -> Result<String, 
     .await
 }
 
+/// One host's part: switched over SSH, or left to its agent.
+async fn host_part(
+    ctx: &Ctx,
+    rec: &Recorder,
+    env: &spec::Environment,
+    id: i64,
+    row: &HostRow,
+) -> Result<String, RecordError> {
+    if row.is_done() {
+        return Ok(row.status.clone());
+    }
+    let Some(h) = env.hosts.get(&row.host) else {
+        return finish(rec, id, &row.host, dh::FAILED, format!("{} is no longer declared", row.host)).await;
+    };
+    if h.pull {
+        return await_agent(ctx, env, id, row).await;
+    }
+    let t = match Target::new(&row.host, h.target.as_deref().unwrap_or_default(), h.host_key.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return finish(rec, id, &row.host, dh::FAILED, e.to_string()).await,
+    };
+    let sw = Switch {
+        ssh: &ctx.ssh,
+        rec,
+        activate_timeout: ctx.activate_timeout,
+        substituter: ctx.substituter.as_ref().map(|(u, k)| (u.as_str(), k.as_str())),
+    };
+    switch_host(&sw, h, &t, env.confirm_timeout_s, &env.checks_of(&row.host), id, row).await
+}
+
+/// A pull host: offered to its agent when its wave comes, then followed
+/// through the agent's reports until it ends. An agent that does not take
+/// it within `agent_wait`, or stops reporting, fails the host.
+async fn await_agent(ctx: &Ctx, env: &spec::Environment, id: i64, row: &HostRow) -> Result<String, RecordError> {
+    {
+        let mut c = ctx.db.conn().await?;
+        dh::set_status_if(c.ex(), id, &row.host, &[dh::PENDING], dh::WAITING, None).await?;
+    }
+    ctx.changed(id);
+    info!(host = %row.host, "waiting for the host's agent");
+    let checks: u64 = env.checks_of(&row.host).iter().map(|c| c.timeout_s + 30).sum();
+    let working = ctx.activate_timeout + Duration::from_secs(env.confirm_timeout_s + checks + 300);
+    let offered = Instant::now();
+    let mut taken: Option<Instant> = None;
+    loop {
+        let now = {
+            let mut c = ctx.db.conn().await?;
+            dh::get(c.ex(), id, &row.host).await?
+        };
+        let Some(now) = now else { return Ok(dh::FAILED.to_string()) };
+        if now.is_done() {
+            return Ok(now.status);
+        }
+        let (from, why) = if now.status == dh::WAITING {
+            (dh::WAITING, format!("its agent did not take the closure within {} s", ctx.agent_wait.as_secs()))
+        } else {
+            taken.get_or_insert_with(Instant::now);
+            (now.status.as_str(), format!("its agent stopped reporting for {} s", working.as_secs()))
+        };
+        let late = match taken {
+            None => offered.elapsed() > ctx.agent_wait,
+            Some(t) => t.elapsed() > working,
+        };
+        if late {
+            let mut c = ctx.db.conn().await?;
+            if dh::set_status_if(c.ex(), id, &row.host, &[from], dh::FAILED, Some(&why)).await? {
+                drop(c);
+                ctx.changed(id);
+                warn!(host = %row.host, error = %why, "pull host failed");
+                return Ok(dh::FAILED.to_string());
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Hosts this deployment switched go back to what they had.
-async fn roll_back_all(ctx: &Ctx, env: &spec::Environment, id: i64, rows: &[HostRow]) -> Result<(), DbError> {
+async fn roll_back_all(
+    ctx: &Ctx,
+    rec: &Recorder,
+    env: &spec::Environment,
+    id: i64,
+    rows: &[HostRow],
+) -> Result<(), RecordError> {
     for r in rows.iter().filter(|r| r.status == dh::SUCCEEDED) {
         let Some(h) = env.hosts.get(&r.host) else { continue };
         let Some(prev) = &r.previous_path else { continue };
-        let (status, log, error) = match Target::new(&r.host, &h.target, h.host_key.as_deref()) {
+        if h.pull {
+            rec.log(id, &r.host, "kiln: a pull host is not rolled back by a later wave's failure: its agent takes only new deployments\n").await?;
+            continue;
+        }
+        let target = Target::new(&r.host, h.target.as_deref().unwrap_or_default(), h.host_key.as_deref());
+        let (status, log, error) = match target {
             Ok(t) => match ctx.ssh.roll_back(&t, prev, &h.profile, &h.activate, ctx.activate_timeout).await {
                 Ok(o) => (
                     dh::ROLLED_BACK,
@@ -119,10 +224,8 @@ async fn roll_back_all(ctx: &Ctx, env: &spec::Environment, id: i64, rows: &[Host
             },
             Err(e) => (dh::ROLLBACK_FAILED, String::new(), e.to_string()),
         };
-        let mut c = ctx.db.conn().await?;
-        dh::append_log(c.ex(), id, &r.host, &log).await?;
-        dh::set_status(c.ex(), id, &r.host, status, Some(&error)).await?;
-        ctx.changed(id);
+        rec.log(id, &r.host, &log).await?;
+        rec.set(id, &r.host, status, Some(&error)).await?;
     }
     Ok(())
 }
@@ -134,90 +237,106 @@ fn work_dir() -> String {
     format!("/tmp/kiln-deploy-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
 }
 
-/// Switches one host and records each step; returns its final status.
-async fn switch_host(ctx: &Ctx, env: &spec::Environment, id: i64, row: &HostRow) -> Result<String, DbError> {
-    if row.is_done() {
-        return Ok(row.status.clone());
-    }
+async fn finish(rec: &Recorder, id: i64, host: &str, status: &str, error: String) -> Result<String, RecordError> {
+    rec.set(id, host, status, (!error.is_empty()).then_some(error.as_str())).await?;
+    info!(host, status, error = %error, "host done");
+    Ok(status.to_string())
+}
+
+/// Switches one host (`t`: over SSH, or here for the agent) and records
+/// each step; returns its final status.
+pub async fn switch_host(
+    sw: &Switch<'_>,
+    h: &spec::Host,
+    t: &Target,
+    confirm_timeout_s: u64,
+    checks: &[HealthCheck],
+    id: i64,
+    row: &HostRow,
+) -> Result<String, RecordError> {
     let span = info_span!("host", host = %row.host);
+    let rec = sw.rec;
     let r = async {
-        let Some(h) = env.hosts.get(&row.host) else {
-            return Ok((dh::FAILED, format!("{} is no longer declared", row.host)));
-        };
-        let t = match Target::new(&row.host, &h.target, h.host_key.as_deref()) {
-            Ok(t) => t,
-            Err(e) => return Ok((dh::FAILED, e.to_string())),
-        };
         // An earlier attempt (before a restart) may have left a watchdog.
         if let Some(old) = &row.work_dir {
-            match ctx.ssh.disarm(&t, old).await {
-                Ok(rolled_back) => {
-                    if rolled_back {
-                        log(ctx, id, &row.host, "kiln: the earlier attempt's watchdog had rolled back\n").await?;
-                    }
+            match sw.ssh.disarm(t, old).await {
+                Ok(true) if rec.is_agent() => {
+                    // The agent lost Kiln after activating: switching
+                    // again would most likely cut it off again.
+                    rec.log(id, &row.host, "kiln: the earlier attempt's watchdog had rolled back\n").await?;
+                    return Ok((
+                        dh::ROLLED_BACK,
+                        "not confirmed: the agent could not reach Kiln after activating; the host's watchdog rolled back"
+                            .to_string(),
+                    ));
                 }
+                Ok(true) => rec.log(id, &row.host, "kiln: the earlier attempt's watchdog had rolled back\n").await?,
+                Ok(false) => {}
                 Err(e) => return Ok((dh::FAILED, e.to_string())),
             }
         }
-        let current = match ctx.ssh.current(&t, &h.profile).await {
+        let current = match sw.ssh.current(t, &h.profile).await {
             Ok(c) => c,
             Err(e) => return Ok((dh::FAILED, e.to_string())),
         };
         if row.work_dir.is_none() && current.as_deref() == Some(row.store_path.as_str()) {
-            log(ctx, id, &row.host, &format!("kiln: {} already runs {}\n", row.host, row.store_path)).await?;
+            rec.log(id, &row.host, &format!("kiln: {} already runs {}\n", row.host, row.store_path)).await?;
             return Ok((dh::SKIPPED, "unchanged: the host already runs this closure".to_string()));
         }
         let dir = work_dir();
-        let row = {
-            let mut c = ctx.db.conn().await?;
-            dh::begin_switch(c.ex(), id, &row.host, current.as_deref(), &dir).await?
-        };
-        ctx.changed(id);
-        let previous = row.previous_path.clone();
+        let previous = rec.begin_switch(id, &row.host, current.as_deref(), &dir).await?;
         if previous.is_none() {
-            log(ctx, id, &row.host, "kiln: first deployment of this host: there is nothing to roll back to\n").await?;
+            rec.log(id, &row.host, "kiln: first deployment of this host: there is nothing to roll back to\n").await?;
         }
-        let substituter = ctx.substituter.as_ref().map(|(u, k)| (u.as_str(), k.as_str()));
-        match ctx
+        let row = HostRow { previous_path: previous.clone(), work_dir: Some(dir.clone()), ..row.clone() };
+        let started = sw
             .ssh
             .start_switch(
-                &t,
+                t,
                 &row.store_path,
                 previous.as_deref(),
                 &h.profile,
                 &h.activate,
                 &dir,
-                env.confirm_timeout_s,
-                ctx.activate_timeout.as_secs(),
-                substituter,
+                confirm_timeout_s,
+                sw.activate_timeout.as_secs(),
+                sw.substituter,
             )
-            .await
-        {
-            Ok(o) => log(ctx, id, &row.host, &o.text()).await?,
+            .await;
+        match started {
+            Ok(o) => rec.log(id, &row.host, &o.text()).await?,
             // Refused before the profile changed (the closure cannot be
             // had, the profile cannot be set): nothing to undo.
             Err(e @ HostError::Failed { .. }) => return Ok((dh::FAILED, e.to_string())),
-            Err(e) => return after_failure(ctx, h, &t, id, &row, &dir, e.to_string()).await,
+            Err(e) => return after_failure(sw, h, t, id, &row, &dir, e.to_string()).await,
         }
-        let activation = ctx.ssh.wait_activation(&t, &dir, ctx.activate_timeout).await;
+        let activation = sw.ssh.wait_activation(t, &dir, sw.activate_timeout).await;
         let activated_at = Instant::now();
         match activation {
             Ok(o) => {
-                log(ctx, id, &row.host, &o.text()).await?;
+                rec.log(id, &row.host, &o.text()).await?;
                 if !o.ok() {
                     let why =
                         format!("activation failed (exit status {})", o.code.map_or("none".into(), |c| c.to_string()));
-                    return after_failure(ctx, h, &t, id, &row, &dir, why).await;
+                    return after_failure(sw, h, t, id, &row, &dir, why).await;
                 }
             }
-            Err(e) => return after_failure(ctx, h, &t, id, &row, &dir, e.to_string()).await,
+            Err(e) => return after_failure(sw, h, t, id, &row, &dir, e.to_string()).await,
         }
-        set(ctx, id, &row.host, dh::CHECKING, None).await?;
+        let deadline = activated_at + Duration::from_secs(confirm_timeout_s);
+        if let Err(e) = rec.set_within(id, &row.host, dh::CHECKING, None, Duration::from_secs(confirm_timeout_s)).await {
+            if !rec.is_agent() {
+                return Err(e);
+            }
+            // The agent's link to Kiln is what it confirms: without it the
+            // watchdog decides.
+            let why = format!("cannot reach Kiln after activation ({e})");
+            return watchdog_result(sw, t, id, &row.host, &dir, why).await;
+        }
         // Confirmed over a new connection: a host that no longer lets Kiln
         // in is left to its watchdog.
-        let deadline = activated_at + Duration::from_secs(env.confirm_timeout_s);
         let confirmed = loop {
-            match ctx.ssh.confirm(&t, &dir).await {
+            match sw.ssh.confirm(t, &dir).await {
                 Ok(c) => break Ok(c),
                 Err(e) if Instant::now() >= deadline => break Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -225,27 +344,24 @@ async fn switch_host(ctx: &Ctx, env: &spec::Environment, id: i64, row: &HostRow)
         };
         match confirmed {
             Ok(true) => {}
-            Ok(false) => return watchdog_result(ctx, &t, id, &row.host, &dir, "not confirmed in time".into()).await,
+            Ok(false) => return watchdog_result(sw, t, id, &row.host, &dir, "not confirmed in time".into()).await,
             Err(e) => {
                 let why = format!("unreachable after activation ({e})");
                 if previous.is_none() {
                     return Ok((dh::FAILED, format!("{why}; first deployment of this host: nothing to roll back to")));
                 }
-                return watchdog_result(ctx, &t, id, &row.host, &dir, why).await;
+                return watchdog_result(sw, t, id, &row.host, &dir, why).await;
             }
         }
         let mut results: Vec<CheckResult> = Vec::new();
-        for c in env.checks_of(&row.host) {
-            let r = ctx.ssh.check(&t, &c, &row.store_path, &h.profile).await;
+        for c in checks {
+            let r = sw.ssh.check(t, c, &row.store_path, &h.profile).await;
             let ok = r.ok;
             results.push(r);
-            let mut conn = ctx.db.conn().await?;
-            dh::set_checks(conn.ex(), id, &row.host, &serde_json::to_string(&results).expect("serialises")).await?;
-            drop(conn);
-            ctx.changed(id);
+            rec.set_checks(id, &row.host, &results).await?;
             if !ok {
                 let why = format!("health check failed: {}", c.command);
-                return roll_back(ctx, h, &t, id, &row, why).await;
+                return roll_back(sw, h, t, id, &row, why).await;
             }
         }
         Ok((dh::SUCCEEDED, String::new()))
@@ -253,47 +369,45 @@ async fn switch_host(ctx: &Ctx, env: &spec::Environment, id: i64, row: &HostRow)
     .instrument(span)
     .await;
     let (status, error) = r?;
-    set(ctx, id, &row.host, status, (!error.is_empty()).then_some(error.as_str())).await?;
-    info!(host = %row.host, status, error = %error, "host done");
-    Ok(status.to_string())
+    finish(rec, id, &row.host, status, error).await
 }
 
 /// After a failure once the profile may have changed: Kiln takes the
 /// decision from the watchdog and rolls back itself.
 async fn after_failure(
-    ctx: &Ctx,
+    sw: &Switch<'_>,
     h: &spec::Host,
     t: &Target,
     id: i64,
     row: &HostRow,
     dir: &str,
     why: String,
-) -> Result<(&'static str, String), DbError> {
+) -> Result<(&'static str, String), RecordError> {
     if row.previous_path.is_some() {
-        match ctx.ssh.confirm(t, dir).await {
+        match sw.ssh.confirm(t, dir).await {
             Ok(true) => {}
-            Ok(false) => return watchdog_result(ctx, t, id, &row.host, dir, why).await,
-            Err(e) => return watchdog_result(ctx, t, id, &row.host, dir, format!("{why}; then {e}")).await,
+            Ok(false) => return watchdog_result(sw, t, id, &row.host, dir, why).await,
+            Err(e) => return watchdog_result(sw, t, id, &row.host, dir, format!("{why}; then {e}")).await,
         }
     }
-    roll_back(ctx, h, t, id, row, why).await
+    roll_back(sw, h, t, id, row, why).await
 }
 
 /// Kiln's own rollback to the recorded previous closure.
 async fn roll_back(
-    ctx: &Ctx,
+    sw: &Switch<'_>,
     h: &spec::Host,
     t: &Target,
     id: i64,
     row: &HostRow,
     why: String,
-) -> Result<(&'static str, String), DbError> {
+) -> Result<(&'static str, String), RecordError> {
     let Some(prev) = &row.previous_path else {
         return Ok((dh::FAILED, format!("{why}; first deployment of this host: nothing to roll back to")));
     };
-    match ctx.ssh.roll_back(t, prev, &h.profile, &h.activate, ctx.activate_timeout).await {
+    match sw.ssh.roll_back(t, prev, &h.profile, &h.activate, sw.activate_timeout).await {
         Ok(o) => {
-            log(ctx, id, &row.host, &o.text()).await?;
+            sw.rec.log(id, &row.host, &o.text()).await?;
             Ok((dh::ROLLED_BACK, format!("{why}; rolled back to {prev}")))
         }
         Err(e) => Ok((dh::ROLLBACK_FAILED, format!("{why}; rollback to {prev} failed: {e}"))),
@@ -303,18 +417,18 @@ async fn roll_back(
 /// The watchdog decided: waits (as long as a rollback may take) to read
 /// what it did.
 async fn watchdog_result(
-    ctx: &Ctx,
+    sw: &Switch<'_>,
     t: &Target,
     id: i64,
     host: &str,
     dir: &str,
     why: String,
-) -> Result<(&'static str, String), DbError> {
-    let deadline = Instant::now() + ctx.activate_timeout + Duration::from_secs(60);
+) -> Result<(&'static str, String), RecordError> {
+    let deadline = Instant::now() + sw.activate_timeout + Duration::from_secs(60);
     loop {
-        match ctx.ssh.watchdog_outcome(t, dir, ctx.activate_timeout + Duration::from_secs(120)).await {
+        match sw.ssh.watchdog_outcome(t, dir, sw.activate_timeout + Duration::from_secs(120)).await {
             Ok(Some(o)) => {
-                log(ctx, id, host, &format!("kiln: the host's watchdog rolled back:\n{}", o.text())).await?;
+                sw.rec.log(id, host, &format!("kiln: the host's watchdog rolled back:\n{}", o.text())).await?;
                 return Ok(if o.ok() {
                     (dh::ROLLED_BACK, format!("{why}; the host's watchdog rolled back to the previous closure"))
                 } else {
@@ -336,23 +450,4 @@ async fn watchdog_result(
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
-}
-
-async fn log(ctx: &Ctx, id: i64, host: &str, text: &str) -> Result<(), DbError> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    let mut c = ctx.db.conn().await?;
-    dh::append_log(c.ex(), id, host, text).await?;
-    drop(c);
-    ctx.changed(id);
-    Ok(())
-}
-
-async fn set(ctx: &Ctx, id: i64, host: &str, status: &str, error: Option<&str>) -> Result<(), DbError> {
-    let mut c = ctx.db.conn().await?;
-    dh::set_status(c.ex(), id, host, status, error).await?;
-    drop(c);
-    ctx.changed(id);
-    Ok(())
 }

@@ -23,6 +23,10 @@
 //! job = "nixosConfigurations.web1"    # the job whose output is its closure
 //! profile = "/nix/var/nix/profiles/system"
 //! activate = "$KILN_PATH/bin/switch-to-configuration switch"
+//!
+//! [environments.production.hosts.laptop7]
+//! pull = true                         # runs `kiln agent`; no target
+//! job = "nixosConfigurations.laptop7"
 //! ```
 
 use std::collections::BTreeMap;
@@ -64,8 +68,13 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Host {
-    /// `ssh://[user@]host[:port]`.
-    pub target: String,
+    /// `ssh://[user@]host[:port]`; none for a pull host.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The host runs `kiln agent`, which takes its closures from Kiln
+    /// (for hosts Kiln cannot reach).
+    #[serde(default)]
+    pub pull: bool,
     /// A pinned host key line (`ssh-ed25519 AAAA…`); without it the
     /// coordinator's known_hosts must know the host.
     #[serde(default)]
@@ -175,7 +184,24 @@ pub fn parse(
             if !valid_name(h) {
                 return Err(bad(&format!("hosts.{h}"), "a host name is letters, digits, '-', '_' or '.'".into()));
             }
-            target_parts(&host.target).map_err(|r| bad(&hk("target"), r))?;
+            match (&host.target, host.pull) {
+                (Some(t), false) => {
+                    target_parts(t).map_err(|r| bad(&hk("target"), r))?;
+                }
+                (None, true) => {}
+                (Some(_), true) => {
+                    return Err(bad(
+                        &hk("target"),
+                        "a pull host (pull = true) has no target: its agent connects to Kiln".into(),
+                    ));
+                }
+                (None, false) => {
+                    return Err(bad(
+                        &hk("target"),
+                        "missing: ssh://[user@]host[:port], or pull = true for a host running kiln agent".into(),
+                    ));
+                }
+            }
             if host.job.is_empty() {
                 return Err(bad(&hk("job"), "must name a job of the jobset".into()));
             }
@@ -325,5 +351,10 @@ activate = "$KILN_PATH/activate"
         assert!(err("jobset = \"main\"", "jobset = \"main\"\nmode = \"sometimes\"").contains("mode"));
         assert!(err("{ command = \"true\" }", "{ command = \"\" }").contains("environments.prod.health_checks"));
         assert!(err("jobset = \"main\"", "jobset = \"main\"\nconfirm_timeout_s = 0").contains("confirm_timeout_s"));
+        // A pull host has no target; a push host needs one.
+        assert!(err("target = \"ssh://b\"", "pull = true\ntarget = \"ssh://b\"").contains("hosts.b.target"));
+        assert!(err("target = \"ssh://b\"\n", "").contains("hosts.b.target"));
+        let pull = parse_text(&OK.replace("target = \"ssh://b\"", "pull = true")).unwrap();
+        assert!(pull["prod"].hosts["b"].pull && pull["prod"].hosts["b"].target.is_none());
     }
 }

@@ -17,6 +17,7 @@ use crate::nix::PublicKey;
 use crate::trigger::Evaluator;
 
 pub mod actions;
+pub mod agent;
 pub mod ansi;
 pub mod api;
 pub mod auth;
@@ -102,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .route("/environment/{project}/{name}/deploy", post(actions::environment_deploy))
         .route("/deployment/{id}", get(pages::deployment))
         .route("/deployment/{id}/{action}", post(actions::deployment_action))
+        .route("/api/agent/{host}/next", get(agent::next))
+        .route("/api/agent/{host}/deployment/{id}", post(agent::report))
         .route("/search", get(pages::search))
         .route("/machines", get(pages::machines))
         .route("/machines/{machine}/{action}", post(actions::machine_action))
@@ -198,8 +201,10 @@ async fn private_guard(
     }
     let path = req.uri().path();
     // GitHub signs its webhooks instead of sending a token.
+    // Agents present their host's token, checked by their handlers.
     let open = matches!(path, "/login" | "/logout" | "/healthz" | "/readyz" | "/api/webhooks/github")
-        || path.starts_with("/static/");
+        || path.starts_with("/static/")
+        || path.starts_with("/api/agent/");
     if open || actions::signed_in(&s, req.headers()).is_some() {
         return next.run(req).await;
     }
@@ -321,6 +326,8 @@ pub enum WebError {
     #[error("the body is larger than the limit of {0} bytes")]
     TooLarge(u64),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -340,6 +347,7 @@ impl IntoResponse for WebError {
             WebError::Forbidden(_) => StatusCode::FORBIDDEN,
             WebError::Unsigned(_) => StatusCode::UNAUTHORIZED,
             WebError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WebError::Conflict(_) => StatusCode::CONFLICT,
             WebError::Db(_) | WebError::Render(_) | WebError::Internal(_) => {
                 tracing::error!(error = %self, "request failed");
                 let body = ErrorBody { error: "internal error; see the server log".into() };

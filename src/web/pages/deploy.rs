@@ -100,7 +100,7 @@ async fn environment_view(
             let now = current.iter().find(|(n, _, _)| n == name);
             HostNow {
                 host: name.clone(),
-                target: h.target.clone(),
+                target: h.target.clone().unwrap_or_else(|| "pull: kiln agent".into()),
                 job: h.job.clone(),
                 wave: spec.wave_of(name).unwrap_or(0) as i64,
                 running: now.and_then(|(_, p, _)| p.clone()),
