@@ -75,6 +75,20 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Deploy an environment now, from this machine, with progress here:
+    /// the break-glass path when the web UI cannot be reached. Runs the
+    /// deployment itself unless a running server holds the environment
+    /// (then follows it). Exit status 0 when it succeeded.
+    Deploy {
+        /// ENVIRONMENT, or PROJECT/ENVIRONMENT when several projects have one by that name.
+        environment: String,
+        /// The evaluation (default: the jobset's newest that succeeded).
+        #[arg(long, value_name = "ID")]
+        eval: Option<i64>,
+        /// Only these hosts (comma-separated; default: every host).
+        #[arg(long, value_name = "HOST,...", value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
     /// Run on a pull host (`pull = true` in its environment): take each
     /// closure Kiln deploys to this host, switch to it, check it, roll back
     /// on failure, and report every step to Kiln.
@@ -272,6 +286,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             runtime()?.block_on(eval_command(req, json))
         }
+        Command::Deploy { environment, eval, hosts } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(config.log_format);
+            runtime()?.block_on(deploy_command(config, environment, eval, hosts))
+        }
         Command::Agent { server, host, token_file } => {
             init_logging(LogFormat::Text);
             if !(server.starts_with("http://") || server.starts_with("https://")) {
@@ -468,6 +487,112 @@ async fn build_command(
         )));
     }
     Ok(())
+}
+
+async fn deploy_command(
+    config: Config,
+    environment: String,
+    eval: Option<i64>,
+    hosts: Vec<String>,
+) -> Result<(), Failure> {
+    use kiln::db::{deployment_hosts, deployments, environments};
+    let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
+    let db = kiln::serve::open_db(&config).await.map_err(|e| fail(&e))?;
+    let all = {
+        let mut c = db.conn().await.map_err(|e| fail(&e))?;
+        environments::list(c.ex()).await.map_err(|e| fail(&e))?
+    };
+    let matching: Vec<_> = all
+        .iter()
+        .filter(|(project, env)| match environment.split_once('/') {
+            Some((p, e)) => p == project && e == env.name,
+            None => env.name == environment,
+        })
+        .collect();
+    let (project, env) = match matching.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            let known: Vec<String> = all.iter().map(|(p, e)| format!("{p}/{}", e.name)).collect();
+            return Err(Failure::Usage(anyhow::anyhow!(
+                "no environment {environment:?}; the default branches declare: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )));
+        }
+        many => {
+            let names: Vec<String> = many.iter().map(|(p, e)| format!("{p}/{}", e.name)).collect();
+            return Err(Failure::Usage(anyhow::anyhow!("{environment:?} is ambiguous: {}", names.join(", "))));
+        }
+    };
+    let only = (!hosts.is_empty()).then_some(hosts.as_slice());
+    let d = match kiln::deploy::deploy_now(&db, &env, eval, only, "cli").await.map_err(|e| fail(&e))? {
+        Ok(d) => d,
+        Err(why) => return Err(Failure::Failed(anyhow::anyhow!("cannot deploy {project}/{}: {why}", env.name))),
+    };
+    eprintln!("kiln: deployment {} of {project}/{}: evaluation {}", d.id, env.name, d.eval_id);
+    let (key, _) = kiln::cache::load_or_generate_key(&config.cache_secret_key_file(), &config.cache.key_name)
+        .map_err(|e| fail(&e))?;
+    let ctx = kiln::serve::deploy_ctx(&config, &db, &key.public(), None);
+    let owner = format!("cli:{}", std::process::id());
+    let deployer = kiln::deploy::Deployer::new(ctx, owner);
+    let (env_id, id) = (env.id, d.id);
+    let runner = async {
+        match deployer.run_here(env_id, id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                eprintln!("kiln: a running Kiln holds {project}/{}: following its progress", env.name);
+                std::future::pending().await
+            }
+            Err(e) => Err(fail(&e)),
+        }
+    };
+    let follow = async {
+        let mut progress = kiln::deploy::progress::Progress::default();
+        loop {
+            let (d, rows) = {
+                let mut c = db.conn().await.map_err(|e| fail(&e))?;
+                let d = deployments::get(c.ex(), id).await.map_err(|e| fail(&e))?;
+                let rows = deployment_hosts::of_deployment(c.ex(), id).await.map_err(|e| fail(&e))?;
+                (d, rows)
+            };
+            for l in progress.lines(&rows) {
+                println!("{l}");
+            }
+            match d {
+                Some(d) if d.is_open() => {}
+                Some(d) => return Ok(d),
+                None => return Err(Failure::Failed(anyhow::anyhow!("deployment {id} is gone"))),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    tokio::pin!(runner, follow);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| fail(&e))?;
+    let mut ran = false;
+    let ended = loop {
+        tokio::select! {
+            r = &mut runner, if !ran => { r?; ran = true; }
+            d = &mut follow => break Some(d?),
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = term.recv() => break None,
+        }
+    };
+    let Some(ended) = ended else {
+        eprintln!(
+            "kiln: deployment {id} is left running: a Kiln server resumes it once this process's hold on the environment expires (15 s)"
+        );
+        return Err(Failure::Interrupted);
+    };
+    db.close().await;
+    match ended.status.as_str() {
+        deployments::SUCCEEDED => {
+            eprintln!("kiln: deployment {id} succeeded");
+            Ok(())
+        }
+        s => Err(Failure::Failed(anyhow::anyhow!(
+            "deployment {id} {s}{}",
+            ended.error.map(|e| format!(": {e}")).unwrap_or_default()
+        ))),
+    }
 }
 
 async fn machines_check(config: Config, machines: Option<PathBuf>) -> Result<(), Failure> {

@@ -584,3 +584,71 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
         .await;
     assert_eq!(late.0, 409, "{late:?}");
 }
+
+#[tokio::test]
+async fn kiln_deploy_on_the_command_line_runs_a_deployment_without_the_server_and_follows_one_with_it() {
+    let env = |hosts: &[Host]| {
+        let mut t =
+            "[environments.prod]\njobset = \"main\"\nmode = \"manual\"\nwaves = [[\"a\"], [\"b\"]]\n".to_string();
+        for h in hosts {
+            t.push_str(&h.toml("prod"));
+        }
+        t
+    };
+    let mut f = start(&["a", "b"], &env, &[("a", "ok", "yes", "v1"), ("b", "ok", "yes", "v1")]);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let e1 = f.eval_of(&sha1).await;
+    let sha2 = f.commit(&[("a", "ok", "yes", "v2"), ("b", "ok", "yes", "v2")], "v2");
+    let e2 = f.eval_of(&sha2).await;
+    wait_for(120, "evaluation 2 planned (waiting for Promote)", || async {
+        let (_, v) = f.api.get("/environment/infra/prod").await;
+        v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e2 && d["status"] == "waiting").cloned()
+    })
+    .await;
+    let (p1a, p2a, p2b) = (f.closure(e1, "a").await, f.closure(e2, "a").await, f.closure(e2, "b").await);
+
+    // The server is down: the command line deploys by itself.
+    f.kiln.child.kill().unwrap();
+    let _ = f.kiln.child.wait();
+    let kiln_dir = f.kiln.dir.path().to_path_buf();
+    let deploy = |args: &[&str]| {
+        let out = kiln_cmd().current_dir(&kiln_dir).arg("deploy").args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = deploy(&["staging"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no environment \"staging\"") && err.contains("infra/prod"), "{err}");
+    let (code, _, err) = deploy(&["prod", "--hosts", "a,zz"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("\"zz\" is not a host of environment prod"), "{err}");
+
+    let (code, out, err) = deploy(&["infra/prod", "--eval", &e1.to_string(), "--hosts", "a"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("a (wave 1): succeeded") && !out.contains("b (wave"), "{out}");
+    assert!(out.contains("  a | ") && out.contains("nothing to roll back to"), "the host's log streams: {out}");
+    assert_eq!(f.host("a").activations(), vec![p1a.clone()]);
+    assert!(f.host("b").activations().is_empty(), "only the hosts asked for");
+
+    let (code, out, err) = deploy(&["prod", "--eval", &e2.to_string(), "--hosts", "a"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!((f.host("a").active(), f.host("a").profile()), (p2a.clone(), p2a.clone()));
+
+    // With the server running again, the command line's deployment runs
+    // once, here or there, and its progress shows here either way.
+    let dir = std::mem::replace(&mut f.kiln.dir, tempfile::tempdir().unwrap());
+    f.kiln = Kiln::start_in(dir, &[]);
+    f.api = Api::new(&f.kiln.url, Some(TOKEN));
+    let (code, out, err) = deploy(&["prod"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("a (wave 1): skipped") && out.contains("b (wave 2): succeeded"), "{out}");
+    assert_eq!(f.host("b").activations(), vec![p2b.clone()]);
+    assert_eq!(f.host("a").activations(), vec![p1a, p2a]);
+    let (_, v) = f.api.get("/environment/infra/prod").await;
+    let cli: Vec<&Value> = v["deployments"].as_array().unwrap().iter().filter(|d| d["reason"] == "cli").collect();
+    assert_eq!(cli.len(), 3, "{v:#}");
+    assert!(cli.iter().all(|d| d["status"] == "succeeded"), "{v:#}");
+}

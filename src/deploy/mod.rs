@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod host;
 pub mod plan;
+pub mod progress;
 pub mod record;
 pub mod run;
 pub mod spec;
@@ -139,6 +140,32 @@ impl Deployer {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Deployer {
+    /// Runs the environment's open deployments here, oldest first, until
+    /// deployment `id` has ended (`kiln deploy`): true when it ran here,
+    /// false when another process holds the environment's lease (it runs
+    /// them, this one included).
+    pub async fn run_here(&self, environment_id: i64, id: i64) -> Result<bool, record::RecordError> {
+        loop {
+            let (env, next) = {
+                let mut c = self.ctx.db.conn().await?;
+                let Some(env) = environments::get_by_id(c.ex(), environment_id).await? else { return Ok(false) };
+                if !environments::take_lease(c.ex(), environment_id, &self.owner, lease_until()).await? {
+                    return Ok(false);
+                }
+                let next = deployments::runnable(c.ex()).await?.into_iter().find(|d| d.environment_id == env.id);
+                (env, next)
+            };
+            let Some(next) = next.filter(|d| d.id <= id) else {
+                let mut c = self.ctx.db.conn().await?;
+                environments::release_lease(c.ex(), environment_id, &self.owner).await?;
+                return Ok(true);
+            };
+            self.run_leased(&env, next.id).await?;
         }
     }
 }
