@@ -24,6 +24,8 @@
       };
 
       nixosModules.default = import ./nixos-module;
+      # The pull agent alone, for hosts that do not run Kiln itself.
+      nixosModules.agent = import ./nixos-module/agent.nix;
 
       formatter = forAll (pkgs: pkgs.nixpkgs-fmt);
 

@@ -31,6 +31,8 @@ let
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
 in
 {
+  imports = [ ./agent.nix ];
+
   options.services.kiln = {
     enable = lib.mkEnableOption "Kiln, a CI build coordinator for Nix flakes";
 

@@ -69,18 +69,20 @@ fn every_nix_file_is_formatted_and_has_no_dead_code() {
 
 #[test]
 fn every_module_option_is_documented_in_the_readme() {
-    let module = std::fs::read_to_string(root().join("nixos-module/default.nix")).unwrap();
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let options: Vec<&str> = module
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            l.strip_suffix(" = lib.mkOption {")
-                .or_else(|| l.strip_suffix(" = lib.mkEnableOption \"Kiln, a CI build coordinator for Nix flakes\";"))
-        })
-        .collect();
-    assert!(options.len() >= 9, "{options:?}");
-    for o in options {
-        assert!(readme.contains(&format!("`services.kiln.{o}`")), "README does not document services.kiln.{o}");
+    for (file, prefix, at_least) in [("default.nix", "services.kiln", 9), ("agent.nix", "services.kiln-agent", 5)] {
+        let module = std::fs::read_to_string(root().join("nixos-module").join(file)).unwrap();
+        let options: Vec<&str> = module
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                l.strip_suffix(" = lib.mkOption {")
+                    .or_else(|| l.split_once(" = lib.mkEnableOption ").map(|(o, _)| o).filter(|o| !o.contains(' ')))
+            })
+            .collect();
+        assert!(options.len() >= at_least, "{file}: {options:?}");
+        for o in options {
+            assert!(readme.contains(&format!("`{prefix}.{o}`")), "README does not document {prefix}.{o}");
+        }
     }
 }
