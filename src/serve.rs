@@ -173,7 +173,12 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
                 Some(_) if !roles.notify => None,
                 Some(creds) => {
                     info!(api = %gh.api_url, "sending commit statuses to GitHub");
-                    Some(tokio::spawn(crate::github::sender::run(db.clone(), creds, stopped(stop_rx.clone()))))
+                    Some(tokio::spawn(crate::github::sender::run(
+                        db.clone(),
+                        creds,
+                        config.base_url(),
+                        stopped(stop_rx.clone()),
+                    )))
                 }
                 None => {
                     info!("[github] has no token_file or app: statuses wait in the outbox");

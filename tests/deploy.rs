@@ -144,12 +144,14 @@ fn deploy_key() -> (tempfile::TempDir, PathBuf, String) {
 }
 
 fn start(names: &[&str], env_toml: &dyn Fn(&[Host]) -> String, first: &[(&str, &str, &str, &str)]) -> Fixture {
-    start_on(None, names, env_toml, first)
+    start_on(None, None, names, env_toml, first)
 }
 
-/// As [`start`], on PostgreSQL when `database_url` is given.
+/// As [`start`], on PostgreSQL when `database_url` is given, reporting to
+/// the GitHub stand-in at `github` when given.
 fn start_on(
     database_url: Option<&str>,
+    github: Option<&str>,
     names: &[&str],
     env_toml: &dyn Fn(&[Host]) -> String,
     first: &[(&str, &str, &str, &str)],
@@ -161,12 +163,20 @@ fn start_on(
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(dir.path().join("agent-token"), format!("{AGENT_TOKEN}\n")).unwrap();
+    std::fs::write(dir.path().join("gh-token"), support::github::TOKEN).unwrap();
+    let (github_table, github_repo) = match github {
+        Some(url) => (
+            format!("[github]\napi_url = \"{url}\"\ntoken_file = \"gh-token\"\nstatuses = \"summary\"\n"),
+            format!("github = \"{}\"\n", support::github::REPO),
+        ),
+        None => (String::new(), String::new()),
+    };
     std::fs::write(
         dir.path().join("kiln.toml"),
         format!(
             "{}api_token_files = [\"token\"]\n[deploy]\nssh_key_file = \"{}\"\nconnect_timeout_s = 3\nactivate_timeout_s = 60\n\
-             agent_wait_s = 6\nagent_token_files = {{ lap = \"agent-token\" }}\n\
-             [[projects]]\nname = \"infra\"\nrepo = \"{}\"\n",
+             agent_wait_s = 6\nagent_token_files = {{ lap = \"agent-token\" }}\n{github_table}\
+             [[projects]]\nname = \"infra\"\nrepo = \"{}\"\n{github_repo}",
             database_url.map(|u| format!("database_url = \"{u}\"\n")).unwrap_or_default(),
             key.display(),
             flake.path().display()
@@ -335,7 +345,7 @@ async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_
     let env = |hosts: &[Host]| {
         format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
     };
-    let f = start_on(Some(&pg.url), &["app"], &env, &v1);
+    let f = start_on(Some(&pg.url), None, &["app"], &env, &v1);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
     let waiting = wait_for(120, "a deployment waiting for promotion", || async {
@@ -501,7 +511,9 @@ impl Drop for Agent {
 async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
     let lap = PullHost::new();
     let toml = lap.toml();
-    let f = start(&[], &|_| toml.clone(), &[("lap", "ok", "yes", "v1")]);
+    // Deployments are reported to GitHub (its stand-in) as they go.
+    let github = support::github::Fake::start().await;
+    let f = start_on(None, Some(&github.url), &[], &|_| toml.clone(), &[("lap", "ok", "yes", "v1")]);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let token_file = lap.dir.path().join("agent-token");
     std::fs::write(&token_file, AGENT_TOKEN).unwrap();
@@ -583,6 +595,27 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
         )
         .await;
     assert_eq!(late.0, 409, "{late:?}");
+
+    // GitHub has a deployment of each commit to the environment, whose
+    // statuses end as Kiln's deployments ended, each linking to its page.
+    let ended = [(&d1, &sha1, "success"), (&d2, &sha2, "failure"), (&d3, &sha1, "success"), (&d4, &sha4, "failure")];
+    let gh = wait_for(30, "GitHub's deployment statuses", || async {
+        let h = github.hub.lock().unwrap();
+        let done = h.deployments.len() >= 4
+            && h.deployments.iter().zip(ended.iter()).all(|(gd, (_, _, state))| {
+                h.deployment_statuses.iter().rfind(|s| s.0 == gd.0).is_some_and(|s| s.1 == *state)
+            });
+        done.then(|| (h.deployments.clone(), h.deployment_statuses.clone()))
+    })
+    .await;
+    let (deployments, statuses) = gh;
+    assert_eq!(deployments.len(), 4, "{deployments:?}");
+    for ((gid, git_ref, environment), (d, sha, _)) in deployments.iter().zip(ended.iter()) {
+        assert_eq!((git_ref.as_str(), environment.as_str()), (sha.as_str(), "field"));
+        let mine: Vec<&(i64, String, String)> = statuses.iter().filter(|s| s.0 == *gid).collect();
+        assert!(mine.iter().all(|s| s.2.ends_with(&format!("/deployment/{}", d["id"]))), "{mine:?}");
+    }
+    github.assert_valid();
 }
 
 #[tokio::test]

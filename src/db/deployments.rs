@@ -2,6 +2,8 @@
 //! hosts to one evaluation's closures. Its status moves `waiting` (manual
 //! environments: until promoted) → `queued` → `running` → `succeeded` or
 //! `failed`; a newer plan makes one that has not started `superseded`.
+//! GitHub's mirror of it (`github_id`) and the last status queued for
+//! GitHub (`github_reported`) live here too.
 
 use serde::Serialize;
 
@@ -123,4 +125,34 @@ pub async fn finish(ex: Ex<'_>, id: i64, status: &str, error: Option<&str>) -> R
 pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
     Ok(run!(ex, c => sqlx::query_as("SELECT status, COUNT(*) FROM deployments GROUP BY status ORDER BY status")
         .fetch_all(&mut *c).await?))
+}
+
+/// Recent deployments whose status GitHub has not been told: `(id,
+/// status)`, oldest first. Older ones are not reported (GitHub was
+/// configured after them).
+pub async fn unreported(ex: Ex<'_>, since: i64, limit: i64) -> Result<Vec<(i64, String)>> {
+    Ok(run!(ex, c => sqlx::query_as(
+        "SELECT id, status FROM deployments
+         WHERE created_at >= $1 AND (github_reported IS NULL OR github_reported <> status)
+         ORDER BY id LIMIT $2")
+        .bind(since).bind(limit).fetch_all(&mut *c).await?))
+}
+
+pub async fn set_github_reported(ex: Ex<'_>, id: i64, status: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE deployments SET github_reported = $2 WHERE id = $1")
+        .bind(id).bind(status).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// The GitHub deployment created for deployment `id`, if any.
+pub async fn github_id(ex: Ex<'_>, id: i64) -> Result<Option<i64>> {
+    let v: Option<(Option<i64>,)> = run!(ex, c => sqlx::query_as("SELECT github_id FROM deployments WHERE id = $1")
+        .bind(id).fetch_optional(&mut *c).await?);
+    Ok(v.and_then(|(g,)| g))
+}
+
+pub async fn set_github_id(ex: Ex<'_>, id: i64, github_id: i64) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE deployments SET github_id = $2 WHERE id = $1")
+        .bind(id).bind(github_id).execute(&mut *c).await?.rows_affected());
+    Ok(())
 }

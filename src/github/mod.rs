@@ -7,6 +7,7 @@
 //! token read from a file or a GitHub App's installation tokens
 //! ([`Credentials`]); they never reach logs, the database or git's config.
 
+pub mod deployments;
 pub mod sender;
 pub mod statuses;
 pub mod webhook;

@@ -1,4 +1,5 @@
-//! Delivers the outbox's commit statuses to GitHub. Messages go oldest
+//! Delivers the outbox's commit statuses (and deployment states, see
+//! `deployments`) to GitHub. Messages go oldest
 //! first; a newer status for a context supersedes an undelivered older one
 //! when it is written, so only the latest state of each context is sent,
 //! and a context's messages are never sent out of order (one at a time,
@@ -47,11 +48,15 @@ pub enum Outcome {
     GiveUp(String),
 }
 
-/// Runs until `stop`: sends what is due.
-pub async fn run(db: Db, creds: Credentials, stop: impl std::future::Future<Output = ()>) {
+/// Runs until `stop`: queues deployments' new states (`base_url` for
+/// their links) and sends what is due.
+pub async fn run(db: Db, creds: Credentials, base_url: String, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut paused_until = 0i64;
     loop {
+        if let Err(e) = super::deployments::report_changes(&db, &base_url).await {
+            warn!(error = %e, "cannot queue deployment states for GitHub");
+        }
         let wait = match send_due(&db, &creds, &mut paused_until).await {
             Ok(0) => POLL,
             Ok(_) => Duration::ZERO,
@@ -82,27 +87,42 @@ pub async fn send_due(db: &Db, creds: &Credentials, paused_until: &mut i64) -> R
     let mut held: HashSet<String> = HashSet::new();
     let mut tried = 0;
     for m in due {
-        if m.kind != KIND || held.contains(&m.target) {
+        if !matches!(m.kind.as_str(), KIND | super::deployments::KIND) || held.contains(&m.target) {
             continue;
         }
         tried += 1;
-        let status: Status = match serde_json::from_str(&m.payload) {
-            Ok(s) => s,
-            Err(e) => {
+        let unreadable = |e: serde_json::Error| format!("unreadable payload: {e}");
+        let (state, attempt) = if m.kind == KIND {
+            match serde_json::from_str::<Status>(&m.payload) {
+                Ok(s) => (s.state.clone(), Ok(Box::pin(async move { Ok(deliver(creds, &s).await) }) as Attempt<'_>)),
+                Err(e) => (String::new(), Err(unreadable(e))),
+            }
+        } else {
+            match serde_json::from_str::<super::deployments::State>(&m.payload) {
+                Ok(s) => (
+                    s.state.clone(),
+                    Ok(Box::pin(async move { super::deployments::deliver(db, creds, &s).await }) as Attempt<'_>),
+                ),
+                Err(e) => (String::new(), Err(unreadable(e))),
+            }
+        };
+        let attempt = match attempt {
+            Ok(a) => a,
+            Err(why) => {
                 let mut c = db.conn().await?;
-                outbox::give_up(c.ex(), m.id, &format!("unreadable payload: {e}")).await?;
+                outbox::give_up(c.ex(), m.id, &why).await?;
                 continue;
             }
         };
-        let outcome = match tokio::time::timeout(creds.timeout(), deliver(creds, &status)).await {
-            Ok(o) => o,
+        let outcome = match tokio::time::timeout(creds.timeout(), attempt).await {
+            Ok(o) => o?,
             Err(_) => Outcome::Retry(format!("GitHub did not answer within {} s", creds.timeout().as_secs())),
         };
         let mut c = db.conn().await?;
         match outcome {
             Outcome::Delivered => {
                 outbox::mark_delivered(c.ex(), m.id).await?;
-                debug!(target = %m.target, context = %m.context, state = %status.state, "status delivered");
+                debug!(target = %m.target, context = %m.context, state = %state, "status delivered");
             }
             Outcome::Retry(why) => {
                 let backoff = (1i64 << m.attempts.clamp(0, 20)).min(MAX_BACKOFF_S);
@@ -130,6 +150,9 @@ pub async fn send_due(db: &Db, creds: &Credentials, paused_until: &mut i64) -> R
     }
     Ok(tried)
 }
+
+/// One delivery in flight, of either kind.
+type Attempt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome, DbError>> + Send + 'a>>;
 
 /// Posts one status and classifies the answer.
 pub async fn deliver(creds: &Credentials, s: &Status) -> Outcome {

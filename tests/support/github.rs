@@ -47,6 +47,10 @@ pub struct Hub {
     /// never answered, as by a connection that hangs; and how many came.
     pub hang: Vec<String>,
     pub hung: usize,
+    /// Deployments created: (id, ref, environment).
+    pub deployments: Vec<(i64, String, String)>,
+    /// Deployment statuses accepted: (deployment id, state, log_url).
+    pub deployment_statuses: Vec<(i64, String, String)>,
 }
 
 #[derive(Clone)]
@@ -67,6 +71,8 @@ impl Fake {
         let hub = Arc::new(Mutex::new(Hub { token_lifetime_s: 3600, ..Default::default() }));
         let app = axum::Router::new()
             .route("/repos/{owner}/{repo}/statuses/{sha}", axum::routing::post(post_status))
+            .route("/repos/{owner}/{repo}/deployments", axum::routing::post(post_deployment))
+            .route("/repos/{owner}/{repo}/deployments/{id}/statuses", axum::routing::post(post_deployment_status))
             .route("/app/installations/{id}/access_tokens", axum::routing::post(mint))
             .route("/repos/{owner}/{repo}/installation", axum::routing::get(installation))
             .fallback(|req: axum::extract::Request| async move {
@@ -188,6 +194,133 @@ pub async fn post_status(
         r.headers_mut().insert(k, val.parse().unwrap());
     }
     r
+}
+
+/// The checks every write of the stand-in starts with: credentials, the
+/// repository, a JSON body.
+fn write_checks(
+    h: &mut Hub,
+    owner: &str,
+    repo: &str,
+    headers: &HeaderMap,
+    body: &str,
+) -> Result<serde_json::Value, Box<Response>> {
+    if let Err(e) = check_auth(h, headers) {
+        h.invalid.push(e);
+        return Err(Box::new(
+            (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"message": "Bad credentials"}))).into_response(),
+        ));
+    }
+    if format!("{owner}/{repo}") != REPO {
+        h.invalid.push(format!("unknown repository {owner}/{repo}"));
+        return Err(Box::new(StatusCode::NOT_FOUND.into_response()));
+    }
+    serde_json::from_str(body).map_err(|e| {
+        h.invalid.push(format!("body is not JSON: {e}"));
+        Box::new((StatusCode::BAD_REQUEST, "Problems parsing JSON").into_response())
+    })
+}
+
+fn unprocessable(h: &mut Hub, problems: Vec<String>) -> Response {
+    h.invalid.push(problems.join("; "));
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"message": "Validation Failed"}))).into_response()
+}
+
+/// `POST /repos/{owner}/{repo}/deployments`, checked as GitHub documents it.
+pub async fn post_deployment(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut h = hub.lock().unwrap();
+    let v = match write_checks(&mut h, &owner, &repo, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let mut problems = Vec::new();
+    let git_ref = v["ref"].as_str().unwrap_or_default().to_string();
+    if git_ref.is_empty() {
+        problems.push("no ref".to_string());
+    }
+    let environment = v["environment"].as_str().unwrap_or("production").to_string();
+    if environment.is_empty() {
+        problems.push("empty environment".into());
+    }
+    if let Some(c) = v.get("required_contexts")
+        && !c.as_array().is_some_and(|a| a.iter().all(|x| x.is_string()))
+    {
+        problems.push(format!("required_contexts {c}"));
+    }
+    if let Some(a) = v.get("auto_merge")
+        && !a.is_boolean()
+    {
+        problems.push(format!("auto_merge {a}"));
+    }
+    if let Some(p) = v.get("payload")
+        && !(p.is_object() || p.is_string())
+    {
+        problems.push(format!("payload {p}"));
+    }
+    for k in v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+        let known = [
+            "ref",
+            "task",
+            "auto_merge",
+            "required_contexts",
+            "payload",
+            "environment",
+            "description",
+            "transient_environment",
+            "production_environment",
+        ];
+        if !known.contains(&k.as_str()) {
+            problems.push(format!("unknown field {k}"));
+        }
+    }
+    if !problems.is_empty() {
+        return unprocessable(&mut h, problems);
+    }
+    let id = 9000 + h.deployments.len() as i64;
+    h.deployments.push((id, git_ref.clone(), environment.clone()));
+    (StatusCode::CREATED, Json(serde_json::json!({"id": id, "ref": git_ref, "environment": environment})))
+        .into_response()
+}
+
+/// `POST /repos/{owner}/{repo}/deployments/{id}/statuses`.
+pub async fn post_deployment_status(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut h = hub.lock().unwrap();
+    let v = match write_checks(&mut h, &owner, &repo, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    if !h.deployments.iter().any(|d| d.0 == id) {
+        h.invalid.push(format!("status for unknown deployment {id}"));
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let mut problems = Vec::new();
+    let state = v["state"].as_str().unwrap_or_default().to_string();
+    if !["error", "failure", "inactive", "in_progress", "queued", "pending", "success"].contains(&state.as_str()) {
+        problems.push(format!("state {state:?}"));
+    }
+    let log_url = v["log_url"].as_str().unwrap_or_default().to_string();
+    if !log_url.is_empty() && !log_url.starts_with("https://") && !log_url.starts_with("http://") {
+        problems.push(format!("log_url {log_url:?}"));
+    }
+    let description = v["description"].as_str().unwrap_or_default();
+    if description.chars().count() > 140 {
+        problems.push(format!("description of {} characters", description.chars().count()));
+    }
+    if !problems.is_empty() {
+        return unprocessable(&mut h, problems);
+    }
+    h.deployment_statuses.push((id, state.clone(), log_url));
+    (StatusCode::CREATED, Json(serde_json::json!({"id": h.deployment_statuses.len(), "state": state}))).into_response()
 }
 
 /// Checks a GitHub App's JWT: RS256, signed by the app's key, iss = app id.
