@@ -47,7 +47,7 @@
         }, function () { waiting = false; });
     }, 1000);
   }
-  ["eval_started", "eval_finished", "build_queued", "step_started", "build_finished", "lagged"]
+  ["eval_started", "eval_finished", "build_queued", "step_started", "build_finished", "deployment_changed", "lagged"]
     .forEach(function (name) { events.addEventListener(name, reload); });
   events.addEventListener("open", function () { main.dataset.events = "connected"; });
 })();

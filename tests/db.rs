@@ -382,3 +382,42 @@ async fn api_tokens_are_stored_hashed_and_synced_from_files() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_cache_keeps_what_deployed_hosts_run_and_would_roll_back_to() {
+    use kiln::db::deployment_hosts::{self as dh, Planned};
+    each_backend(|db| async move {
+        let mut c = db.conn().await.unwrap();
+        let p = projects::upsert(c.ex(), &project_spec("infra")).await.unwrap();
+        let text: toml::Table =
+            "[prod]\njobset = \"main\"\n[prod.hosts.a]\ntarget = \"ssh://a\"\njob = \"hosts.a\"\n".parse().unwrap();
+        let tables = text.into_iter().collect();
+        let envs = kiln::deploy::spec::parse(&tables, &["main".to_string()]).unwrap();
+        environments::sync(c.ex(), p.id, &envs).await.unwrap();
+        let env = environments::get(c.ex(), "infra", "prod").await.unwrap().unwrap();
+        let path = |n: u32| format!("/nix/store/{}-system-{n}", "a".repeat(31) + &n.to_string());
+        // p0 → p1 → p2 succeeded, then p3 rolled back to p2, and p4 waits.
+        let mut previous = Some(path(0));
+        for (n, status) in [(1, dh::SUCCEEDED), (2, dh::SUCCEEDED), (3, dh::ROLLED_BACK)] {
+            let d = deployments::create(c.ex(), env.id, n as i64, deployments::QUEUED, "auto").await.unwrap();
+            let to = path(n);
+            dh::add(c.ex(), d.id, &[Planned { host: "a", wave: 0, job: "hosts.a", build_id: None, store_path: &to }])
+                .await
+                .unwrap();
+            dh::begin_switch(c.ex(), d.id, "a", previous.as_deref(), "/tmp/w").await.unwrap().unwrap();
+            dh::set_status(c.ex(), d.id, "a", status, None).await.unwrap();
+            deployments::finish(c.ex(), d.id, deployments::SUCCEEDED, None).await.unwrap();
+            previous = Some(to);
+        }
+        let d = deployments::create(c.ex(), env.id, 4, deployments::WAITING, "auto").await.unwrap();
+        let p4 = path(4);
+        dh::add(c.ex(), d.id, &[Planned { host: "a", wave: 0, job: "hosts.a", build_id: None, store_path: &p4 }])
+            .await
+            .unwrap();
+        let mut kept = dh::retained_paths(c.ex()).await.unwrap();
+        kept.sort();
+        kept.dedup();
+        assert_eq!(kept, vec![path(2), path(3), path(4)]);
+    })
+    .await;
+}

@@ -1,6 +1,7 @@
 //! The demo project that `scripts/demo` serves (examples/demo) evaluates
 //! and builds as its README says: three jobs succeed, one fails with a
-//! readable log, and the one that depends on it is "dependency failed".
+//! readable log, and the one that depends on it is "dependency failed";
+//! the two machines' closures build, with an activation script.
 
 mod support;
 
@@ -27,7 +28,15 @@ async fn the_demo_project_builds_as_documented() {
         d["jobs"].as_object().cloned()
     })
     .await;
-    let want = [("greeting", 0), ("slow-report", 0), ("combined", 0), ("broken-test", 1), ("needs-broken", 2)];
+    let want = [
+        ("greeting", 0),
+        ("slow-report", 0),
+        ("combined", 0),
+        ("broken-test", 1),
+        ("needs-broken", 2),
+        ("hosts.web1", 0),
+        ("hosts.web2", 0),
+    ];
     assert_eq!(jobs.len(), want.len(), "{jobs:?}");
     for (job, status) in want {
         let id = jobs[job].as_i64().unwrap();
@@ -38,6 +47,12 @@ async fn the_demo_project_builds_as_documented() {
         .await;
         assert_eq!(b["buildstatus"], status, "{job}: {b}");
     }
+    let web1 = jobs["hosts.web1"].as_i64().unwrap();
+    let (_, b) = api.get(&format!("/build/{web1}")).await;
+    let out = std::path::PathBuf::from(b["buildoutputs"]["out"]["path"].as_str().unwrap());
+    let script = std::fs::read_to_string(out.join("bin/switch-to-configuration")).unwrap();
+    assert!(script.starts_with("#!/bin/sh\n") && script.contains("$HOST_DIR/active"), "{script}");
+    assert_eq!(std::fs::read_to_string(out.join("health")).unwrap(), "ok\n");
     let broken = jobs["broken-test"].as_i64().unwrap();
     let log = reqwest::get(format!("{}/build/{broken}/log", kiln.url)).await.unwrap().text().await.unwrap();
     assert!(log.contains("test 3: FAILED") && log.contains("expected 42, got 41"), "{log}");

@@ -685,3 +685,58 @@ async fn kiln_deploy_on_the_command_line_runs_a_deployment_without_the_server_an
     assert_eq!(cli.len(), 3, "{v:#}");
     assert!(cli.iter().all(|d| d["status"] == "succeeded"), "{v:#}");
 }
+
+/// A person promotes a waiting deployment in a real browser, signed in,
+/// and watches the page follow it to the end without reloading.
+#[tokio::test]
+async fn promote_in_the_browser_and_the_deployment_page_follows_it_live() {
+    use fantoccini::Locator;
+    use support::browser::*;
+    let env = |hosts: &[Host]| {
+        format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
+    };
+    let f = start(&["app"], &env, &[("app", "ok", "slow", "v1")]);
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let e1 = f.eval_of(&sha1).await;
+    let waiting = wait_for(120, "a deployment waiting for promotion", || async {
+        let (_, v) = f.api.get("/environment/infra/live").await;
+        v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e1 && d["status"] == "waiting").cloned()
+    })
+    .await;
+    let id = waiting["id"].as_i64().unwrap();
+
+    let d = driver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&d, profile.path()).await;
+    let promote = format!("form[action='/deployment/{id}/promote'] button");
+    c.goto(&format!("{}/deployment/{id}", f.kiln.url)).await.unwrap();
+    assert_eq!(text(&c, "#status").await, "waiting");
+    assert!(c.find(Locator::Css(&promote)).await.is_err(), "no Promote button while signed out");
+
+    click_link(&c, "Sign in").await;
+    until(&c, "h1", |h| h == "Sign in").await;
+    c.find(Locator::Id("token")).await.unwrap().send_keys(TOKEN).await.unwrap();
+    c.find(Locator::Css("form[action='/login'] button")).await.unwrap().click().await.unwrap();
+    until(&c, "header", |h| h.contains("Sign out")).await;
+    c.goto(&format!("{}/deployment/{id}", f.kiln.url)).await.unwrap();
+    shot(&c, "deploy-1-waiting").await;
+    c.find(Locator::Css(&promote)).await.unwrap().click().await.unwrap();
+    // Back on the page, which then follows the deployment by itself (the
+    // activation takes seconds).
+    until(&c, "#status", |s| s == "running" || s == "queued").await;
+    assert_eq!(c.current_url().await.unwrap().path(), format!("/deployment/{id}"));
+    wait_for(15, "the page to listen for events", || async {
+        let m = c.find(Locator::Css("main")).await.ok()?;
+        (m.attr("data-events").await.ok()?? == "connected").then_some(())
+    })
+    .await;
+    until(&c, "#status", |s| s == "succeeded").await;
+    let main = c.find(Locator::Css("main")).await.unwrap();
+    assert!(main.attr("data-updated").await.unwrap().is_some(), "updated by the script, not reloaded");
+    until(&c, "main", |m| m.contains("app: succeeded")).await;
+    shot(&c, "deploy-2-succeeded").await;
+    let p1 = f.closure(e1, "app").await;
+    assert_eq!(f.host("app").activations(), vec![p1]);
+    let (_, v) = f.api.get(&format!("/deployment/{id}")).await;
+    assert_eq!((v["status"].as_str(), v["reason"].as_str()), (Some("succeeded"), Some("promoted")), "{v:#}");
+}

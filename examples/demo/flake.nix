@@ -46,6 +46,22 @@
         echo "this never runs: its input failed"
         cp $broken $out
       '';
+
+      # The demo's machines (two sshd servers on this machine, which
+      # scripts/demo starts) get these "system" closures: activating one
+      # records it in the host's directory, and the health check reads
+      # its health. `scripts/demo break` sets health to "bad" and commits:
+      # the canary fails its check and goes back to what it ran before.
+      health = "ok";
+      machine = host: job "system-${host}" { } ''
+        mkdir -p $out/bin
+        echo ${health} > $out/health
+        printf '%s\n' '#!/bin/sh' \
+          'echo "$KILN_PATH" > "$HOST_DIR/active"' \
+          'cp "$KILN_PATH/health" "$HOST_DIR/health"' \
+          'echo "${host} now runs $KILN_PATH"' > $out/bin/switch-to-configuration
+        chmod +x $out/bin/switch-to-configuration
+      '';
     in
     {
       hydraJobs = {
@@ -53,6 +69,8 @@
         slow-report = slow;
         broken-test = broken;
         needs-broken = needsBroken;
+        hosts.web1 = machine "web1";
+        hosts.web2 = machine "web2";
       };
     };
 }

@@ -7,7 +7,9 @@
 //! was pruned), of pinned builds (`keep`), of paths uploaded in the last
 //! `keep_uploads_days`, of the steps unfinished builds need, and of the
 //! inputs of the steps still to run (read from their `.drv` files, since an
-//! input that was cached when its build was queued has no step); and
+//! input that was cached when its build was queued has no step), of what
+//! each deployed host runs and would roll back to, and of open
+//! deployments (a host substitutes its closure from the cache); and
 //! whatever was stored in the last hour. Files younger than an hour are
 //! never deleted either, so a concurrent ingest (in this process or
 //! another) is never cut short.
@@ -41,6 +43,7 @@ pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Re
     let now = db::now();
     let upload_cutoff = now - (keep_uploads_days as i64) * 86400;
     let mut roots = cache_paths::retention_roots(c.ex(), upload_cutoff, now - GRACE_S as i64).await?;
+    roots.extend(crate::db::deployment_hosts::retained_paths(c.ex()).await?);
     let queued = cache_paths::queued_step_drvs(c.ex()).await?;
     let all = cache_paths::all_for_gc(c.ex()).await?;
     drop(c);

@@ -194,6 +194,27 @@ pub async fn current(ex: Ex<'_>, environment_id: i64) -> Result<Vec<(String, Opt
     Ok(out)
 }
 
+/// The closures the cache must keep for deployments: each host's newest
+/// part that began (what it runs, and the previous closure a rollback
+/// goes to), and every part of an open deployment (what hosts are about to
+/// substitute).
+pub async fn retained_paths(ex: Ex<'_>) -> Result<Vec<String>> {
+    let rows: Vec<(String, Option<String>)> = run!(ex, c => sqlx::query_as(
+        "SELECT h.store_path, h.previous_path FROM deployment_hosts h JOIN deployments d ON d.id = h.deployment_id
+         WHERE d.status IN ('waiting', 'queued', 'running')
+            OR h.deployment_id = (
+                SELECT MAX(h2.deployment_id) FROM deployment_hosts h2 JOIN deployments d2 ON d2.id = h2.deployment_id
+                WHERE h2.host = h.host AND d2.environment_id = d.environment_id
+                  AND h2.status NOT IN ('pending', 'waiting', 'not-started'))")
+        .fetch_all(&mut *c).await?);
+    let mut out = Vec::new();
+    for (path, previous) in rows {
+        out.push(path);
+        out.extend(previous);
+    }
+    Ok(out)
+}
+
 /// Hosts' parts by status, for `/metrics`.
 pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(String, i64)>> {
     Ok(run!(ex, c => sqlx::query_as("SELECT status, COUNT(*) FROM deployment_hosts GROUP BY status ORDER BY status")

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use kiln::db::Db;
 use tempfile::TempDir;
 
+pub mod browser;
 pub mod github;
 pub mod inproc;
 pub mod pg;
