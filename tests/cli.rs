@@ -23,7 +23,7 @@ fn help_lists_only_working_commands() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["serve", "eval", "build", "machines", "cache", "db", "help"]);
+    assert_eq!(commands, ["serve", "eval", "build", "machines", "cache", "deploy", "agent", "db", "help"]);
     let bad = kiln_cmd().arg("frobnicate").output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }

@@ -209,6 +209,15 @@ impl Fixture {
         e["id"].as_i64().unwrap()
     }
 
+    /// The deployment of evaluation `eval` in `env` once it waits for Promote.
+    async fn waiting(&self, env: &str, eval: i64) -> Value {
+        wait_for(120, "a deployment waiting for promotion", || async {
+            let (_, v) = self.api.get(&format!("/environment/infra/{env}")).await;
+            v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == eval && d["status"] == "waiting").cloned()
+        })
+        .await
+    }
+
     /// The deployment of evaluation `eval` in `env`, once it has ended.
     async fn ended_deployment(&self, env: &str, eval: i64) -> Value {
         let d = wait_for(180, "the deployment to end", || async {
@@ -237,14 +246,22 @@ fn host_part<'a>(d: &'a Value, host: &str) -> &'a Value {
     d["hosts"].as_array().unwrap().iter().find(|h| h["host"] == host).unwrap_or_else(|| panic!("{host} in {d}"))
 }
 
-fn prod_env(hosts: &[Host]) -> String {
-    let mut t =
-        "[environments.prod]\njobset = \"main\"\nwaves = [[\"web1\"], [\"web2\", \"web3\"]]\nconfirm_timeout_s = 4\n"
-            .to_string();
+/// `[environments.prod]` of the jobset `main` with `keys`, and every host.
+fn prod_with(keys: &str, hosts: &[Host]) -> String {
+    let mut t = format!("[environments.prod]\njobset = \"main\"\n{keys}");
     for h in hosts {
         t.push_str(&h.toml("prod"));
     }
     t
+}
+
+/// A manual environment `live` of the first host.
+fn live_env(hosts: &[Host]) -> String {
+    format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
+}
+
+fn prod_env(hosts: &[Host]) -> String {
+    prod_with("waves = [[\"web1\"], [\"web2\", \"web3\"]]\nconfirm_timeout_s = 4\n", hosts)
 }
 
 #[tokio::test]
@@ -342,17 +359,10 @@ async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_
     // On PostgreSQL (the other tests run on SQLite).
     let pg = PgDatabase::create().await;
     let v1 = [("app", "ok", "yes", "v1")];
-    let env = |hosts: &[Host]| {
-        format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
-    };
-    let f = start_on(Some(&pg.url), None, &["app"], &env, &v1);
+    let f = start_on(Some(&pg.url), None, &["app"], &live_env, &v1);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
-    let waiting = wait_for(120, "a deployment waiting for promotion", || async {
-        let (_, v) = f.api.get("/environment/infra/live").await;
-        v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e1 && d["status"] == "waiting").cloned()
-    })
-    .await;
+    let waiting = f.waiting("live", e1).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(f.host("app").activations().is_empty(), "nothing is switched before Promote");
     let id = waiting["id"].as_i64().unwrap();
@@ -402,14 +412,7 @@ async fn a_manual_environment_waits_for_promote_and_a_bad_environment_names_its_
 
 #[tokio::test]
 async fn kiln_killed_mid_switch_resumes_the_deployment_after_a_restart() {
-    let env = |hosts: &[Host]| {
-        let mut t =
-            "[environments.prod]\njobset = \"main\"\nwaves = [[\"a\"], [\"b\"]]\nconfirm_timeout_s = 4\n".to_string();
-        for h in hosts {
-            t.push_str(&h.toml("prod"));
-        }
-        t
-    };
+    let env = |hosts: &[Host]| prod_with("waves = [[\"a\"], [\"b\"]]\nconfirm_timeout_s = 4\n", hosts);
     let mut f = start(&["a", "b"], &env, &[("a", "ok", "yes", "v1"), ("b", "ok", "yes", "v1")]);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
@@ -620,14 +623,7 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
 
 #[tokio::test]
 async fn kiln_deploy_on_the_command_line_runs_a_deployment_without_the_server_and_follows_one_with_it() {
-    let env = |hosts: &[Host]| {
-        let mut t =
-            "[environments.prod]\njobset = \"main\"\nmode = \"manual\"\nwaves = [[\"a\"], [\"b\"]]\n".to_string();
-        for h in hosts {
-            t.push_str(&h.toml("prod"));
-        }
-        t
-    };
+    let env = |hosts: &[Host]| prod_with("mode = \"manual\"\nwaves = [[\"a\"], [\"b\"]]\n", hosts);
     let mut f = start(&["a", "b"], &env, &[("a", "ok", "yes", "v1"), ("b", "ok", "yes", "v1")]);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
@@ -692,17 +688,10 @@ async fn kiln_deploy_on_the_command_line_runs_a_deployment_without_the_server_an
 async fn promote_in_the_browser_and_the_deployment_page_follows_it_live() {
     use fantoccini::Locator;
     use support::browser::*;
-    let env = |hosts: &[Host]| {
-        format!("[environments.live]\njobset = \"main\"\nmode = \"manual\"\n{}", hosts[0].toml("live"))
-    };
-    let f = start(&["app"], &env, &[("app", "ok", "slow", "v1")]);
+    let f = start(&["app"], &live_env, &[("app", "ok", "slow", "v1")]);
     let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
     let e1 = f.eval_of(&sha1).await;
-    let waiting = wait_for(120, "a deployment waiting for promotion", || async {
-        let (_, v) = f.api.get("/environment/infra/live").await;
-        v["deployments"].as_array()?.iter().find(|d| d["eval_id"] == e1 && d["status"] == "waiting").cloned()
-    })
-    .await;
+    let waiting = f.waiting("live", e1).await;
     let id = waiting["id"].as_i64().unwrap();
 
     let d = driver().await;
