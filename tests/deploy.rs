@@ -24,7 +24,12 @@ echo "$KILN_PATH" > "$H/active"
 echo "$KILN_PATH" >> "$H/activations"
 cat "$KILN_PATH/health" > "$H/health"
 if [ "$(cat "$KILN_PATH/reach")" = slow ]; then sleep 4; fi
-if [ ! -e "$H/../sshd_config" ]; then exit 0; fi
+# A pull host reaches Kiln through the test's proxy, which cuts it off
+# while the file `cut` exists.
+if [ ! -e "$H/../sshd_config" ]; then
+  if [ "$(cat "$KILN_PATH/reach")" = no ]; then touch "$H/cut"; else rm -f "$H/cut"; fi
+  exit 0
+fi
 if [ "$(cat "$KILN_PATH/reach")" = no ]; then
   kill "$(cat "$H/../sshd.pid")"
 else
@@ -491,6 +496,37 @@ impl PullHost {
 
 struct Agent(std::process::Child);
 
+/// A TCP proxy to `target` (`host:port`) that refuses and cuts every
+/// connection while the file `cut` exists: the network a configuration
+/// can break. Answers its own `http://` URL.
+async fn cutting_proxy(target: String, cut: PathBuf) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            if cut.exists() {
+                continue;
+            }
+            let (cut, target) = (cut.clone(), target.clone());
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                let watch = async {
+                    while !cut.exists() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = copy => {}
+                    _ = watch => {}
+                }
+            });
+        }
+    });
+    url
+}
+
 impl Agent {
     fn start(url: &str, token_file: &std::path::Path, log: &std::path::Path) -> Agent {
         let child = kiln_cmd()
@@ -537,7 +573,9 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
     assert_eq!(other.get("/api/agent/web9/next").await.0, 401, "the token is lap's, not web9's");
 
     // 1. The first closure: taken, switched, checked, reported.
-    let agent = Agent::start(&f.kiln.url, &token_file, &agent_log);
+    let target = f.kiln.url.trim_start_matches("http://").to_string();
+    let proxy = cutting_proxy(target, lap.h().join("cut")).await;
+    let agent = Agent::start(&proxy, &token_file, &agent_log);
     let e1 = f.eval_of(&sha1).await;
     let d1 = f.ended_deployment("field", e1).await;
     let log = || std::fs::read_to_string(&agent_log).unwrap_or_default();
@@ -579,7 +617,21 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
     let of_e2 = env["deployments"].as_array().unwrap().iter().filter(|d| d["eval_id"] == e2).count();
     assert_eq!(of_e2, 1, "{env:#}");
 
-    // 4. Without its agent, the host's wave fails after agent_wait_s, and
+    // 4. A closure that cuts the host off from Kiln: the agent cannot
+    // confirm, the host's watchdog goes back to the previous closure, and
+    // once back in touch the agent reports it.
+    let sha_cut = f.commit(&[("lap", "ok", "no", "v3")], "v3");
+    let e_cut = f.eval_of(&sha_cut).await;
+    let d_cut = f.ended_deployment("field", e_cut).await;
+    let h = host_part(&d_cut, "lap");
+    assert_eq!((d_cut["status"].as_str(), h["status"].as_str()), (Some("failed"), Some("rolled-back")), "{d_cut:#}");
+    let error = h["error"].as_str().unwrap();
+    assert!(error.contains("cannot reach Kiln after activation") && error.contains("watchdog rolled back"), "{h:#}");
+    let p_cut = f.closure(e_cut, "lap").await;
+    assert_eq!(lap.activations()[3..], [p_cut, p1.clone()]);
+    assert_eq!((lap.active(), lap.profile()), (p1.clone(), p1.clone()));
+
+    // 5. Without its agent, the host's wave fails after agent_wait_s, and
     // the host is untouched.
     drop(agent);
     let sha4 = f.commit(&[("lap", "ok", "yes", "v4")], "v4");
@@ -601,10 +653,16 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
 
     // GitHub has a deployment of each commit to the environment, whose
     // statuses end as Kiln's deployments ended, each linking to its page.
-    let ended = [(&d1, &sha1, "success"), (&d2, &sha2, "failure"), (&d3, &sha1, "success"), (&d4, &sha4, "failure")];
+    let ended = [
+        (&d1, &sha1, "success"),
+        (&d2, &sha2, "failure"),
+        (&d3, &sha1, "success"),
+        (&d_cut, &sha_cut, "failure"),
+        (&d4, &sha4, "failure"),
+    ];
     let gh = wait_for(30, "GitHub's deployment statuses", || async {
         let h = github.hub.lock().unwrap();
-        let done = h.deployments.len() >= 4
+        let done = h.deployments.len() >= ended.len()
             && h.deployments.iter().zip(ended.iter()).all(|(gd, (_, _, state))| {
                 h.deployment_statuses.iter().rfind(|s| s.0 == gd.0).is_some_and(|s| s.1 == *state)
             });
@@ -612,7 +670,7 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
     })
     .await;
     let (deployments, statuses) = gh;
-    assert_eq!(deployments.len(), 4, "{deployments:?}");
+    assert_eq!(deployments.len(), ended.len(), "{deployments:?}");
     for ((gid, git_ref, environment), (d, sha, _)) in deployments.iter().zip(ended.iter()) {
         assert_eq!((git_ref.as_str(), environment.as_str()), (sha.as_str(), "field"));
         let mine: Vec<&(i64, String, String)> = statuses.iter().filter(|s| s.0 == *gid).collect();
