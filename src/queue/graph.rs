@@ -129,6 +129,12 @@ impl Runner {
     /// derivation is gone fails alone with the path named; the others wait
     /// for their steps.
     pub(super) async fn add_builds(&mut self, ids: &[i64]) -> Result<(), DbError> {
+        self.add_builds_as(ids, false).await
+    }
+
+    /// As [`Runner::add_builds`]; `rooted`: their derivations are rooted
+    /// already, so the links are not made again.
+    pub(super) async fn add_builds_as(&mut self, ids: &[i64], rooted: bool) -> Result<(), DbError> {
         let ids: Vec<i64> =
             ids.iter().copied().filter(|id| !self.builds.contains_key(id) && !self.held.contains_key(id)).collect();
         if ids.is_empty() {
@@ -153,9 +159,11 @@ impl Runner {
         let tops: Vec<String> = list.iter().map(|b| b.drv_path.clone()).collect();
         // Rooted before anything is read, so a collection cannot take them.
         self.flush_released().await;
-        let (roots, drvs) = (self.roots.clone(), tops.clone());
         let top_drvs = tops.clone();
-        let _ = tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str))).await;
+        if !rooted {
+            let (roots, drvs) = (self.roots.clone(), tops.clone());
+            let _ = tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str))).await;
+        }
         let by_drv = &self.by_drv;
         let nodes = walk::explore(tops, |d| by_drv.contains_key(d), &self.cache, &self.upstreams)
             .await

@@ -69,7 +69,9 @@ struct AttemptEnd {
 }
 
 enum Event {
-    Enqueue(Vec<i64>, oneshot::Sender<()>),
+    /// Builds to add; `true` when their derivations are rooted already
+    /// (the recorder in this process rooted them).
+    Enqueue(Vec<i64>, bool, oneshot::Sender<()>),
     /// An attempt of a step ended.
     Done(i64, AttemptEnd),
     Cancel(i64),
@@ -227,8 +229,18 @@ impl Queue {
     /// Adds builds (new, or unfinished after a restart); returns once they
     /// are in the queue (or finished because nothing needed building).
     pub async fn enqueue(&self, builds: Vec<i64>) {
+        self.enqueue_as(builds, false).await
+    }
+
+    /// As [`Queue::enqueue`], for builds whose derivations the caller has
+    /// rooted (an evaluation recorded in this process): not rooted again.
+    pub async fn enqueue_rooted(&self, builds: Vec<i64>) {
+        self.enqueue_as(builds, true).await
+    }
+
+    async fn enqueue_as(&self, builds: Vec<i64>, rooted: bool) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Event::Enqueue(builds, tx)).is_ok() {
+        if self.tx.send(Event::Enqueue(builds, rooted, tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -394,8 +406,8 @@ struct Runner {
 impl Runner {
     async fn handle(&mut self, ev: Event) -> Result<(), DbError> {
         match ev {
-            Event::Enqueue(ids, done) => {
-                self.add_builds(&ids).await?;
+            Event::Enqueue(ids, rooted, done) => {
+                self.add_builds_as(&ids, rooted).await?;
                 let _ = done.send(());
             }
             Event::Done(step, end) => self.step_done(step, end).await?,
