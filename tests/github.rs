@@ -421,10 +421,14 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
         timeout_s: 1,
         ..Default::default()
     };
-    let creds = kiln::github::Credentials::from_config(&gh).unwrap().unwrap();
     let fake = &fake;
-    let creds = &creds;
+    let gh = &gh;
     each_backend(|db| async move {
+        // A client of its own per backend: a connection the other run's
+        // hung request left in the pool failed the next request at once
+        // (SendRequest) instead of hanging it, once in CI.
+        let creds = kiln::github::Credentials::from_config(gh).unwrap().unwrap();
+        let creds = &creds;
         let status = |repo: &str, sha: String| Status {
             owner: "acme".into(),
             repo: repo.into(),
