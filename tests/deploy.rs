@@ -787,3 +787,43 @@ async fn promote_in_the_browser_and_the_deployment_page_follows_it_live() {
     let (_, v) = f.api.get(&format!("/deployment/{id}")).await;
     assert_eq!((v["status"].as_str(), v["reason"].as_str()), (Some("succeeded"), Some("promoted")), "{v:#}");
 }
+
+#[tokio::test]
+async fn rollback_all_sends_a_pull_host_back_through_its_agent() {
+    let lap = PullHost::new();
+    let h = lap.h();
+    let lap_toml = format!(
+        "[environments.mixed.hosts.lap]\npull = true\njob = \"hosts.lap\"\nprofile = \"{h}/profiles/system\"\n\
+         activate = \"HOST_DIR={h} $KILN_PATH/bin/switch-to-configuration switch\"\n",
+        h = h.display()
+    );
+    let env = move |hosts: &[Host]| {
+        format!(
+            "[environments.mixed]\njobset = \"main\"\nwaves = [[\"lap\"], [\"b\"]]\non_failure = \"rollback-all\"\n\
+             confirm_timeout_s = 4\n{lap_toml}{}",
+            hosts[0].toml("mixed")
+        )
+    };
+    let f = start(&["b"], &env, &[("lap", "ok", "yes", "v1"), ("b", "ok", "yes", "v1")]);
+    let token_file = lap.dir.path().join("agent-token");
+    std::fs::write(&token_file, AGENT_TOKEN).unwrap();
+    let _agent = Agent::start(&f.kiln.url, &token_file, &lap.dir.path().join("agent.log"));
+    let sha1 = git(f.flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let e1 = f.eval_of(&sha1).await;
+    assert_eq!(f.ended_deployment("mixed", e1).await["status"], "succeeded");
+    let p1 = f.closure(e1, "lap").await;
+
+    // The pull host goes first and succeeds; b fails its check; with
+    // rollback-all the agent takes lap back to exactly where it was.
+    let sha2 = f.commit(&[("lap", "ok", "yes", "v2"), ("b", "bad", "yes", "v2")], "v2");
+    let e2 = f.eval_of(&sha2).await;
+    let d = f.ended_deployment("mixed", e2).await;
+    assert_eq!(d["status"], "failed", "{d:#}");
+    assert_eq!(host_part(&d, "b")["status"], "rolled-back", "{d:#}");
+    let l = host_part(&d, "lap");
+    assert_eq!((l["status"].as_str(), l["previous_path"].as_str()), (Some("rolled-back"), Some(p1.as_str())), "{l:#}");
+    assert!(l["error"].as_str().unwrap().contains("a later wave failed"), "{l:#}");
+    let p2 = f.closure(e2, "lap").await;
+    assert_eq!(lap.activations(), vec![p1.clone(), p2, p1.clone()]);
+    assert_eq!((lap.active(), lap.profile()), (p1.clone(), p1));
+}

@@ -1,6 +1,7 @@
 //! The `deployment_hosts` table: each host's part in a deployment, the
 //! closure it goes to and the one it had, its status (`pending`, `waiting`
-//! (a pull host, for its agent), `switching`, `checking`, then `succeeded`, `skipped`, `failed`,
+//! (a pull host, for its agent), `switching`, `checking`, `rolling-back`
+//! (a pull host a later wave's failure sends back), then `succeeded`, `skipped`, `failed`,
 //! `rolled-back`, `rollback-failed` or `not-started`), the activation's
 //! log and each health check's output. The previous closure is written
 //! before the host is touched, so a rollback after a crash knows it.
@@ -14,6 +15,9 @@ pub const PENDING: &str = "pending";
 pub const WAITING: &str = "waiting";
 pub const SWITCHING: &str = "switching";
 pub const CHECKING: &str = "checking";
+/// A pull host that succeeded, asked to go back to its previous closure
+/// because a later wave failed (`on_failure = "rollback-all"`).
+pub const ROLLING_BACK: &str = "rolling-back";
 pub const SUCCEEDED: &str = "succeeded";
 pub const SKIPPED: &str = "skipped";
 pub const FAILED: &str = "failed";
@@ -43,7 +47,7 @@ pub struct HostRow {
 
 impl HostRow {
     pub fn is_done(&self) -> bool {
-        !matches!(self.status.as_str(), PENDING | WAITING | SWITCHING | CHECKING)
+        !matches!(self.status.as_str(), PENDING | WAITING | SWITCHING | CHECKING | ROLLING_BACK)
     }
 }
 
@@ -102,7 +106,7 @@ pub async fn begin_switch(
 }
 
 pub async fn set_status(ex: Ex<'_>, deployment_id: i64, host: &str, status: &str, error: Option<&str>) -> Result<()> {
-    let done = !matches!(status, PENDING | WAITING | SWITCHING | CHECKING);
+    let done = !matches!(status, PENDING | WAITING | SWITCHING | CHECKING | ROLLING_BACK);
     run!(ex, c => sqlx::query(
         "UPDATE deployment_hosts SET status = $3, error = COALESCE($4, error),
              finished_at = CASE WHEN $5 THEN $6 ELSE NULL END WHERE deployment_id = $1 AND host = $2")
@@ -121,7 +125,7 @@ pub async fn set_status_if(
     to: &str,
     error: Option<&str>,
 ) -> Result<bool> {
-    let done = !matches!(to, PENDING | WAITING | SWITCHING | CHECKING);
+    let done = !matches!(to, PENDING | WAITING | SWITCHING | CHECKING | ROLLING_BACK);
     let n = run!(ex, c => sqlx::query(
         "UPDATE deployment_hosts SET status = $3, error = COALESCE($4, error),
              finished_at = CASE WHEN $5 THEN $6 ELSE NULL END
@@ -138,13 +142,14 @@ pub async fn get(ex: Ex<'_>, deployment_id: i64, host: &str) -> Result<Option<Ho
     Ok(run!(ex, c => sqlx::query_as(sql).bind(deployment_id).bind(host).fetch_optional(&mut *c).await?))
 }
 
-/// Parts named `host` that an agent may take or resume: waiting, or left
-/// mid-switch, in a running deployment; with their environment's id.
+/// Parts named `host` that an agent may take or resume: waiting, left
+/// mid-switch, or to be rolled back, in a running deployment; with their
+/// environment's id.
 pub async fn for_agent(mut ex: Ex<'_>, host: &str) -> Result<Vec<(i64, HostRow)>> {
     let ids: Vec<(i64, i64)> = run!(ex.re(), c => sqlx::query_as(
         "SELECT d.environment_id, h.deployment_id
          FROM deployment_hosts h JOIN deployments d ON d.id = h.deployment_id
-         WHERE h.host = $1 AND d.status = 'running' AND h.status IN ('waiting', 'switching', 'checking')
+         WHERE h.host = $1 AND d.status = 'running' AND h.status IN ('waiting', 'switching', 'checking', 'rolling-back')
          ORDER BY h.deployment_id")
         .bind(host).fetch_all(&mut *c).await?);
     let mut out = Vec::new();

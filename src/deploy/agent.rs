@@ -2,7 +2,9 @@
 //! SSH, connects out to Kiln, waits for its next closure, and switches
 //! itself with the same steps, watchdog and health checks as a push
 //! deployment (`run::switch_host` on a local target), reporting each step
-//! to Kiln as it happens. It neither evaluates nor builds.
+//! to Kiln as it happens; and, when a later wave fails under
+//! `on_failure = "rollback-all"`, goes back to its previous closure. It
+//! neither evaluates nor builds.
 //!
 //! Wire protocol (bearer token of the host, `[deploy] agent_token_files`):
 //! `GET /api/agent/{host}/next` long-polls and answers an [`Assignment`]
@@ -19,7 +21,7 @@ use super::host::{CheckResult, Ssh, Target};
 use super::record::{RecordError, Recorder};
 use super::run;
 use super::spec::{HealthCheck, Host};
-use crate::db::deployment_hosts::HostRow;
+use crate::db::deployment_hosts::{self as dh, HostRow};
 
 /// A host's part in a running deployment, as its agent gets it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,5 +183,24 @@ async fn switch(reporter: &Reporter, a: Assignment) -> Result<String, RecordErro
         substituter: a.substituter.as_ref().map(|(u, k)| (u.as_str(), k.as_str())),
     };
     let t = Target::local(&a.row.host);
-    run::switch_host(&sw, &a.host, &t, a.confirm_timeout_s, &a.checks, a.row.deployment_id, &a.row).await
+    let (id, host) = (a.row.deployment_id, a.row.host.as_str());
+    if a.row.status == dh::ROLLING_BACK {
+        // A later wave failed: back to the previous closure, as Kiln
+        // rolls back a push host.
+        let Some(prev) = &a.row.previous_path else {
+            rec.set(id, host, dh::ROLLBACK_FAILED, Some("no previous closure recorded")).await?;
+            return Ok(dh::ROLLBACK_FAILED.to_string());
+        };
+        let (status, error) =
+            match ssh.roll_back(&t, prev, &a.host.profile, &a.host.activate, sw.activate_timeout).await {
+                Ok(o) => {
+                    rec.log(id, host, &o.text()).await?;
+                    (dh::ROLLED_BACK, "rolled back: a later wave failed (on_failure = \"rollback-all\")".to_string())
+                }
+                Err(e) => (dh::ROLLBACK_FAILED, format!("rolling back after a later wave failed: {e}")),
+            };
+        rec.set(id, host, status, Some(&error)).await?;
+        return Ok(status.to_string());
+    }
+    run::switch_host(&sw, &a.host, &t, a.confirm_timeout_s, &a.checks, id, &a.row).await
 }

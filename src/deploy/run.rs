@@ -197,6 +197,37 @@ async fn await_agent(ctx: &Ctx, env: &spec::Environment, id: i64, row: &HostRow)
     }
 }
 
+/// A pull host goes back through its agent, which takes the part again as
+/// `rolling-back`; an agent that does not report the rollback within the
+/// activation timeout (and a minute) leaves the host `rollback-failed`.
+async fn agent_roll_back(ctx: &Ctx, id: i64, host: &str) -> Result<(), RecordError> {
+    let why = "rolling back: a later wave failed (on_failure = \"rollback-all\")";
+    {
+        let mut c = ctx.db.conn().await?;
+        if !dh::set_status_if(c.ex(), id, host, &[dh::SUCCEEDED], dh::ROLLING_BACK, Some(why)).await? {
+            return Ok(());
+        }
+    }
+    ctx.changed(id);
+    let deadline = Instant::now() + ctx.activate_timeout + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut c = ctx.db.conn().await?;
+        match dh::get(c.ex(), id, host).await? {
+            Some(r) if r.status == dh::ROLLING_BACK => {}
+            _ => return Ok(()),
+        }
+        if Instant::now() >= deadline {
+            let why = format!("its agent did not roll back within {} s", (ctx.activate_timeout.as_secs() + 60));
+            dh::set_status_if(c.ex(), id, host, &[dh::ROLLING_BACK], dh::ROLLBACK_FAILED, Some(&why)).await?;
+            drop(c);
+            ctx.changed(id);
+            warn!(host, error = %why, "pull host not rolled back");
+            return Ok(());
+        }
+    }
+}
+
 /// Hosts this deployment switched go back to what they had.
 async fn roll_back_all(
     ctx: &Ctx,
@@ -209,7 +240,7 @@ async fn roll_back_all(
         let Some(h) = env.hosts.get(&r.host) else { continue };
         let Some(prev) = &r.previous_path else { continue };
         if h.pull {
-            rec.log(id, &r.host, "kiln: a pull host is not rolled back by a later wave's failure: its agent takes only new deployments\n").await?;
+            agent_roll_back(ctx, id, &r.host).await?;
             continue;
         }
         let target = Target::new(&r.host, h.target.as_deref().unwrap_or_default(), h.host_key.as_deref());

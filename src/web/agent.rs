@@ -138,7 +138,7 @@ pub async fn report(
             if !REPORTABLE.contains(&status.as_str()) {
                 return Err(WebError::BadRequest(format!("{status:?} is not a status an agent reports")));
             }
-            let open = [dh::WAITING, dh::SWITCHING, dh::CHECKING];
+            let open = [dh::WAITING, dh::SWITCHING, dh::CHECKING, dh::ROLLING_BACK];
             if !dh::set_status_if(c.ex(), id, &host, &open, &status, error.as_deref()).await? {
                 return Err(WebError::Conflict(format!("Kiln has ended {host}'s part")));
             }

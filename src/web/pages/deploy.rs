@@ -226,7 +226,7 @@ pub fn deploy_class(status: &str) -> &'static str {
         "succeeded" | "skipped" => "ok",
         "failed" | "rollback-failed" => "bad",
         "rolled-back" => "bad",
-        "running" | "switching" | "checking" | "queued" | "waiting" | "pending" => "queued",
+        "running" | "switching" | "checking" | "queued" | "waiting" | "pending" | "rolling-back" => "queued",
         _ => "other",
     }
 }
