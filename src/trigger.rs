@@ -26,8 +26,9 @@ use crate::events::Event;
 use crate::fetch::{self, FetchError, Mirror, Mirrors};
 use crate::repo_config;
 
-/// How long new builds gather before the queue takes them together.
-const FEED_EVERY: Duration = Duration::from_secs(1);
+/// How long an evaluation's new builds gather before the queue takes them
+/// together (all of them at once when the evaluation ends sooner).
+const FEED_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum TriggerError {
@@ -423,28 +424,51 @@ impl Evaluator {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let db = self.db.clone();
         let jobset_id = jobset.id;
-        // New builds enter the queue as they are recorded: building starts
-        // before the evaluation ends.
+        // New builds enter the queue while the evaluation runs (see the
+        // feeder below): a long evaluation's builds start before it ends.
         let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
         let hooks =
             eval::record::Hooks { new_builds: Some(new_tx), fresh_builds: false, roots: Some(self.roots.clone()) };
         let recorder =
             tokio::spawn(async move { eval::record::record_stream_with(&db, jobset_id, eval_id, rx, hooks).await });
         let queue = self.queue.clone();
-        // The recorder roots what it records, so the queue need not; and
-        // it takes what a second brought at once: one walk of the closures
-        // and one write instead of one per batch, which on 2 cores is time
-        // the recorder would wait for the database and the CPU.
+        // The recorder roots what it records, so the queue need not. The
+        // queue takes what ten seconds brought at once, and the rest once
+        // the evaluation is finished: one walk of the closures and one
+        // write instead of one per batch, none while the evaluators and
+        // the recorder need the cores, and none holding the database while
+        // the evaluation's last transaction waits; builds of a long
+        // evaluation start up to ten seconds later for it.
+        let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
         let feeder = tokio::spawn(async move {
-            while let Some(mut ids) = new_rx.recv().await {
-                let until = tokio::time::Instant::now() + FEED_EVERY;
-                while let Ok(Some(more)) = tokio::time::timeout_at(until, new_rx.recv()).await {
-                    ids.extend(more);
+            let feed = |ids: Vec<i64>| {
+                let queue = queue.clone();
+                async move {
+                    if let Some(q) = &queue
+                        && !ids.is_empty()
+                    {
+                        q.enqueue_rooted(ids).await;
+                    }
                 }
-                if let Some(q) = &queue {
-                    q.enqueue_rooted(ids).await;
+            };
+            let mut ids: Vec<i64> = Vec::new();
+            let mut due = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    more = new_rx.recv() => match more {
+                        Some(more) => {
+                            if ids.is_empty() {
+                                due = tokio::time::Instant::now() + FEED_EVERY;
+                            }
+                            ids.extend(more);
+                        }
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(due), if !ids.is_empty() => feed(std::mem::take(&mut ids)).await,
                 }
             }
+            let _ = finished_rx.await;
+            feed(ids).await;
         });
         let stats = eval::evaluate(&req, tx).await;
         let recorded = recorder.await.map_err(|e| EvalFailure::Db(DbError::Invalid(e.to_string())))??;
@@ -465,6 +489,7 @@ impl Evaluator {
             self.statuses.as_ref(),
         )
         .await?;
+        drop(finished_tx);
         info!(
             eval = eval_id,
             jobs = recorded.jobs,
