@@ -495,34 +495,13 @@ async fn deploy_command(
     eval: Option<i64>,
     hosts: Vec<String>,
 ) -> Result<(), Failure> {
-    use kiln::db::{deployment_hosts, deployments, environments};
+    use kiln::deploy::cli::{self, CliError};
     let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
     let db = kiln::serve::open_db(&config).await.map_err(|e| fail(&e))?;
-    let all = {
-        let mut c = db.conn().await.map_err(|e| fail(&e))?;
-        environments::list(c.ex()).await.map_err(|e| fail(&e))?
-    };
-    let matching: Vec<_> = all
-        .iter()
-        .filter(|(project, env)| match environment.split_once('/') {
-            Some((p, e)) => p == project && e == env.name,
-            None => env.name == environment,
-        })
-        .collect();
-    let (project, env) = match matching.as_slice() {
-        [one] => (*one).clone(),
-        [] => {
-            let known: Vec<String> = all.iter().map(|(p, e)| format!("{p}/{}", e.name)).collect();
-            return Err(Failure::Usage(anyhow::anyhow!(
-                "no environment {environment:?}; the default branches declare: {}",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            )));
-        }
-        many => {
-            let names: Vec<String> = many.iter().map(|(p, e)| format!("{p}/{}", e.name)).collect();
-            return Err(Failure::Usage(anyhow::anyhow!("{environment:?} is ambiguous: {}", names.join(", "))));
-        }
-    };
+    let (project, env) = cli::find(&db, &environment).await.map_err(|e| match e {
+        CliError::Name(m) => Failure::Usage(anyhow::anyhow!(m)),
+        e => fail(&e),
+    })?;
     let only = (!hosts.is_empty()).then_some(hosts.as_slice());
     let d = match kiln::deploy::deploy_now(&db, &env, eval, only, "cli").await.map_err(|e| fail(&e))? {
         Ok(d) => d,
@@ -532,59 +511,17 @@ async fn deploy_command(
     let (key, _) = kiln::cache::load_or_generate_key(&config.cache_secret_key_file(), &config.cache.key_name)
         .map_err(|e| fail(&e))?;
     let ctx = kiln::serve::deploy_ctx(&config, &db, &key.public(), None);
-    let owner = format!("cli:{}", std::process::id());
-    let deployer = kiln::deploy::Deployer::new(ctx, owner);
-    let (env_id, id) = (env.id, d.id);
-    let runner = async {
-        match deployer.run_here(env_id, id).await {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                eprintln!("kiln: a running Kiln holds {project}/{}: following its progress", env.name);
-                std::future::pending().await
-            }
-            Err(e) => Err(fail(&e)),
-        }
-    };
-    let follow = async {
-        let mut progress = kiln::deploy::progress::Progress::default();
-        loop {
-            let (d, rows) = {
-                let mut c = db.conn().await.map_err(|e| fail(&e))?;
-                let d = deployments::get(c.ex(), id).await.map_err(|e| fail(&e))?;
-                let rows = deployment_hosts::of_deployment(c.ex(), id).await.map_err(|e| fail(&e))?;
-                (d, rows)
-            };
-            for l in progress.lines(&rows) {
-                println!("{l}");
-            }
-            match d {
-                Some(d) if d.is_open() => {}
-                Some(d) => return Ok(d),
-                None => return Err(Failure::Failed(anyhow::anyhow!("deployment {id} is gone"))),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-    };
-    tokio::pin!(runner, follow);
+    let deployer = kiln::deploy::Deployer::new(ctx, format!("cli:{}", std::process::id()));
+    let id = d.id;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| fail(&e))?;
-    let mut ran = false;
-    let ended = loop {
-        tokio::select! {
-            r = &mut runner, if !ran => { r?; ran = true; }
-            d = &mut follow => break Some(d?),
-            _ = tokio::signal::ctrl_c() => break None,
-            _ = term.recv() => break None,
-        }
-    };
-    let Some(ended) = ended else {
-        eprintln!(
-            "kiln: deployment {id} is left running: a Kiln server resumes it once this process's hold on the environment expires (15 s)"
-        );
-        return Err(Failure::Interrupted);
+    let ended = tokio::select! {
+        r = cli::run_and_follow(&deployer, &db, env.id, id, |l| println!("{l}")) => r.map_err(|e| fail(&e))?,
+        _ = tokio::signal::ctrl_c() => return Err(interrupted(id)),
+        _ = term.recv() => return Err(interrupted(id)),
     };
     db.close().await;
     match ended.status.as_str() {
-        deployments::SUCCEEDED => {
+        kiln::db::deployments::SUCCEEDED => {
             eprintln!("kiln: deployment {id} succeeded");
             Ok(())
         }
@@ -593,6 +530,14 @@ async fn deploy_command(
             ended.error.map(|e| format!(": {e}")).unwrap_or_default()
         ))),
     }
+}
+
+/// Stopped mid-deployment: what happens to it.
+fn interrupted(id: i64) -> Failure {
+    eprintln!(
+        "kiln: deployment {id} is left running: a Kiln server resumes it once this process's hold on the environment expires (15 s)"
+    );
+    Failure::Interrupted
 }
 
 async fn machines_check(config: Config, machines: Option<PathBuf>) -> Result<(), Failure> {

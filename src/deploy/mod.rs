@@ -1,13 +1,16 @@
 //! Continuous deployment: environments declared by a repository's default
 //! branch (`spec`), planned from green evaluations (`plan`), and run wave
 //! by wave (`run`) by switching hosts over SSH with a watchdog on each
-//! host that rolls it back unless Kiln confirms (`host`). The deployer is
-//! the loop that plans and starts deployments; an environment's lease in
-//! the database lets one process at a time run its deployments (a server,
-//! or `kiln deploy` when the server is unreachable), and a deployment whose
-//! runner died is resumed by the next one to take the lease.
+//! host that rolls it back unless Kiln confirms (`host`), or by the pull
+//! host's own agent (`agent`), each step recorded as it happens (`record`).
+//! The deployer is the loop that plans and starts deployments; an
+//! environment's lease in the database lets one process at a time run its
+//! deployments (a server, or `kiln deploy` when the server is unreachable:
+//! `cli`, `progress`), and a deployment whose runner died is resumed by the
+//! next one to take the lease.
 
 pub mod agent;
+pub mod cli;
 pub mod host;
 pub mod plan;
 pub mod progress;
