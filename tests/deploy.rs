@@ -28,6 +28,7 @@ if [ "$(cat "$KILN_PATH/reach")" = slow ]; then sleep 4; fi
 # while the file `cut` exists.
 if [ ! -e "$H/../sshd_config" ]; then
   if [ "$(cat "$KILN_PATH/reach")" = no ]; then touch "$H/cut"; else rm -f "$H/cut"; fi
+  echo "activated $KILN_PATH"
   exit 0
 fi
 if [ "$(cat "$KILN_PATH/reach")" = no ]; then
@@ -628,6 +629,8 @@ async fn a_pull_hosts_agent_switches_checks_and_rolls_back_as_a_push_does() {
     let error = h["error"].as_str().unwrap();
     assert!(error.contains("cannot reach Kiln after activation") && error.contains("watchdog rolled back"), "{h:#}");
     let p_cut = f.closure(e_cut, "lap").await;
+    // The activation's own output is recorded too, once the agent is back.
+    assert!(h["log"].as_str().unwrap().contains(&format!("activated {p_cut}")), "{h:#}");
     assert_eq!(lap.activations()[3..], [p_cut, p1.clone()]);
     assert_eq!((lap.active(), lap.profile()), (p1.clone(), p1.clone()));
 

@@ -343,27 +343,29 @@ pub async fn switch_host(
         }
         let activation = sw.ssh.wait_activation(t, &dir, sw.activate_timeout).await;
         let activated_at = Instant::now();
-        match activation {
+        let activation_log = match activation {
+            Ok(o) if o.ok() => o.text(),
             Ok(o) => {
                 rec.log(id, &row.host, &o.text()).await?;
-                if !o.ok() {
-                    let why =
-                        format!("activation failed (exit status {})", o.code.map_or("none".into(), |c| c.to_string()));
-                    return after_failure(sw, h, t, id, &row, &dir, why).await;
-                }
+                let why =
+                    format!("activation failed (exit status {})", o.code.map_or("none".into(), |c| c.to_string()));
+                return after_failure(sw, h, t, id, &row, &dir, why).await;
             }
             Err(e) => return after_failure(sw, h, t, id, &row, &dir, e.to_string()).await,
-        }
+        };
         let deadline = activated_at + Duration::from_secs(confirm_timeout_s);
+        // The first word to Kiln after activating, within the confirmation
+        // time: for the agent, its link to Kiln is what it confirms, and
+        // without it the watchdog decides. (The activation's log comes
+        // after, so a host cut off does not spend that time retrying it.)
         if let Err(e) = rec.set_within(id, &row.host, dh::CHECKING, None, Duration::from_secs(confirm_timeout_s)).await {
             if !rec.is_agent() {
                 return Err(e);
             }
-            // The agent's link to Kiln is what it confirms: without it the
-            // watchdog decides.
             let why = format!("cannot reach Kiln after activation ({e})");
-            return watchdog_result(sw, t, id, &row.host, &dir, why).await;
+            return watchdog_result(sw, t, id, &row.host, &dir, why, &activation_log).await;
         }
+        rec.log(id, &row.host, &activation_log).await?;
         // Confirmed over a new connection: a host that no longer lets Kiln
         // in is left to its watchdog.
         let confirmed = loop {
@@ -375,13 +377,13 @@ pub async fn switch_host(
         };
         match confirmed {
             Ok(true) => {}
-            Ok(false) => return watchdog_result(sw, t, id, &row.host, &dir, "not confirmed in time".into()).await,
+            Ok(false) => return watchdog_result(sw, t, id, &row.host, &dir, "not confirmed in time".into(), "").await,
             Err(e) => {
                 let why = format!("unreachable after activation ({e})");
                 if previous.is_none() {
                     return Ok((dh::FAILED, format!("{why}; first deployment of this host: nothing to roll back to")));
                 }
-                return watchdog_result(sw, t, id, &row.host, &dir, why).await;
+                return watchdog_result(sw, t, id, &row.host, &dir, why, "").await;
             }
         }
         let mut results: Vec<CheckResult> = Vec::new();
@@ -417,8 +419,8 @@ async fn after_failure(
     if row.previous_path.is_some() {
         match sw.ssh.confirm(t, dir).await {
             Ok(true) => {}
-            Ok(false) => return watchdog_result(sw, t, id, &row.host, dir, why).await,
-            Err(e) => return watchdog_result(sw, t, id, &row.host, dir, format!("{why}; then {e}")).await,
+            Ok(false) => return watchdog_result(sw, t, id, &row.host, dir, why, "").await,
+            Err(e) => return watchdog_result(sw, t, id, &row.host, dir, format!("{why}; then {e}"), "").await,
         }
     }
     roll_back(sw, h, t, id, row, why).await
@@ -446,7 +448,8 @@ async fn roll_back(
 }
 
 /// The watchdog decided: waits (as long as a rollback may take) to read
-/// what it did.
+/// what it did; `unlogged` is log text not recorded yet (the activation's,
+/// when Kiln could not be told), recorded before the watchdog's.
 async fn watchdog_result(
     sw: &Switch<'_>,
     t: &Target,
@@ -454,12 +457,15 @@ async fn watchdog_result(
     host: &str,
     dir: &str,
     why: String,
+    unlogged: &str,
 ) -> Result<(&'static str, String), RecordError> {
     let deadline = Instant::now() + sw.activate_timeout + Duration::from_secs(60);
     loop {
         match sw.ssh.watchdog_outcome(t, dir, sw.activate_timeout + Duration::from_secs(120)).await {
             Ok(Some(o)) => {
-                sw.rec.log(id, host, &format!("kiln: the host's watchdog rolled back:\n{}", o.text())).await?;
+                sw.rec
+                    .log(id, host, &format!("{unlogged}kiln: the host's watchdog rolled back:\n{}", o.text()))
+                    .await?;
                 return Ok(if o.ok() {
                     (dh::ROLLED_BACK, format!("{why}; the host's watchdog rolled back to the previous closure"))
                 } else {
