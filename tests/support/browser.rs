@@ -8,7 +8,9 @@ use fantoccini::{Client, ClientBuilder, Locator};
 
 use super::wait_for;
 
-/// chromedriver on a free loopback port, stopped on drop.
+/// chromedriver on a free loopback port, stopped on drop with the
+/// browsers it started (its process group): a test that ends without
+/// closing its session, or panics, leaves no Chromium running.
 pub struct Driver {
     child: Child,
     pub url: String,
@@ -16,6 +18,7 @@ pub struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", self.child.id())).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -23,8 +26,10 @@ impl Drop for Driver {
 
 pub async fn driver() -> Driver {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    use std::os::unix::process::CommandExt;
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
