@@ -18,7 +18,14 @@ pub struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", self.child.id())).status();
+        // The group is the driver's own (process_group(0)): its id is the
+        // driver's pid. Signalled directly: procps' kill reads `-PGID` as
+        // an option and signals group `-<first digit>` instead.
+        let pgid = self.child.id() as i32;
+        if pgid > 1 {
+            // SAFETY: kill(2) with a negative pid signals that process group only.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
