@@ -530,6 +530,12 @@ impl Config {
         self.base_url.clone().unwrap_or_else(|| format!("http://{}", self.listen)).trim_end_matches('/').to_string()
     }
 
+    /// Where deployed hosts substitute closures from: `deploy.cache_url`,
+    /// else Kiln's own `base_url`.
+    pub fn deploy_cache_url(&self) -> String {
+        self.deploy.cache_url.clone().unwrap_or_else(|| self.base_url())
+    }
+
     /// The machines file in use, if any.
     pub fn machines_file(&self) -> Option<PathBuf> {
         self.machines_file.clone().or_else(|| Some(PathBuf::from("/etc/nix/machines")).filter(|p| p.exists()))

@@ -395,7 +395,7 @@ pub fn deploy_ctx(
         },
         activate_timeout: std::time::Duration::from_secs(d.activate_timeout_s),
         agent_wait: std::time::Duration::from_secs(d.agent_wait_s),
-        substituter: Some((d.cache_url.clone().unwrap_or_else(|| config.base_url()), public_key.to_string())),
+        substituter: Some((config.deploy_cache_url(), public_key.to_string())),
         events,
     }
 }

@@ -191,15 +191,7 @@ async fn switch(reporter: &Reporter, a: Assignment) -> Result<String, RecordErro
             rec.set(id, host, dh::ROLLBACK_FAILED, Some("no previous closure recorded")).await?;
             return Ok(dh::ROLLBACK_FAILED.to_string());
         };
-        let (status, error) =
-            match ssh.roll_back(&t, prev, &a.host.profile, &a.host.activate, sw.activate_timeout).await {
-                Ok(o) => {
-                    rec.log(id, host, &o.text()).await?;
-                    (dh::ROLLED_BACK, "rolled back: a later wave failed (on_failure = \"rollback-all\")".to_string())
-                }
-                Err(e) => (dh::ROLLBACK_FAILED, format!("rolling back after a later wave failed: {e}")),
-            };
-        rec.set(id, host, status, Some(&error)).await?;
+        let status = run::later_wave_roll_back(&sw, &a.host, &t, id, host, prev).await?;
         return Ok(status.to_string());
     }
     run::switch_host(&sw, &a.host, &t, a.confirm_timeout_s, &a.checks, id, &a.row).await

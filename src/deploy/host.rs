@@ -54,6 +54,12 @@ impl Target {
         Ok(Target { name: name.to_string(), user, host, port, host_key: host_key.map(str::to_string), local: false })
     }
 
+    /// How Kiln reaches a push host as its environment declares it.
+    pub fn of(name: &str, h: &super::spec::Host) -> Result<Target, HostError> {
+        let target = h.target.as_deref().ok_or_else(|| HostError::Local(format!("{name} is a pull host")))?;
+        Target::new(name, target, h.host_key.as_deref())
+    }
+
     /// This machine (the agent's view of its own host).
     pub fn local(name: &str) -> Target {
         Target { name: name.to_string(), user: None, host: String::new(), port: None, host_key: None, local: true }

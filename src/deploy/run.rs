@@ -38,6 +38,16 @@ impl Ctx {
         }
     }
 
+    /// Switching a push host over SSH, recorded by `rec`.
+    fn switch<'a>(&'a self, rec: &'a Recorder) -> Switch<'a> {
+        Switch {
+            ssh: &self.ssh,
+            rec,
+            activate_timeout: self.activate_timeout,
+            substituter: self.substituter.as_ref().map(|(u, k)| (u.as_str(), k.as_str())),
+        }
+    }
+
     fn recorder(&self) -> Recorder {
         Recorder::Db { db: self.db.clone(), events: self.events.clone() }
     }
@@ -137,17 +147,11 @@ async fn host_part(
     if h.pull {
         return await_agent(ctx, env, id, row).await;
     }
-    let t = match Target::new(&row.host, h.target.as_deref().unwrap_or_default(), h.host_key.as_deref()) {
+    let t = match Target::of(&row.host, h) {
         Ok(t) => t,
         Err(e) => return finish(rec, id, &row.host, dh::FAILED, e.to_string()).await,
     };
-    let sw = Switch {
-        ssh: &ctx.ssh,
-        rec,
-        activate_timeout: ctx.activate_timeout,
-        substituter: ctx.substituter.as_ref().map(|(u, k)| (u.as_str(), k.as_str())),
-    };
-    switch_host(&sw, h, &t, env.confirm_timeout_s, &env.checks_of(&row.host), id, row).await
+    switch_host(&ctx.switch(rec), h, &t, env.confirm_timeout_s, &env.checks_of(&row.host), id, row).await
 }
 
 /// A pull host: offered to its agent when its wave comes, then followed
@@ -243,22 +247,37 @@ async fn roll_back_all(
             agent_roll_back(ctx, id, &r.host).await?;
             continue;
         }
-        let target = Target::new(&r.host, h.target.as_deref().unwrap_or_default(), h.host_key.as_deref());
-        let (status, log, error) = match target {
-            Ok(t) => match ctx.ssh.roll_back(&t, prev, &h.profile, &h.activate, ctx.activate_timeout).await {
-                Ok(o) => (
-                    dh::ROLLED_BACK,
-                    o.text(),
-                    "rolled back: a later wave failed (on_failure = \"rollback-all\")".to_string(),
-                ),
-                Err(e) => (dh::ROLLBACK_FAILED, String::new(), format!("rolling back after a later wave failed: {e}")),
-            },
-            Err(e) => (dh::ROLLBACK_FAILED, String::new(), e.to_string()),
-        };
-        rec.log(id, &r.host, &log).await?;
-        rec.set(id, &r.host, status, Some(&error)).await?;
+        match Target::of(&r.host, h) {
+            Ok(t) => {
+                let sw = Switch { ssh: &ctx.ssh, rec, activate_timeout: ctx.activate_timeout, substituter: None };
+                later_wave_roll_back(&sw, h, &t, id, &r.host, prev).await?;
+            }
+            Err(e) => rec.set(id, &r.host, dh::ROLLBACK_FAILED, Some(&e.to_string())).await?,
+        }
     }
     Ok(())
+}
+
+/// Sets a host that succeeded back to `prev` because a later wave failed
+/// (`on_failure = "rollback-all"`): Kiln over SSH for a push host, the
+/// agent on the host for a pull host. Returns the host's status.
+pub async fn later_wave_roll_back(
+    sw: &Switch<'_>,
+    h: &spec::Host,
+    t: &Target,
+    id: i64,
+    host: &str,
+    prev: &str,
+) -> Result<&'static str, RecordError> {
+    let (status, error) = match sw.ssh.roll_back(t, prev, &h.profile, &h.activate, sw.activate_timeout).await {
+        Ok(o) => {
+            sw.rec.log(id, host, &o.text()).await?;
+            (dh::ROLLED_BACK, "rolled back: a later wave failed (on_failure = \"rollback-all\")".to_string())
+        }
+        Err(e) => (dh::ROLLBACK_FAILED, format!("rolling back after a later wave failed: {e}")),
+    };
+    sw.rec.set(id, host, status, Some(&error)).await?;
+    Ok(status)
 }
 
 /// A fresh host-side directory for one switch.

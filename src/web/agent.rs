@@ -56,12 +56,11 @@ async fn assignment(s: &AppState, host: &str) -> Result<Option<Assignment>, WebE
     };
     for (environment_id, row) in parts {
         let Some((spec, h)) = pull_host(s, environment_id, host).await? else { continue };
-        let d = &s.config.deploy;
         return Ok(Some(Assignment {
             checks: spec.checks_of(host),
             confirm_timeout_s: spec.confirm_timeout_s,
-            activate_timeout_s: d.activate_timeout_s,
-            substituter: Some((d.cache_url.clone().unwrap_or_else(|| s.config.base_url()), s.public_key.to_string())),
+            activate_timeout_s: s.config.deploy.activate_timeout_s,
+            substituter: Some((s.config.deploy_cache_url(), s.public_key.to_string())),
             host: h,
             row,
         }));

@@ -48,7 +48,7 @@ pub struct DeploymentHost {
     pub build_id: Option<i64>,
     pub store_path: String,
     pub previous_path: Option<String>,
-    /// `pending`, `switching`, `checking`, `succeeded`, `skipped`, `failed`, `rolled-back`, `rollback-failed`, `not-started`.
+    /// `pending`, `waiting`, `switching`, `checking`, `rolling-back`, `succeeded`, `skipped`, `failed`, `rolled-back`, `rollback-failed`, `not-started`.
     pub status: String,
     pub log: String,
     pub checks: Vec<CheckResult>,
