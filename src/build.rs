@@ -253,6 +253,7 @@ pub async fn run(
         max_memory_mib: config.eval.max_memory_mib,
         timeout: Duration::from_secs(config.eval.timeout_s),
         evaluator: config.eval.evaluator,
+        group_roots: true,
     };
     let (job_tx, job_rx) = tokio::sync::mpsc::unbounded_channel();
     let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();

@@ -363,6 +363,7 @@ async fn eval_command(args: EvalArgs, json: bool) -> Result<(), Failure> {
         max_memory_mib: args.max_memory_mib,
         timeout: std::time::Duration::from_secs(args.timeout_s),
         evaluator: args.evaluator,
+        group_roots: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<eval::Job>();
     let printer = tokio::spawn(async move {

@@ -420,6 +420,7 @@ impl Evaluator {
             max_memory_mib: self.config.eval.max_memory_mib,
             timeout: Duration::from_secs(self.config.eval.timeout_s),
             evaluator: self.config.eval.evaluator,
+            group_roots: true,
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let db = self.db.clone();
@@ -432,9 +433,10 @@ impl Evaluator {
         let recorder =
             tokio::spawn(async move { eval::record::record_stream_with(&db, jobset_id, eval_id, rx, hooks).await });
         let queue = self.queue.clone();
-        // The recorder roots what it records, so the queue need not. The
-        // queue takes what ten seconds brought at once, and the rest once
-        // the evaluation is finished: one walk of the closures and one
+        // The recorder roots what it records (one root per group of jobs,
+        // which the queue finds in place). The queue takes what ten
+        // seconds brought at once, and the rest once the evaluation is
+        // finished: one walk of the closures and one
         // write instead of one per batch, none while the evaluators and
         // the recorder need the cores, and none holding the database while
         // the evaluation's last transaction waits; builds of a long
@@ -447,7 +449,7 @@ impl Evaluator {
                     if let Some(q) = &queue
                         && !ids.is_empty()
                     {
-                        q.enqueue_rooted(ids).await;
+                        q.enqueue(ids).await;
                     }
                 }
             };

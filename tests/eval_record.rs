@@ -22,6 +22,7 @@ fn job(attr: &str, drv: &str) -> Job {
         meta: Some(serde_json::from_str(r#"{"description": "d", "timeout": 60, "schedulingPriority": 7}"#).unwrap()),
         constituents: None,
         error: None,
+        gc_root: None,
     }
 }
 
@@ -124,6 +125,76 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
         assert!(evaluations::get(c.ex(), e3).await.unwrap().is_some());
         assert!(builds::get(c.ex(), b0.id).await.unwrap().is_some());
         assert!(evaluations::members(c.ex(), e1).await.unwrap().is_empty());
+    })
+    .await;
+}
+
+/// Groups of jobs share one GC root: the recorder links each group's root
+/// once, stores it on the builds, and never splits a group between two
+/// batches (the queue lets a root go when the last build it holds ends, so
+/// a group must join the queue at once).
+#[tokio::test]
+async fn a_group_of_jobs_is_rooted_once_and_recorded_in_one_batch() {
+    each_backend(|db| async move {
+        let (_, jobset_id) = make_jobset(&db, "p", "main").await;
+        let mut c = db.conn().await.unwrap();
+        let ev = evaluations::create(
+            c.ex(),
+            &NewEvaluation {
+                jobset_id,
+                commit_sha: "c",
+                git_ref: "refs/heads/main",
+                flake_ref: "f",
+                config_hash: "h",
+                workers: 1,
+                forced: false,
+            },
+        )
+        .await
+        .unwrap();
+        drop(c);
+        // 40 groups of 64: batches of 1,000 would cut through groups.
+        let group_root = |g: usize| format!("/nix/store/{:032}-kiln-roots", g);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..40 * 64 {
+            let mut j = job(&format!("g.j{i}"), &format!("{i:032}-g{i}"));
+            j.gc_root = Some(group_root(i / 64));
+            tx.send(j).unwrap();
+        }
+        // A job without a group (nix-eval-jobs, say) is rooted by its .drv.
+        tx.send(job("alone", "11111111111111111111111111111111-alone")).unwrap();
+        drop(tx);
+        let state = tempfile::tempdir().unwrap();
+        let nix_state = tempfile::tempdir().unwrap();
+        let roots = kiln::gcroots::GcRoots::open_with(state.path(), nix_state.path());
+        let (new_tx, mut new_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
+        let hooks = record::Hooks { new_builds: Some(new_tx), fresh_builds: false, roots: Some(roots.clone()) };
+        let r = record::record_stream_with(&db, jobset_id, ev.id, rx, hooks).await.unwrap();
+        assert_eq!(r.new_builds, 40 * 64 + 1);
+
+        let mut expected: Vec<String> = (0..40).map(group_root).collect();
+        expected.push("/nix/store/11111111111111111111111111111111-alone.drv".into());
+        expected.sort();
+        assert_eq!(roots.list(), expected);
+
+        // Each batch the queue is told of holds whole groups.
+        let mut c = db.conn().await.unwrap();
+        let mut batches = 0;
+        let mut seen_roots = std::collections::HashSet::new();
+        while let Ok(ids) = new_rx.try_recv() {
+            batches += 1;
+            let mut here = std::collections::HashMap::<String, usize>::new();
+            for b in builds::get_many(c.ex(), &ids).await.unwrap() {
+                *here.entry(b.root().to_string()).or_default() += 1;
+            }
+            for (root, n) in here {
+                assert!(seen_roots.insert(root.clone()), "{root} was split between batches");
+                let whole = if root.ends_with("-kiln-roots") { 64 } else { 1 };
+                assert_eq!(n, whole, "{root}");
+            }
+        }
+        assert!(batches >= 2, "{batches} batches");
+        assert_eq!(seen_roots.len(), 41);
     })
     .await;
 }

@@ -69,24 +69,38 @@ async fn queued_derivations_are_rooted_and_a_missing_one_fails_alone() {
         })
         .await;
 
-        // Rooted: the collector sees Kiln's links, and will not delete them.
+        // Rooted: the collector sees Kiln's links, one per group of jobs
+        // the evaluator traced, each to a file that references the group's
+        // derivations; it will not delete them.
         let mine = kiln::gcroots::GcRoots::open(&kiln.dir.path().join("kiln-state"));
         assert!(mine.registered() && mine.dir().starts_with("/nix/var/nix/gcroots/kiln"));
+        let groups = mine.list();
+        assert!(!groups.is_empty() && groups.len() <= 2, "{groups:?}");
         let listed = roots();
-        for drv in [&kept_drv, &gone_drv] {
+        let mut closure = String::new();
+        for group in &groups {
+            assert!(group.ends_with("-kiln-roots"), "{group}");
             // Nix lists a root by the entry that holds it and the path it roots.
-            let line = format!("{}/{} -> {drv}", mine.dir().display(), drv.trim_start_matches("/nix/store/"));
+            let line = format!("{}/{} -> {group}", mine.dir().display(), group.trim_start_matches("/nix/store/"));
             assert!(listed.contains(&line), "{line}:\n{listed}");
+            closure += &nix("nix-store", &["-qR", group]);
+        }
+        for drv in [&kept_drv, &gone_drv] {
+            assert!(closure.contains(drv.as_str()), "{drv} not in the roots' closure:\n{closure}");
             let out = delete(&[drv]);
             assert!(!out.status.success(), "{drv} was deleted although queued");
             assert!(String::from_utf8_lossy(&out.stderr).contains("alive"), "{}", String::from_utf8_lossy(&out.stderr));
         }
 
-        // Kiln dies; someone deletes a queued .drv by hand; Kiln starts again
-        // with a builder: the other build is built, this one fails alone.
+        // Kiln dies; someone deletes a queued .drv by hand (with the root
+        // file that refers to it, else Nix refuses); Kiln starts again with
+        // a builder: the other build is built, this one fails alone.
         let _ = Command::new("kill").args(["-KILL", &kiln.child.id().to_string()]).status();
         let _ = kiln.child.wait();
-        let out = delete(&["--ignore-liveness", &gone_drv]);
+        let mut by_hand: Vec<&str> = groups.iter().map(String::as_str).collect();
+        by_hand.push(&gone_drv);
+        by_hand.push("--ignore-liveness");
+        let out = delete(&by_hand);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         std::fs::write(machines.path(), format!("{}\n", builder.machines_line_with_port)).unwrap();
         let state_dir = std::mem::replace(&mut kiln.dir, tempfile::tempdir().unwrap());
@@ -106,9 +120,12 @@ async fn queued_derivations_are_rooted_and_a_missing_one_fails_alone() {
         assert!(msg.contains(&gone_drv) && msg.contains("missing"), "{msg}");
 
         // Ended builds are no longer roots.
-        let listed = roots();
+        let listed = wait_for(30, "the roots of ended builds gone", || async {
+            let listed = roots();
+            (mine.list().is_empty() && !groups.iter().any(|g| listed.contains(g.as_str()))).then_some(listed)
+        })
+        .await;
         assert!(!listed.contains(kept_drv.as_str()), "{listed}");
-        assert!(mine.list().is_empty(), "{:?}", mine.list());
         drop(again);
         db.close().await;
     }

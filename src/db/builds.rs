@@ -91,9 +91,18 @@ pub struct Build {
     pub top_step_id: Option<i64>,
     pub failed_step_id: Option<i64>,
     pub error: Option<String>,
+    /// What roots its derivation while it is unfinished, when not the
+    /// derivation itself: the evaluator's file for its group of jobs.
+    #[serde(skip)]
+    pub gc_root: Option<String>,
 }
 
 impl Build {
+    /// The store path whose GC root keeps this build's derivation.
+    pub fn root(&self) -> &str {
+        self.gc_root.as_deref().unwrap_or(&self.drv_path)
+    }
+
     pub fn status(&self) -> Option<BuildStatus> {
         self.build_status.and_then(BuildStatus::from_i64)
     }
@@ -116,6 +125,8 @@ pub struct NewBuild {
     pub is_aggregate: bool,
     /// Output name and store path.
     pub outputs: Vec<(String, String)>,
+    /// See [`Build::gc_root`].
+    pub gc_root: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -129,7 +140,7 @@ macro_rules! cols {
     () => {
         "id, jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage, timeout, \
          max_silent, priority, global_priority, is_aggregate, created_at, finished, build_status, start_time, \
-         stop_time, is_cached, keep, top_step_id, failed_step_id, error"
+         stop_time, is_cached, keep, top_step_id, failed_step_id, error, gc_root"
     };
 }
 
@@ -137,14 +148,14 @@ macro_rules! cols {
 pub async fn create(mut ex: Ex<'_>, b: &NewBuild) -> Result<Build> {
     let sql = concat!(
         "INSERT INTO builds (jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage,
-             timeout, max_silent, priority, is_aggregate, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING ",
+             timeout, max_silent, priority, is_aggregate, created_at, gc_root)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING ",
         cols!()
     );
     let build: Build = run!(ex.re(), c => sqlx::query_as(sql)
         .bind(b.jobset_id).bind(&b.job).bind(&b.drv_path).bind(&b.nix_name).bind(&b.system)
         .bind(&b.description).bind(&b.license).bind(&b.maintainers).bind(&b.homepage)
-        .bind(b.timeout).bind(b.max_silent).bind(b.priority).bind(b.is_aggregate).bind(now())
+        .bind(b.timeout).bind(b.max_silent).bind(b.priority).bind(b.is_aggregate).bind(now()).bind(&b.gc_root)
         .fetch_one(&mut *c).await?);
     for (name, path) in &b.outputs {
         run!(ex.re(), c => sqlx::query("INSERT INTO build_outputs (build_id, name, path) VALUES ($1, $2, $3)")
@@ -302,30 +313,41 @@ pub async fn find_many_in_jobset(
     jobset_id: i64,
     wanted: &[(&str, &str)],
 ) -> Result<std::collections::HashMap<(String, String), i64>> {
+    // By derivation alone, so the planner always takes builds_by_drv;
+    // other jobsets' builds of the same derivation are dropped below. Not
+    // prepared: planned each time with the values at hand. A plan
+    // PostgreSQL caches for a prepared statement while `builds` is still
+    // empty scans the whole table once it is not (measured: 30 ms per 1,000
+    // lookups became 1.25 s).
+    let mut rows: Vec<(i64, String, String, i64)> = Vec::new();
+    if let Ex::Postgres(c) = &mut ex {
+        // One array for the whole batch (see `create_many_pg`).
+        let drvs: Vec<&str> = wanted.iter().map(|(_, d)| *d).collect();
+        rows = sqlx::query_as("SELECT jobset_id, job, drv_path, id FROM builds WHERE drv_path = ANY($1)")
+            .persistent(false)
+            .bind(drvs)
+            .fetch_all(&mut **c)
+            .await?;
+    } else {
+        for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT jobset_id, job, drv_path, id FROM builds WHERE drv_path IN {}",
+                values_placeholders(ex.backend(), 1, chunk.len(), 1)
+            ));
+            rows.extend(run!(ex.re(), c => {
+                let mut q = sqlx::query_as(sql).persistent(false);
+                for (_, drv) in chunk {
+                    q = q.bind(*drv);
+                }
+                q.fetch_all(&mut *c).await?
+            }));
+        }
+    }
     let mut found = std::collections::HashMap::new();
-    for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
-        // By derivation alone, so the planner always takes builds_by_drv;
-        // other jobsets' builds of the same derivation are dropped below.
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT jobset_id, job, drv_path, id FROM builds WHERE drv_path IN {}",
-            values_placeholders(ex.backend(), 1, chunk.len(), 1)
-        ));
-        let rows: Vec<(i64, String, String, i64)> = run!(ex.re(), c => {
-            // Not prepared: planned each time with the values at hand. A
-            // plan PostgreSQL caches for a prepared statement while
-            // `builds` is still empty scans the whole table once it is not
-            // (measured: 30 ms per 1,000 lookups became 1.25 s).
-            let mut q = sqlx::query_as(sql).persistent(false);
-            for (_, drv) in chunk {
-                q = q.bind(*drv);
-            }
-            q.fetch_all(&mut *c).await?
-        });
-        for (js, job, drv, id) in rows {
-            if js == jobset_id {
-                let e = found.entry((job, drv)).or_insert(id);
-                *e = (*e).max(id);
-            }
+    for (js, job, drv, id) in rows {
+        if js == jobset_id {
+            let e = found.entry((job, drv)).or_insert(id);
+            *e = (*e).max(id);
         }
     }
     // The query matched by derivation only; keep the pairs that were asked for.
@@ -337,13 +359,16 @@ pub async fn find_many_in_jobset(
 /// Inserts builds and their outputs with multi-row statements; returns the
 /// new ids by job name (job names are unique within one evaluation).
 pub async fn create_many(mut ex: Ex<'_>, new: &[NewBuild]) -> Result<std::collections::HashMap<String, i64>> {
-    const COLS: usize = 14;
+    const COLS: usize = 15;
     let t = now();
+    if let Ex::Postgres(c) = &mut ex {
+        return create_many_pg(c, new, t).await;
+    }
     let mut ids = std::collections::HashMap::new();
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
         let sql = sqlx::AssertSqlSafe(format!(
             "INSERT INTO builds (jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage,
-                 timeout, max_silent, priority, is_aggregate, created_at) VALUES {} RETURNING job, id",
+                 timeout, max_silent, priority, is_aggregate, created_at, gc_root) VALUES {} RETURNING job, id",
             values_placeholders(ex.backend(), chunk.len(), COLS, 1)
         ));
         let rows: Vec<(String, i64)> = run!(ex.re(), c => {
@@ -351,7 +376,7 @@ pub async fn create_many(mut ex: Ex<'_>, new: &[NewBuild]) -> Result<std::collec
             for b in chunk {
                 q = q.bind(b.jobset_id).bind(&b.job).bind(&b.drv_path).bind(&b.nix_name).bind(&b.system)
                     .bind(&b.description).bind(&b.license).bind(&b.maintainers).bind(&b.homepage)
-                    .bind(b.timeout).bind(b.max_silent).bind(b.priority).bind(b.is_aggregate).bind(t);
+                    .bind(b.timeout).bind(b.max_silent).bind(b.priority).bind(b.is_aggregate).bind(t).bind(&b.gc_root);
             }
             q.fetch_all(&mut *c).await?
         });
@@ -375,6 +400,64 @@ pub async fn create_many(mut ex: Ex<'_>, new: &[NewBuild]) -> Result<std::collec
             q.execute(&mut *c).await?.rows_affected()
         });
     }
+    Ok(ids)
+}
+
+/// [`create_many`] on PostgreSQL: one column array per parameter, so a
+/// batch is one statement of 15 parameters, where a multi-row VALUES list of
+/// thousands of parameters costs PostgreSQL more to parse and plan than to
+/// insert.
+async fn create_many_pg(
+    c: &mut sqlx::PgConnection,
+    new: &[NewBuild],
+    t: i64,
+) -> Result<std::collections::HashMap<String, i64>> {
+    fn col<'a, T>(new: &'a [NewBuild], f: impl Fn(&'a NewBuild) -> T) -> Vec<T> {
+        new.iter().map(f).collect()
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO builds (jobset_id, job, drv_path, nix_name, system, description, license, maintainers, homepage,
+             timeout, max_silent, priority, is_aggregate, created_at, gc_root)
+         SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+             $8::TEXT[], $9::TEXT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BOOLEAN[], $14::BIGINT[], $15::TEXT[])
+         RETURNING job, id",
+    )
+    .bind(col(new, |b| b.jobset_id))
+    .bind(col(new, |b| b.job.as_str()))
+    .bind(col(new, |b| b.drv_path.as_str()))
+    .bind(col(new, |b| b.nix_name.as_str()))
+    .bind(col(new, |b| b.system.as_str()))
+    .bind(col(new, |b| b.description.as_deref()))
+    .bind(col(new, |b| b.license.as_deref()))
+    .bind(col(new, |b| b.maintainers.as_deref()))
+    .bind(col(new, |b| b.homepage.as_deref()))
+    .bind(col(new, |b| b.timeout))
+    .bind(col(new, |b| b.max_silent))
+    .bind(col(new, |b| b.priority))
+    .bind(col(new, |b| b.is_aggregate))
+    .bind(vec![t; new.len()])
+    .bind(col(new, |b| b.gc_root.as_deref()))
+    .fetch_all(&mut *c)
+    .await?;
+    let ids: std::collections::HashMap<String, i64> = rows.into_iter().collect();
+    let (mut bid, mut name, mut path) = (Vec::new(), Vec::new(), Vec::new());
+    for b in new {
+        if let Some(id) = ids.get(&b.job) {
+            for (n, p) in &b.outputs {
+                bid.push(*id);
+                name.push(n.as_str());
+                path.push(p.as_str());
+            }
+        }
+    }
+    sqlx::query(
+        "INSERT INTO build_outputs (build_id, name, path) SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[])",
+    )
+    .bind(bid)
+    .bind(name)
+    .bind(path)
+    .execute(&mut *c)
+    .await?;
     Ok(ids)
 }
 
@@ -402,11 +485,12 @@ pub async fn bump(ex: Ex<'_>, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Makes a finished build unfinished again, for a restart.
+/// Makes a finished build unfinished again, for a restart. Its group's
+/// root may be gone by now: its own derivation is its root again.
 pub async fn reopen(ex: Ex<'_>, id: i64) -> Result<bool> {
     let n = run!(ex, c => sqlx::query(
         "UPDATE builds SET finished = FALSE, build_status = NULL, start_time = NULL, stop_time = NULL, is_cached = FALSE,
-             failed_step_id = NULL, error = NULL WHERE id = $1 AND finished = TRUE")
+             failed_step_id = NULL, error = NULL, gc_root = NULL WHERE id = $1 AND finished = TRUE")
         .bind(id).execute(&mut *c).await?.rows_affected());
     Ok(n == 1)
 }
@@ -580,9 +664,12 @@ pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(i64, i64)>> {
 
 /// Ids of every unfinished build (the partial index `builds_unfinished`).
 /// The derivations of unfinished builds (each once).
-pub async fn unfinished_drvs(ex: Ex<'_>) -> Result<Vec<String>> {
-    Ok(run!(ex, c => sqlx::query_scalar("SELECT DISTINCT drv_path FROM builds WHERE finished = FALSE")
-        .fetch_all(&mut *c).await?))
+/// What roots the unfinished builds' derivations (see [`Build::root`]).
+pub async fn unfinished_roots(ex: Ex<'_>) -> Result<Vec<String>> {
+    Ok(
+        run!(ex, c => sqlx::query_scalar("SELECT DISTINCT COALESCE(gc_root, drv_path) FROM builds WHERE finished = FALSE")
+        .fetch_all(&mut *c).await?),
+    )
 }
 
 pub async fn unfinished_ids(ex: Ex<'_>) -> Result<Vec<i64>> {

@@ -294,6 +294,24 @@ pub async fn fail_interrupted(ex: Ex<'_>) -> Result<u64> {
 
 /// Adds many members with multi-row statements.
 pub async fn add_members(mut ex: Ex<'_>, members: &[Member]) -> Result<()> {
+    if let Ex::Postgres(c) = &mut ex {
+        // Column arrays: one statement of five parameters (see
+        // `builds::create_many`).
+        sqlx::query(
+            "INSERT INTO eval_members (eval_id, job, build_id, is_new, error)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BOOLEAN[], $5::TEXT[])
+             ON CONFLICT (eval_id, job) DO UPDATE SET build_id = excluded.build_id, is_new = excluded.is_new,
+                 error = excluded.error",
+        )
+        .bind(members.iter().map(|m| m.eval_id).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.job.as_str()).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.build_id).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.is_new).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.error.as_deref()).collect::<Vec<_>>())
+        .execute(&mut **c)
+        .await?;
+        return Ok(());
+    }
     for chunk in members.chunks(200) {
         let sql = sqlx::AssertSqlSafe(format!(
             "INSERT INTO eval_members (eval_id, job, build_id, is_new, error) VALUES {}

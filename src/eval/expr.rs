@@ -81,7 +81,7 @@ fn nix_units(units: &[Unit]) -> String {
 
 /// Definitions shared by every expression: the flake, the root attribute,
 /// and how a job record is made.
-fn prelude(flake_ref: &str, root: &[String], nonce: &str, catch: bool) -> String {
+fn prelude(flake_ref: &str, root: &[String], nonce: &str, catch: bool, group_roots: bool) -> String {
     format!(
         r#"let
   b = builtins;
@@ -121,7 +121,13 @@ fn prelude(flake_ref: &str, root: &[String], nonce: &str, catch: bool) -> String
   job = path: d: {{ attrPath = path; drvPath = d.drvPath; name = d.name; system = d.system; outputs = outputsOf d; meta = metaOf d; }} // aggregate d;
   # Jobs are traced in groups: one line, one write, per group rather than per job.
   group = 64;
-  emitAll = recs: let n = b.length recs; in b.foldl' (acc: g: acc + b.trace (nonce + b.toJSON (b.genList (i: b.elemAt recs (g * group + i)) (if n - g * group < group then n - g * group else group))) 1) 0 (b.genList (g: g) ((n + group - 1) / group));
+  # With group roots, a group's line also names one store file that
+  # references every derivation in it: one GC root keeps them all.
+  groupRoots = {group_roots};
+  rootOf = recs: let ds = b.concatMap (r: if r ? drvPath then [ (b.unsafeDiscardOutputDependency r.drvPath) ] else [ ]) recs; in
+    if ds == [ ] then null else b.toFile "kiln-roots" (b.concatStringsSep "\n" ds);
+  line = recs: if groupRoots then {{ jobs = recs; root = rootOf recs; }} else recs;
+  emitAll = recs: let n = b.length recs; in b.foldl' (acc: g: acc + b.trace (nonce + b.toJSON (line (b.genList (i: b.elemAt recs (g * group + i)) (if n - g * group < group then n - g * group else group)))) 1) 0 (b.genList (g: g) ((n + group - 1) / group));
   jobRec = path: d: let r = try (let j = job path d; in b.deepSeq j j); in
     if r.success then r.value else {{ attrPath = path; error = true; }};
   dec = d: if d == null then null else d - 1;
@@ -139,21 +145,24 @@ in"#,
         root = nix_list(root),
         nonce = nix_string(nonce),
         catch = if catch { "true" } else { "false" },
+        group_roots = if group_roots { "true" } else { "false" },
     )
 }
 
-/// Walks `units`, emitting one trace line per job; evaluates to the count.
-pub fn walk(flake_ref: &str, root: &[String], nonce: &str, catch: bool, units: &[Unit]) -> String {
+/// Walks `units`, emitting one trace line per group of jobs; evaluates to
+/// the count. `group_roots`: each line also names a store file referencing
+/// the group's derivations (see [`crate::gcroots`]).
+pub fn walk(flake_ref: &str, root: &[String], nonce: &str, catch: bool, group_roots: bool, units: &[Unit]) -> String {
     format!(
         "{}\n  b.foldl' (acc: u: let v = getPath root u.p; in acc + emitAll (b.concatMap (n: walkValue (u.p ++ [ n ]) u.d v.${{n}}) (slice u (namesOf u v)))) 0 {}\n",
-        prelude(flake_ref, root, nonce, catch),
+        prelude(flake_ref, root, nonce, catch, group_roots),
         nix_units(units)
     )
 }
 
 /// Walks the root attribute itself when it is a single derivation.
-pub fn walk_root(flake_ref: &str, root: &[String], nonce: &str) -> String {
-    format!("{}\n  emitAll (walkValue [ ] 0 root)\n", prelude(flake_ref, root, nonce, false))
+pub fn walk_root(flake_ref: &str, root: &[String], nonce: &str, group_roots: bool) -> String {
+    format!("{}\n  emitAll (walkValue [ ] 0 root)\n", prelude(flake_ref, root, nonce, false, group_roots))
 }
 
 /// Describes the value at `path`: `{ kind = "drv" | "set" | "other"; n; }`.
@@ -162,7 +171,7 @@ pub fn classify(flake_ref: &str, root: &[String], nonce: &str, path: &[String], 
     let only = only.map(nix_list).unwrap_or_else(|| "null".into());
     format!(
         "{}\n  let v = getPath root {}; in if isDrv v then {{ kind = \"drv\"; }} else if b.isAttrs v then {{ kind = \"set\"; n = b.length (namesOf {{ only = {only}; }} v); }} else {{ kind = \"other\"; }}\n",
-        prelude(flake_ref, root, nonce, false),
+        prelude(flake_ref, root, nonce, false, false),
         nix_list(path)
     )
 }
@@ -172,7 +181,7 @@ pub fn classify(flake_ref: &str, root: &[String], nonce: &str, path: &[String], 
 pub fn classify_child(flake_ref: &str, root: &[String], nonce: &str, unit: &Unit, index: usize) -> String {
     format!(
         "{}\n  let u = b.head {units}; v = getPath root u.p; n = b.elemAt (namesOf u v) {index}; c = v.${{n}}; in\n  b.seq (b.trace (nonce + b.toJSON {{ name = n; }}) 0) (if isDrv c then {{ kind = \"drv\"; name = n; }} else if b.isAttrs c then {{ kind = \"set\"; name = n; n = b.length (b.attrNames c); }} else {{ kind = \"other\"; name = n; }})\n",
-        prelude(flake_ref, root, nonce, false),
+        prelude(flake_ref, root, nonce, false, false),
         units = nix_units(std::slice::from_ref(unit)),
     )
 }

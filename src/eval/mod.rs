@@ -65,6 +65,10 @@ pub struct Job {
     pub constituents: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A store file referencing this job's derivation, to be rooted
+    /// instead of the derivation itself (see [`crate::gcroots`]).
+    #[serde(skip)]
+    pub gc_root: Option<String>,
 }
 
 impl Job {
@@ -79,6 +83,7 @@ impl Job {
             meta: None,
             constituents: None,
             error: Some(message),
+            gc_root: None,
         }
     }
 
@@ -168,6 +173,10 @@ pub struct EvalRequest {
     pub max_memory_mib: u64,
     pub timeout: Duration,
     pub evaluator: crate::config::Evaluator,
+    /// Have the workers write one store file per group of jobs that
+    /// references their derivations, for the recorder to root (`kiln eval`
+    /// roots nothing, so it does not ask).
+    pub group_roots: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -334,7 +343,7 @@ impl<'a> Pool<'a> {
         let kind = self.classify(root, &[], only.as_deref()).await.map_err(|f| EvalError::Failed(f.message))?;
         let mut units = match kind {
             Kind { kind, .. } if kind == "drv" => {
-                let e = expr::walk_root(&self.req.flake_ref, &root.path, &self.nonce);
+                let e = expr::walk_root(&self.req.flake_ref, &root.path, &self.nonce, self.req.group_roots);
                 let r = self.nix(&e, |t| {
                     if let Traced::Job(j) = t {
                         self.on_job(i, j);
@@ -446,7 +455,14 @@ impl<'a> Pool<'a> {
     async fn run_task(&self, task: Task) -> Vec<Task> {
         match task {
             Task::Walk { root, units } => {
-                let e = expr::walk(&self.req.flake_ref, &self.root(root).path, &self.nonce, true, &units);
+                let e = expr::walk(
+                    &self.req.flake_ref,
+                    &self.root(root).path,
+                    &self.nonce,
+                    true,
+                    self.req.group_roots,
+                    &units,
+                );
                 match self
                     .nix(&e, |t| {
                         if let Traced::Job(j) = t {
@@ -523,7 +539,14 @@ impl<'a> Pool<'a> {
                 let (last, parent) = path.split_last().expect("a job has a name");
                 let unit =
                     Unit { path: parent.to_vec(), only: Some(vec![last.clone()]), from: 0, to: 1, depth: Some(0) };
-                let e = expr::walk(&self.req.flake_ref, &self.root(root).path, &self.nonce, false, &unit_vec(unit));
+                let e = expr::walk(
+                    &self.req.flake_ref,
+                    &self.root(root).path,
+                    &self.nonce,
+                    false,
+                    self.req.group_roots,
+                    &unit_vec(unit),
+                );
                 let mut found = false;
                 let r = self
                     .nix(&e, |t| {
@@ -588,6 +611,7 @@ impl<'a> Pool<'a> {
             meta: raw.meta,
             constituents: raw.constituents,
             error: None,
+            gc_root: raw.gc_root,
         };
         match raw.named_constituents {
             Some(names) if !names.is_empty() => {

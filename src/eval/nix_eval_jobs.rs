@@ -73,6 +73,7 @@ pub async fn evaluate(req: &EvalRequest, tx: mpsc::UnboundedSender<Job>) -> Resu
                         meta: l.meta.map(normalize_meta),
                         constituents: l.constituents,
                         error: None,
+                        gc_root: None,
                     }
                 }
             };

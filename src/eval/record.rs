@@ -64,12 +64,14 @@ pub async fn record_stream_with(
     let mut by_drv: HashMap<String, i64> = HashMap::new();
     let mut aggregates: Vec<(i64, Vec<String>)> = Vec::new();
     let mut deadline = None::<Instant>;
+    // The first job of the next group, taken while completing a batch.
+    let mut carry = None::<Job>;
     loop {
         let next = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx.recv()).await,
             None => Ok(rx.recv().await),
         };
-        let done = match next {
+        let mut done = match next {
             Ok(Some(job)) => {
                 deadline.get_or_insert_with(|| Instant::now() + FLUSH_AFTER);
                 batch.push(job);
@@ -79,15 +81,33 @@ pub async fn record_stream_with(
             Err(_) => false, // flush time
         };
         if !batch.is_empty() && (done || batch.len() >= BATCH || deadline.is_some_and(|d| Instant::now() >= d)) {
+            // A group of jobs shares one GC root, which the queue lets go
+            // when the group's last build it holds ends: the whole group
+            // goes in one batch, so it joins the queue at once (its jobs
+            // were sent together, so the rest is in the channel already).
+            while !done && batch.last().is_some_and(|j| j.gc_root.is_some()) {
+                match rx.try_recv() {
+                    Ok(job) if job.gc_root == batch.last().and_then(|j| j.gc_root.clone()) => batch.push(job),
+                    Ok(job) => {
+                        carry = Some(job);
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => done = true,
+                }
+            }
             let t = Instant::now();
             let n = batch.len();
             let before = r.build_ids.len();
             // Rooted while the batch is written (the links are the kernel's
-            // work, the rows the database's).
+            // work, the rows the database's): one link per group of jobs.
             let rooting = hooks.roots.clone().map(|roots| {
-                let drvs: Vec<String> =
-                    batch.iter().filter(|j| j.error.is_none()).filter_map(|j| j.drv_path.clone()).collect();
-                tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str)))
+                let keys: std::collections::BTreeSet<String> = batch
+                    .iter()
+                    .filter(|j| j.error.is_none())
+                    .filter_map(|j| j.gc_root.clone().or_else(|| j.drv_path.clone()))
+                    .collect();
+                tokio::task::spawn_blocking(move || roots.add_all(keys.iter().map(String::as_str)))
             });
             write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, hooks.fresh_builds)
                 .await?;
@@ -101,6 +121,10 @@ pub async fn record_stream_with(
             deadline = None;
             let mut c = db.conn().await?;
             evaluations::set_progress(c.ex(), eval_id, r.jobs, r.errors, r.new_builds).await?;
+            if let Some(job) = carry.take() {
+                deadline = Some(Instant::now() + FLUSH_AFTER);
+                batch.push(job);
+            }
         }
         if done {
             break;
@@ -213,6 +237,7 @@ fn new_build(jobset_id: i64, job: &Job) -> NewBuild {
         priority: job.meta_int("schedulingPriority").unwrap_or(100),
         is_aggregate: job.constituents.is_some(),
         outputs: job.outputs.clone().unwrap_or_default().into_iter().collect(),
+        gc_root: job.gc_root.clone(),
     }
 }
 

@@ -30,10 +30,23 @@ pub struct RawJob {
     /// Set by us when the traced line was not valid UTF-8.
     #[serde(skip)]
     pub bad_utf8: bool,
+    /// Set by us from the line's group root: a store file that references
+    /// this job's derivation (see [`crate::gcroots`]).
+    #[serde(skip)]
+    pub gc_root: Option<String>,
+}
+
+/// A traced line when the expression roots its groups.
+#[derive(Deserialize)]
+struct Group {
+    jobs: Vec<RawJob>,
+    root: Option<String>,
 }
 
 /// A line a worker traced: a job, or the name a classification started on.
 #[derive(Debug)]
+// Passed by value once per job: a box would be one more allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum Traced {
     Job(RawJob),
     Name(String),
@@ -102,10 +115,16 @@ pub async fn run(
                     Ok(s) => (std::borrow::Cow::Borrowed(s), false),
                     Err(_) => (String::from_utf8_lossy(json), true),
                 };
-                if let Ok(jobs) = serde_json::from_str::<Vec<RawJob>>(&text) {
+                let group = if text.starts_with('[') {
+                    serde_json::from_str::<Vec<RawJob>>(&text).ok().map(|jobs| Group { jobs, root: None })
+                } else {
+                    serde_json::from_str::<Group>(&text).ok()
+                };
+                if let Some(Group { jobs, root }) = group {
                     for mut job in jobs {
                         // Only the names that lost bytes are at fault.
                         job.bad_utf8 = bad_utf8 && job.attr_path.iter().any(|c| c.contains('\u{fffd}'));
+                        job.gc_root = root.clone();
                         on_trace(Traced::Job(job));
                     }
                 } else if let Ok(n) = serde_json::from_str::<NameLine>(&text) {

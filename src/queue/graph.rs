@@ -25,8 +25,9 @@ pub(super) struct Step {
 }
 
 pub(super) struct LiveBuild {
-    /// Its derivation, rooted against Nix's garbage collector while live.
-    pub(super) drv: String,
+    /// What roots its derivation against Nix's garbage collector while it
+    /// is live (see [`builds::Build::root`]).
+    pub(super) root: String,
     pub(super) jobset: i64,
     pub(super) top: i64,
     pub(super) global: i64,
@@ -76,7 +77,7 @@ impl Runner {
             // on Nix's lock for that build instead of building again
             // elsewhere.
             self.resume_on = left.into_iter().filter_map(|(id, m)| Some((id, m?))).collect();
-            (builds::unfinished_ids(c.ex()).await?, builds::unfinished_drvs(c.ex()).await?)
+            (builds::unfinished_ids(c.ex()).await?, builds::unfinished_roots(c.ex()).await?)
         };
         // Roots of builds that ended while no runner was here go, and those
         // of Kilns whose state is gone (in the background: it may be many).
@@ -129,12 +130,6 @@ impl Runner {
     /// derivation is gone fails alone with the path named; the others wait
     /// for their steps.
     pub(super) async fn add_builds(&mut self, ids: &[i64]) -> Result<(), DbError> {
-        self.add_builds_as(ids, false).await
-    }
-
-    /// As [`Runner::add_builds`]; `rooted`: their derivations are rooted
-    /// already, so the links are not made again.
-    pub(super) async fn add_builds_as(&mut self, ids: &[i64], rooted: bool) -> Result<(), DbError> {
         let ids: Vec<i64> =
             ids.iter().copied().filter(|id| !self.builds.contains_key(id) && !self.held.contains_key(id)).collect();
         if ids.is_empty() {
@@ -157,12 +152,16 @@ impl Runner {
         }
         let t0 = Instant::now();
         let tops: Vec<String> = list.iter().map(|b| b.drv_path.clone()).collect();
-        // Rooted before anything is read, so a collection cannot take them.
+        // Rooted before anything is read, so a collection cannot take them:
+        // the roots no live build holds yet (a recorder in this process has
+        // made them already; the link is then one failed call per group).
         self.flush_released().await;
         let top_drvs = tops.clone();
-        if !rooted {
-            let (roots, drvs) = (self.roots.clone(), tops.clone());
-            let _ = tokio::task::spawn_blocking(move || roots.add_all(drvs.iter().map(String::as_str))).await;
+        let new_roots: BTreeSet<String> =
+            list.iter().map(|b| b.root()).filter(|r| !self.live_roots.contains_key(*r)).map(str::to_string).collect();
+        if !new_roots.is_empty() {
+            let roots = self.roots.clone();
+            let _ = tokio::task::spawn_blocking(move || roots.add_all(new_roots.iter().map(String::as_str))).await;
         }
         let by_drv = &self.by_drv;
         let nodes = walk::explore(tops, |d| by_drv.contains_key(d), &self.cache, &self.upstreams)
@@ -173,7 +172,7 @@ impl Runner {
         let recorded = t0.elapsed();
         let resolved = self.resolve(&nodes, &rows, top_drvs.iter().map(String::as_str));
 
-        let drvs: HashMap<i64, String> = list.iter().map(|b| (b.id, b.drv_path.clone())).collect();
+        let build_roots: HashMap<i64, String> = list.iter().map(|b| (b.id, b.root().to_string())).collect();
         let list_len = list.len();
         let mut finished: Vec<Finished> = Vec::new();
         let mut tops: Vec<(i64, i64)> = Vec::new();
@@ -241,24 +240,24 @@ impl Runner {
             "builds added to the queue"
         );
         for (b, jobset, status, ..) in finished {
-            if let Some(drv) = drvs.get(&b) {
-                self.release(drv);
+            if let Some(root) = build_roots.get(&b) {
+                self.release(root);
             }
             debug!(build = b, status = status.label(), "finished without building");
             self.announce(Announce::BuildFinished { build: b, jobset: Some(jobset), buildstatus: status as i64 });
         }
         for (b, jobset) in hold {
-            if let Some(drv) = drvs.get(&b) {
-                self.release(drv);
+            if let Some(root) = build_roots.get(&b) {
+                self.release(root);
             }
             self.hold_aggregate(b, jobset);
         }
         for (b, top) in queued {
-            *self.live_drvs.entry(b.drv_path.clone()).or_default() += 1;
+            *self.live_roots.entry(b.root().to_string()).or_default() += 1;
             self.builds.insert(
                 b.id,
                 LiveBuild {
-                    drv: b.drv_path.clone(),
+                    root: b.root().to_string(),
                     jobset: b.jobset_id,
                     top,
                     global: b.global_priority,
@@ -456,33 +455,33 @@ impl Runner {
         self.idle_check();
     }
 
-    /// Takes an ended build out of the live set; its derivation's GC root
-    /// goes unless another live build has the same derivation.
+    /// Takes an ended build out of the live set; its GC root goes unless
+    /// another live build has the same one.
     pub(super) fn forget_build(&mut self, id: i64) -> Option<LiveBuild> {
         let b = self.builds.remove(&id)?;
-        if let Some(n) = self.live_drvs.get_mut(&b.drv) {
+        if let Some(n) = self.live_roots.get_mut(&b.root) {
             *n -= 1;
             if *n == 0 {
-                self.live_drvs.remove(&b.drv);
+                self.live_roots.remove(&b.root);
             }
         }
-        self.release(&b.drv);
+        self.release(&b.root);
         Some(b)
     }
 
-    /// Drops the GC root of `drv` if no live build needs it (written by
+    /// Drops the GC root `root` if no live build needs it (written by
     /// [`Runner::flush_released`], before any root is added again).
-    pub(super) fn release(&mut self, drv: &str) {
-        if !self.live_drvs.contains_key(drv) {
-            self.released.push(drv.to_string());
+    pub(super) fn release(&mut self, root: &str) {
+        if !self.live_roots.contains_key(root) {
+            self.released.push(root.to_string());
         }
     }
 
     /// Removes the GC roots released since the last call, off the runner's
-    /// thread; a derivation that came back meanwhile keeps its root.
+    /// thread; a root that a live build holds again meanwhile stays.
     pub(super) async fn flush_released(&mut self) {
         let drvs: Vec<String> =
-            std::mem::take(&mut self.released).into_iter().filter(|d| !self.live_drvs.contains_key(d)).collect();
+            std::mem::take(&mut self.released).into_iter().filter(|d| !self.live_roots.contains_key(d)).collect();
         if drvs.is_empty() {
             return;
         }

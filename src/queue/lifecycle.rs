@@ -158,7 +158,7 @@ impl Runner {
         self.held.clear();
         self.became_runnable.clear();
         self.became_idle.clear();
-        self.live_drvs.clear();
+        self.live_roots.clear();
         // The runner that holds the lock now runs those steps again.
         self.unrecorded.clear();
         self.uncancelled.clear();

@@ -69,9 +69,8 @@ struct AttemptEnd {
 }
 
 enum Event {
-    /// Builds to add; `true` when their derivations are rooted already
-    /// (the recorder in this process rooted them).
-    Enqueue(Vec<i64>, bool, oneshot::Sender<()>),
+    /// Builds to add.
+    Enqueue(Vec<i64>, oneshot::Sender<()>),
     /// An attempt of a step ended.
     Done(i64, AttemptEnd),
     Cancel(i64),
@@ -215,7 +214,7 @@ impl Queue {
             next_attempt: 0,
             rewalks: HashMap::new(),
             roots: crate::gcroots::GcRoots::open(&state_dir),
-            live_drvs: HashMap::new(),
+            live_roots: HashMap::new(),
             released: Vec::new(),
             unrecorded: Vec::new(),
             uncancelled: Vec::new(),
@@ -229,18 +228,8 @@ impl Queue {
     /// Adds builds (new, or unfinished after a restart); returns once they
     /// are in the queue (or finished because nothing needed building).
     pub async fn enqueue(&self, builds: Vec<i64>) {
-        self.enqueue_as(builds, false).await
-    }
-
-    /// As [`Queue::enqueue`], for builds whose derivations the caller has
-    /// rooted (an evaluation recorded in this process): not rooted again.
-    pub async fn enqueue_rooted(&self, builds: Vec<i64>) {
-        self.enqueue_as(builds, true).await
-    }
-
-    async fn enqueue_as(&self, builds: Vec<i64>, rooted: bool) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Event::Enqueue(builds, rooted, tx)).is_ok() {
+        if self.tx.send(Event::Enqueue(builds, tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -386,9 +375,9 @@ struct Runner {
     /// inputs did not arrive.
     rewalks: HashMap<String, u32>,
     /// GC roots of live builds' derivations, and how many live builds
-    /// have each derivation.
+    /// hold each root.
     roots: crate::gcroots::GcRoots,
-    live_drvs: HashMap<String, u32>,
+    live_roots: HashMap<String, u32>,
     /// Roots to drop at the next flush.
     released: Vec<String>,
     /// Finished attempts the database refused to record, tried again each
@@ -406,8 +395,8 @@ struct Runner {
 impl Runner {
     async fn handle(&mut self, ev: Event) -> Result<(), DbError> {
         match ev {
-            Event::Enqueue(ids, rooted, done) => {
-                self.add_builds_as(&ids, rooted).await?;
+            Event::Enqueue(ids, done) => {
+                self.add_builds(&ids).await?;
                 let _ = done.send(());
             }
             Event::Done(step, end) => self.step_done(step, end).await?,

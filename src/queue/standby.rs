@@ -8,7 +8,7 @@ impl Runner {
     /// where that process's rescan finds them; nothing waits on a runner.
     pub(super) async fn handle_standby(&mut self, ev: Event) -> Result<(), DbError> {
         match ev {
-            Event::Enqueue(_, _, done) => {
+            Event::Enqueue(_, done) => {
                 let _ = done.send(());
             }
             Event::Cancel(id) => {
