@@ -138,6 +138,12 @@ impl Mirrors {
         }
     }
 
+    /// The message of commit `rev` in the mirror.
+    pub async fn message_of(&self, mirror: &Mirror, rev: &str) -> Result<String, FetchError> {
+        let out = self.git(Some(&mirror.dir), &["log", "-1", "--format=%B", rev, "--"]).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
     /// Fetches pull request `number`'s head (GitHub's `refs/pull/N/head`,
     /// which also carries a fork's commits) into [`pull_ref`].
     pub async fn fetch_pull(

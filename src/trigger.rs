@@ -71,6 +71,16 @@ pub struct Evaluator {
     roots: crate::gcroots::GcRoots,
 }
 
+/// The marker in a commit message that asks not to build it, if any.
+pub fn skip_marker(message: &str) -> Option<&'static str> {
+    let lower = message.to_ascii_lowercase();
+    ["[skip ci]", "[ci skip]"].into_iter().find(|m| lower.contains(m))
+}
+
+fn short(rev: &str) -> &str {
+    &rev[..rev.len().min(12)]
+}
+
 /// How often due jobsets are looked for when nothing wakes the loop.
 const TICK: Duration = Duration::from_secs(1);
 /// A project whose repository could not be read is tried again after this.
@@ -291,6 +301,17 @@ impl Evaluator {
                 self.mark(jobset.id, None, seen).await?;
                 return Ok(Checked::Unchanged);
             }
+            // As GitHub Actions and buildbot-nix do: a commit that asks
+            // not to be built is not evaluated (a forced check still is).
+            if !jobset.force_eval
+                && let Ok(message) = self.mirrors.message_of(&mirror, &rev).await
+                && let Some(marker) = skip_marker(&message)
+            {
+                info!(rev, marker, "not evaluated: the commit asks to skip CI");
+                let note = format!("commit {} not evaluated: its message says {marker}", short(&rev));
+                self.mark(jobset.id, Some(&note), seen).await?;
+                return Ok(Checked::Skipped);
+            }
             let flake_ref = fetch::flake_ref(&mirror, &local_ref, &rev, &jobset.flake_dir);
             self.evaluate(&jobset, &git_ref, &rev, &flake_ref, seen).await
         }
@@ -366,6 +387,7 @@ impl Evaluator {
             None => {
                 self.mark(jobset.id, None, seen).await?;
                 self.events.send(Event::EvalFinished { eval: ev.id, jobset: jobset.id, error: None });
+                self.cancel_superseded(jobset.id, ev.id, rev).await?;
                 Ok(Checked::Evaluated(ev.id))
             }
             Some(message) => {
@@ -389,6 +411,28 @@ impl Evaluator {
                 Ok(Checked::Failed(ev.id))
             }
         }
+    }
+
+    /// Cancels the jobset's unfinished builds that its new evaluation
+    /// `eval_id` no longer has (an earlier commit's): recorded first, so a
+    /// crash cannot bring them back; then the queue stops the steps that
+    /// no other live build needs (a step another jobset shares goes on).
+    async fn cancel_superseded(&self, jobset_id: i64, eval_id: i64, rev: &str) -> Result<(), DbError> {
+        let why = format!("cancelled: superseded by evaluation {eval_id} (commit {})", short(rev));
+        let mut tx = self.db.begin().await?;
+        let ids = crate::db::builds::superseded(tx.ex(), jobset_id, eval_id).await?;
+        let ids = crate::db::builds::cancel_many(tx.ex(), &ids, &why).await?;
+        tx.commit().await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        info!(eval = eval_id, builds = ids.len(), "superseded builds cancelled");
+        if let Some(q) = &self.queue {
+            for id in ids {
+                q.cancel(id);
+            }
+        }
+        Ok(())
     }
 
     async fn run_eval(

@@ -203,9 +203,7 @@ impl Sessions {
         };
         let compress = m.compress;
         let opened = open_ssh(&self.dir, &login, self.connect_timeout, |b| {
-            b.server_alive_interval(Duration::from_secs(15))
-                // A master Kiln no longer uses (after a crash, say) goes away.
-                .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(60).expect("non-zero")));
+            b.server_alive_interval(Duration::from_secs(15));
             if compress {
                 b.compression(true);
             }
@@ -380,7 +378,12 @@ pub async fn open_ssh(
 ) -> Result<openssh::Session, SshFailure> {
     std::fs::create_dir_all(dir).map_err(|e| SshFailure::Failed(format!("{}: {e}", dir.display())))?;
     let mut b = openssh::SessionBuilder::default();
-    b.known_hosts_check(openssh::KnownHosts::Strict).connect_timeout(connect_timeout).control_directory(dir);
+    b.known_hosts_check(openssh::KnownHosts::Strict)
+        .connect_timeout(connect_timeout)
+        .control_directory(dir)
+        // A master Kiln no longer uses (Kiln was killed, say) goes away;
+        // openssh's default keeps it for ever.
+        .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(60).expect("non-zero")));
     if let Some(u) = login.user {
         b.user(u.to_string());
     }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::db::jobsets::{self, Jobset, JobsetSpec};
-use crate::db::{DbError, Ex, outbox, projects, webhook_deliveries};
+use crate::db::{DbError, Ex, builds, outbox, projects, webhook_deliveries};
 
 /// GitHub's payloads are at most 25 MB; what Kiln reads is far smaller.
 pub const MAX_BODY: usize = 5 * 1024 * 1024;
@@ -142,6 +142,9 @@ pub struct Applied {
     pub triggered: Vec<String>,
     /// `project:jobset` of every jobset disabled (closed pull requests).
     pub disabled: Vec<String>,
+    /// Builds cancelled (those of closed pull requests).
+    #[serde(default)]
+    pub cancelled: Vec<i64>,
 }
 
 /// Records the delivery and applies the event, in the caller's transaction.
@@ -182,6 +185,9 @@ pub async fn apply(mut ex: Ex<'_>, delivery: &str, event: &Event) -> Result<Appl
                         "closed" => {
                             if let Some(j) = js.iter().find(|j| j.name == name && j.pr_number == Some(*number)) {
                                 jobsets::set_enabled(ex.re(), j.id, false).await?;
+                                let open = builds::unfinished_of_jobset(ex.re(), j.id).await?;
+                                let why = format!("cancelled: pull request #{number} was closed");
+                                applied.cancelled.extend(builds::cancel_many(ex.re(), &open, &why).await?);
                                 // Statuses still waiting to be sent for it are dropped.
                                 let ctx = super::statuses::summary_context(&j.name);
                                 outbox::drop_pending_context(ex.re(), &ctx).await?;

@@ -75,8 +75,14 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
         duplicate = applied.duplicate,
         triggered = applied.triggered.len(),
         disabled = applied.disabled.len(),
+        cancelled = applied.cancelled.len(),
         "webhook"
     );
+    // Recorded as cancelled with the event; the queue now stops what only
+    // they needed (its rescan would, a little later).
+    for id in &applied.cancelled {
+        s.queue.cancel(*id);
+    }
     if !applied.triggered.is_empty() {
         s.evaluator.wake();
     }
