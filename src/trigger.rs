@@ -419,10 +419,9 @@ impl Evaluator {
     /// no other live build needs (a step another jobset shares goes on).
     async fn cancel_superseded(&self, jobset_id: i64, eval_id: i64, rev: &str) -> Result<(), DbError> {
         let why = format!("cancelled: superseded by evaluation {eval_id} (commit {})", short(rev));
-        let mut tx = self.db.begin().await?;
-        let ids = crate::db::builds::superseded(tx.ex(), jobset_id, eval_id).await?;
-        let ids = crate::db::builds::cancel_many(tx.ex(), &ids, &why).await?;
-        tx.commit().await?;
+        let mut c = self.db.conn().await?;
+        let ids = crate::db::builds::cancel_unfinished_of_jobset(c.ex(), jobset_id, Some(eval_id), &why).await?;
+        drop(c);
         if ids.is_empty() {
             return Ok(());
         }

@@ -99,12 +99,6 @@ async fn jobs(api: &Api, project: &str, n: usize) -> std::collections::BTreeMap<
     .await
 }
 
-async fn step_state(db: &kiln::db::Db, drv: &str) -> String {
-    let mut c = db.conn().await.unwrap();
-    kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT state FROM steps WHERE drv_path = $1")
-        .bind(drv).fetch_one(&mut *c).await.unwrap())
-}
-
 #[tokio::test]
 async fn coordinator_faults_are_not_the_builders_and_only_real_failures_are_remembered() {
     for backend in ["sqlite", "postgres"] {
@@ -171,10 +165,10 @@ async fn coordinator_faults_are_not_the_builders_and_only_real_failures_are_reme
         }
 
         // Only the derivation's own failures are remembered.
-        assert_eq!(step_state(&db, b["fails"]["drvpath"].as_str().unwrap()).await, "failed");
-        assert_eq!(step_state(&db, b["marked"]["drvpath"].as_str().unwrap()).await, "failed");
-        assert_eq!(step_state(&db, big_drv).await, "aborted");
-        assert_eq!(step_state(&db, b["huge"]["drvpath"].as_str().unwrap()).await, "aborted");
+        assert_eq!(step_state(&db, b["fails"]["drvpath"].as_str().unwrap()).await.as_deref(), Some("failed"));
+        assert_eq!(step_state(&db, b["marked"]["drvpath"].as_str().unwrap()).await.as_deref(), Some("failed"));
+        assert_eq!(step_state(&db, big_drv).await.as_deref(), Some("aborted"));
+        assert_eq!(step_state(&db, b["huge"]["drvpath"].as_str().unwrap()).await.as_deref(), Some("aborted"));
         // A failed output is kept and served.
         let marked_out = b["marked"]["buildoutputs"]["out"]["path"].as_str().unwrap();
         let hash = &marked_out.trim_start_matches("/nix/store/")[..32];

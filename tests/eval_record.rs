@@ -40,9 +40,10 @@ fn broken(attr: &str) -> Job {
 
 const N: usize = 2300;
 
-async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, record::Recorded, evaluations::Diff) {
+/// A running evaluation of the jobset.
+async fn new_eval(db: &Db, jobset_id: i64) -> evaluations::Evaluation {
     let mut c = db.conn().await.unwrap();
-    let ev = evaluations::create(
+    evaluations::create(
         c.ex(),
         &NewEvaluation {
             jobset_id,
@@ -55,8 +56,11 @@ async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, r
         },
     )
     .await
-    .unwrap();
-    drop(c);
+    .unwrap()
+}
+
+async fn run_eval(db: &Db, jobset_id: i64, jobs: Vec<Job>, keep: i64) -> (i64, record::Recorded, evaluations::Diff) {
+    let ev = new_eval(db, jobset_id).await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     for j in jobs {
         tx.send(j).unwrap();
@@ -137,22 +141,7 @@ async fn recording_reuses_builds_links_aggregates_diffs_and_prunes() {
 async fn a_group_of_jobs_is_rooted_once_and_recorded_in_one_batch() {
     each_backend(|db| async move {
         let (_, jobset_id) = make_jobset(&db, "p", "main").await;
-        let mut c = db.conn().await.unwrap();
-        let ev = evaluations::create(
-            c.ex(),
-            &NewEvaluation {
-                jobset_id,
-                commit_sha: "c",
-                git_ref: "refs/heads/main",
-                flake_ref: "f",
-                config_hash: "h",
-                workers: 1,
-                forced: false,
-            },
-        )
-        .await
-        .unwrap();
-        drop(c);
+        let ev = new_eval(&db, jobset_id).await;
         // 40 groups of 64: batches of 1,000 would cut through groups.
         let group_root = |g: usize| format!("/nix/store/{:032}-kiln-roots", g);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -203,21 +192,8 @@ async fn a_group_of_jobs_is_rooted_once_and_recorded_in_one_batch() {
 async fn interrupted_evaluations_are_marked_failed_on_start() {
     each_backend(|db| async move {
         let (_, jobset_id) = make_jobset(&db, "p", "main").await;
+        let ev = new_eval(&db, jobset_id).await;
         let mut c = db.conn().await.unwrap();
-        let ev = evaluations::create(
-            c.ex(),
-            &NewEvaluation {
-                jobset_id,
-                commit_sha: "c",
-                git_ref: "r",
-                flake_ref: "f",
-                config_hash: "h",
-                workers: 1,
-                forced: false,
-            },
-        )
-        .await
-        .unwrap();
         assert!(evaluations::running(c.ex(), jobset_id).await.unwrap().is_some());
         assert_eq!(evaluations::fail_interrupted(c.ex()).await.unwrap(), 1);
         let e = evaluations::get(c.ex(), ev.id).await.unwrap().unwrap();

@@ -18,12 +18,6 @@ fn slow(name: &str, gate: &std::path::Path) -> String {
     )
 }
 
-async fn step_state(db: &kiln::db::Db, drv: &str) -> Option<String> {
-    let mut c = db.conn().await.unwrap();
-    kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT state FROM steps WHERE drv_path = $1")
-        .bind(drv).fetch_optional(&mut *c).await.unwrap())
-}
-
 async fn build_of(api: &Api, eval: i64, job: &str) -> serde_json::Value {
     let (_, detail) = api.get(&format!("/eval/{eval}")).await;
     for id in detail["builds"].as_array().unwrap() {

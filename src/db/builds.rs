@@ -664,32 +664,24 @@ pub async fn count_by_status(ex: Ex<'_>) -> Result<Vec<(i64, i64)>> {
 
 /// Ids of every unfinished build (the partial index `builds_unfinished`).
 /// The derivations of unfinished builds (each once).
-/// The unfinished builds of a jobset that evaluation `eval_id` (its newest)
-/// does not have: superseded by it.
-pub async fn superseded(ex: Ex<'_>, jobset_id: i64, eval_id: i64) -> Result<Vec<i64>> {
+/// Cancels, with `why`, the unfinished builds of a jobset that its newest
+/// evaluation `eval_id` does not have (superseded by it), or all of them
+/// (`eval_id` None: a closed pull request's). One statement; returns the
+/// ids, for the queue to stop what only they needed once this commits.
+pub async fn cancel_unfinished_of_jobset(
+    ex: Ex<'_>,
+    jobset_id: i64,
+    eval_id: Option<i64>,
+    why: &str,
+) -> Result<Vec<i64>> {
     Ok(run!(ex, c => sqlx::query_scalar(
-        "SELECT b.id FROM builds b WHERE b.jobset_id = $1 AND b.finished = FALSE AND NOT EXISTS
-             (SELECT 1 FROM eval_members m WHERE m.eval_id = $2 AND m.build_id = b.id) ORDER BY b.id")
-        .bind(jobset_id).bind(eval_id).fetch_all(&mut *c).await?))
-}
-
-/// The unfinished builds of a jobset.
-pub async fn unfinished_of_jobset(ex: Ex<'_>, jobset_id: i64) -> Result<Vec<i64>> {
-    Ok(run!(ex, c => sqlx::query_scalar("SELECT id FROM builds WHERE jobset_id = $1 AND finished = FALSE ORDER BY id")
-        .bind(jobset_id).fetch_all(&mut *c).await?))
-}
-
-/// Finishes `ids` as cancelled with `why` (those still unfinished); the
-/// queue, told after the commit, stops what only they needed. Returns the
-/// ones this cancelled.
-pub async fn cancel_many(mut ex: Ex<'_>, ids: &[i64], why: &str) -> Result<Vec<i64>> {
-    let mut done = Vec::new();
-    for &id in ids {
-        if finish(ex.re(), id, BuildStatus::Cancelled, false, None, Some(why)).await? {
-            done.push(id);
-        }
-    }
-    Ok(done)
+        "UPDATE builds SET finished = TRUE, build_status = $3, is_cached = FALSE, error = $4, stop_time = $5,
+             start_time = COALESCE(start_time, $5)
+         WHERE jobset_id = $1 AND finished = FALSE AND NOT EXISTS
+             (SELECT 1 FROM eval_members m WHERE m.eval_id = $2 AND m.build_id = builds.id)
+         RETURNING id")
+        .bind(jobset_id).bind(eval_id).bind(BuildStatus::Cancelled as i64).bind(why).bind(now())
+        .fetch_all(&mut *c).await?))
 }
 
 /// What roots the unfinished builds' derivations (see [`Build::root`]).

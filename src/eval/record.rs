@@ -87,7 +87,7 @@ pub async fn record_stream_with(
             // were sent together, so the rest is in the channel already).
             while !done && batch.last().is_some_and(|j| j.gc_root.is_some()) {
                 match rx.try_recv() {
-                    Ok(job) if job.gc_root == batch.last().and_then(|j| j.gc_root.clone()) => batch.push(job),
+                    Ok(job) if job.gc_root.as_ref() == batch.last().and_then(|j| j.gc_root.as_ref()) => batch.push(job),
                     Ok(job) => {
                         carry = Some(job);
                         break;

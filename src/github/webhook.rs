@@ -185,9 +185,9 @@ pub async fn apply(mut ex: Ex<'_>, delivery: &str, event: &Event) -> Result<Appl
                         "closed" => {
                             if let Some(j) = js.iter().find(|j| j.name == name && j.pr_number == Some(*number)) {
                                 jobsets::set_enabled(ex.re(), j.id, false).await?;
-                                let open = builds::unfinished_of_jobset(ex.re(), j.id).await?;
                                 let why = format!("cancelled: pull request #{number} was closed");
-                                applied.cancelled.extend(builds::cancel_many(ex.re(), &open, &why).await?);
+                                let cancelled = builds::cancel_unfinished_of_jobset(ex.re(), j.id, None, &why).await?;
+                                applied.cancelled.extend(cancelled);
                                 // Statuses still waiting to be sent for it are dropped.
                                 let ctx = super::statuses::summary_context(&j.name);
                                 outbox::drop_pending_context(ex.re(), &ctx).await?;

@@ -553,6 +553,13 @@ pub fn build_results(out: &Output) -> std::collections::BTreeMap<String, serde_j
 }
 
 /// A command for the `kiln` binary under test, with the test Nix config.
+/// The state of the step that builds `drv`, if there is one.
+pub async fn step_state(db: &Db, drv: &str) -> Option<String> {
+    let mut c = db.conn().await.unwrap();
+    kiln::db::run!(c.ex(), c => sqlx::query_scalar("SELECT state FROM steps WHERE drv_path = $1")
+        .bind(drv).fetch_optional(&mut *c).await.unwrap())
+}
+
 pub fn kiln_cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.env("NIX_CONFIG", NIX_CONFIG).env_remove("KILN_CONFIG");
