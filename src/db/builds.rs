@@ -308,6 +308,13 @@ pub(crate) fn values_placeholders(backend: super::Backend, rows: usize, cols: us
 
 /// The newest build of each (job, derivation) in the jobset, for reuse by
 /// a new evaluation: one query per a few hundred jobs.
+/// Whether the jobset has any build at all (a new jobset's first
+/// evaluation need not look its jobs up).
+pub async fn any_in_jobset(ex: Ex<'_>, jobset_id: i64) -> Result<bool> {
+    Ok(run!(ex, c => sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE jobset_id = $1)")
+        .bind(jobset_id).fetch_one(&mut *c).await?))
+}
+
 pub async fn find_many_in_jobset(
     mut ex: Ex<'_>,
     jobset_id: i64,

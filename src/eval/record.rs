@@ -59,6 +59,10 @@ pub async fn record_stream_with(
     hooks: Hooks,
 ) -> Result<Recorded, DbError> {
     let mut r = Recorded::default();
+    // A jobset without builds has none to reuse: its first evaluation (on
+    // a nixpkgs project, 250,000 jobs) skips the lookups. Its evaluations
+    // run one at a time, and this one's own jobs have distinct names.
+    let lookup = !hooks.fresh_builds && builds::any_in_jobset(db.conn().await?.ex(), jobset_id).await?;
     let mut batch = Vec::with_capacity(BATCH);
     // Aggregates are linked once every job of the evaluation is known.
     let mut by_drv: HashMap<String, i64> = HashMap::new();
@@ -109,8 +113,7 @@ pub async fn record_stream_with(
                     .collect();
                 tokio::task::spawn_blocking(move || roots.add_all(keys.iter().map(String::as_str)))
             });
-            write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, hooks.fresh_builds)
-                .await?;
+            write_batch(db, jobset_id, eval_id, &mut batch, &mut r, &mut by_drv, &mut aggregates, lookup).await?;
             if let Some(rooting) = rooting {
                 let _ = rooting.await;
             }
@@ -153,7 +156,7 @@ async fn write_batch(
     r: &mut Recorded,
     by_drv: &mut HashMap<String, i64>,
     aggregates: &mut Vec<(i64, Vec<String>)>,
-    fresh: bool,
+    lookup: bool,
 ) -> Result<(), DbError> {
     // A retried slice cannot repeat a job (the evaluator sends each once),
     // but two roots could name one job: the first wins, as in the members.
@@ -167,7 +170,7 @@ async fn write_batch(
         .filter_map(|j| j.drv_path.as_deref().map(|d| (j.attr.as_str(), d)))
         .collect();
     let existing =
-        if fresh { HashMap::new() } else { builds::find_many_in_jobset(tx.ex(), jobset_id, &wanted).await? };
+        if lookup { builds::find_many_in_jobset(tx.ex(), jobset_id, &wanted).await? } else { HashMap::new() };
     let new: Vec<NewBuild> = batch
         .iter()
         .filter(|j| j.error.is_none() && j.drv_path.is_some())
