@@ -18,6 +18,10 @@
 //! [jobsets.pulls]
 //! pull_requests = true             # one jobset per open pull request
 //! attributes = ["checks"]
+//! # whose pull requests are built without approval (GitHub's
+//! # author_association); others wait for a maintainer's approval
+//! trusted_associations = ["OWNER", "MEMBER", "COLLABORATOR"]
+//! approve_each_push = false        # true: every new push waits again
 //! ```
 
 use std::collections::BTreeMap;
@@ -74,6 +78,9 @@ struct JobsetFile {
     keep_evaluations: i64,
     #[serde(default = "d_true")]
     enabled: bool,
+    trusted_associations: Option<Vec<String>>,
+    #[serde(default)]
+    approve_each_push: bool,
 }
 
 fn d_interval() -> i64 {
@@ -145,6 +152,17 @@ pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
         {
             return Err(bad("flake_dir", format!("{:?} must be a relative path inside the repository", j.flake_dir)));
         }
+        if !j.pull_requests && (j.trusted_associations.is_some() || j.approve_each_push) {
+            let k = if j.approve_each_push { "approve_each_push" } else { "trusted_associations" };
+            return Err(bad(k, "only a pull_requests jobset has an approval gate".into()));
+        }
+        let trusted = j.trusted_associations.unwrap_or_else(crate::db::jobsets::default_trusted);
+        for a in &trusted {
+            if !crate::db::jobsets::ASSOCIATIONS.contains(&a.as_str()) {
+                let known = crate::db::jobsets::ASSOCIATIONS.join(", ");
+                return Err(bad("trusted_associations", format!("{a:?} is not one of GitHub's: {known}")));
+            }
+        }
         if j.check_interval < 0 {
             return Err(bad("check_interval", "must not be negative".into()));
         }
@@ -167,6 +185,8 @@ pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
             enabled: j.enabled,
             pull_requests: j.pull_requests,
             config_hash: String::new(),
+            trusted_associations: trusted,
+            approve_each_push: j.approve_each_push,
         };
         spec.config_hash = hash_spec(&spec);
         out.push(spec);
@@ -215,6 +235,8 @@ mod tests {
         assert!(err("[jobsets.main]\nattributes = []\n").contains("attributes"));
         assert!(err("[jobsets.\"a b\"]\n").contains("jobsets.a b"));
         assert!(err("[jobsets.p]\npull_requests = true\nbranch = \"x\"\n").contains("branch"));
+        assert!(err("[jobsets.p]\npull_requests = true\ntrusted_associations = [\"owner\"]\n").contains("OWNER"));
+        assert!(err("[jobsets.m]\napprove_each_push = true\n").contains("approve_each_push"));
         assert!(err("jobsets = 3").contains("jobsets"));
         assert!(err("[[[").contains(".kiln.toml"));
         assert!(err("").contains("no [jobsets"));

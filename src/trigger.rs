@@ -77,6 +77,17 @@ pub fn skip_marker(message: &str) -> Option<&'static str> {
     ["[skip ci]", "[ci skip]"].into_iter().find(|m| lower.contains(m))
 }
 
+/// What a pull request waiting for approval shows as its jobset's state.
+pub fn awaiting_note(j: &jobsets::Jobset) -> String {
+    format!(
+        "waiting for approval: pull request #{} by @{} ({}) is built once a maintainer approves it{}",
+        j.pr_number.unwrap_or_default(),
+        j.pr_author.as_deref().unwrap_or("unknown"),
+        j.pr_association.as_deref().unwrap_or("association unknown"),
+        if j.approve_each_push { " (each push needs approval)" } else { "" }
+    )
+}
+
 fn short(rev: &str) -> &str {
     &rev[..rev.len().min(12)]
 }
@@ -267,6 +278,15 @@ impl Evaluator {
                     _ => return Ok(Checked::Skipped),
                 }
             };
+            // An outside contributor's pull request runs arbitrary Nix on
+            // this machine when evaluated: nothing of it is fetched before
+            // a maintainer approves it.
+            if !jobset.approved_for(None) {
+                let note = awaiting_note(&jobset);
+                info!(pr = jobset.pr_number, author = jobset.pr_author.as_deref(), "not fetched: awaiting approval");
+                self.mark(jobset.id, Some(&note), seen).await?;
+                return Ok(Checked::Skipped);
+            }
             // A pull request's head is fetched as its own ref; a branch is in the mirror.
             let (git_ref, local_ref) = match jobset.pr_number {
                 Some(n) => {
@@ -289,6 +309,13 @@ impl Evaluator {
                     return Ok(Checked::Skipped);
                 }
             };
+            // Approved at one head only: a later push waits again.
+            if !jobset.approved_for(Some(&rev)) {
+                let note = awaiting_note(&jobset);
+                info!(rev, "not evaluated: this head is not the approved one");
+                self.mark(jobset.id, Some(&note), seen).await?;
+                return Ok(Checked::Skipped);
+            }
             let last = {
                 let mut c = self.db.conn().await?;
                 evaluations::latest(c.ex(), jobset.id, 1).await?.into_iter().next()

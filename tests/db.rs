@@ -421,3 +421,47 @@ async fn the_cache_keeps_what_deployed_hosts_run_and_would_roll_back_to() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pull_request_from_an_outside_contributor_is_approved_once_or_per_push() {
+    each_backend(|db| async move {
+        let (pid, _) = make_jobset(&db, "p", "main").await;
+        let mut c = db.conn().await.unwrap();
+        let mut spec = JobsetSpec::new("pr-3");
+        spec.pr_number = Some(3);
+        let j = jobsets::upsert(c.ex(), pid, &spec).await.unwrap();
+        assert_eq!(j.trusted_list(), ["OWNER", "MEMBER", "COLLABORATOR"]);
+        // Before any event says who wrote it, it is not trusted.
+        assert!(!j.approved_for(None));
+        macro_rules! get {
+            ($c:expr) => {
+                jobsets::get_by_id($c.ex(), j.id).await.unwrap().unwrap()
+            };
+        }
+        jobsets::set_pr_head(c.ex(), j.id, "alice", "MEMBER", "aaa").await.unwrap();
+        assert!(get!(c).approved_for(None), "a member's pull request needs no approval");
+        jobsets::set_pr_head(c.ex(), j.id, "eve", "FIRST_TIME_CONTRIBUTOR", "bbb").await.unwrap();
+        assert!(!get!(c).approved_for(None));
+        jobsets::approve(c.ex(), j.id, "ops").await.unwrap();
+        let approved = get!(c);
+        assert_eq!((approved.approved_by.as_deref(), approved.approved_sha.as_deref()), (Some("ops"), Some("bbb")));
+        assert!(approved.approved_for(None));
+        jobsets::set_pr_head(c.ex(), j.id, "eve", "FIRST_TIME_CONTRIBUTOR", "ccc").await.unwrap();
+        assert!(get!(c).approved_for(Some("ccc")), "one approval covers later pushes");
+
+        // Per push: the next head waits again, and a fetched head newer
+        // than the approved one is not evaluated.
+        spec.approve_each_push = true;
+        spec.trusted_associations = vec!["OWNER".into()];
+        jobsets::upsert(c.ex(), pid, &spec).await.unwrap();
+        let each = get!(c);
+        assert!(!each.approved_for(None), "approved at bbb, the head is ccc");
+        jobsets::approve(c.ex(), j.id, "ops").await.unwrap();
+        let each = get!(c);
+        assert!(each.approved_for(None) && each.approved_for(Some("ccc")));
+        assert!(!each.approved_for(Some("ddd")), "a head pushed after the approval");
+        jobsets::set_pr_head(c.ex(), j.id, "alice", "MEMBER", "eee").await.unwrap();
+        assert!(!get!(c).approved_for(None), "MEMBER is no longer trusted by this template");
+    })
+    .await;
+}

@@ -191,7 +191,8 @@ async fn pull_requests_get_their_own_jobset_and_statuses_on_each_head_and_closin
     let pr = |action: &str, head: &str| {
         serde_json::json!({
             "action": action, "number": 7,
-            "pull_request": {"number": 7, "head": {"sha": head, "ref": "feature"}, "base": {"sha": base}},
+            "pull_request": {"number": 7, "head": {"sha": head, "ref": "feature"}, "base": {"sha": base},
+                             "user": {"login": "alice"}, "author_association": "MEMBER"},
             "repository": {"full_name": REPO, "default_branch": "main"},
         })
     };
@@ -322,10 +323,28 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
 
 /// A private repository over HTTP (git's dumb protocol, from a static
 /// server that wants GitHub's token form), like a private GitHub repository.
+/// It writes each token it accepted to `tokens.log`.
 struct PrivateRepo {
     child: std::process::Child,
     url: String,
     _dir: tempfile::TempDir,
+}
+
+impl PrivateRepo {
+    /// Brings every ref of `source` over, as a push to GitHub would.
+    fn update(&self, source: &std::path::Path) {
+        let bare = self._dir.path().join("widgets.git");
+        run("git", &["fetch", "-q", "--force", source.to_str().unwrap(), "+refs/*:refs/*"], &bare);
+        run("git", &["update-server-info"], &bare);
+    }
+
+    fn tokens(&self) -> Vec<String> {
+        std::fs::read_to_string(self._dir.path().join("tokens.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
 }
 
 impl Drop for PrivateRepo {
@@ -335,26 +354,40 @@ impl Drop for PrivateRepo {
     }
 }
 
+/// Serves `source` privately: a request must carry `token`, or with
+/// `prefix`, any token that starts with it (an App's minted ones).
 fn private_repo(source: &std::path::Path, token: &str) -> PrivateRepo {
-    use base64::Engine;
+    private_repo_for(source, token, false)
+}
+
+fn private_repo_for(source: &std::path::Path, token: &str, prefix: bool) -> PrivateRepo {
     let dir = tempfile::tempdir().unwrap();
     let bare = dir.path().join("widgets.git");
     run("git", &["clone", "-q", "--bare", source.to_str().unwrap(), bare.to_str().unwrap()], dir.path());
     run("git", &["update-server-info"], &bare);
-    let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}")));
     let port = free_port();
+    let log = dir.path().join("tokens.log");
     let script = format!(
         r#"
-import http.server, functools
+import http.server, functools, base64
+def accepted(header):
+    if not header or not header.startswith("Basic "): return None
+    user, _, tok = base64.b64decode(header[6:]).decode().partition(":")
+    ok = user == "x-access-token" and (tok.startswith({token:?}) if {prefix} else tok == {token:?})
+    return tok if ok else None
 class H(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
-        if self.headers.get("Authorization") != {want:?}:
+        tok = accepted(self.headers.get("Authorization"))
+        if tok is None:
             self.send_response(401); self.send_header("WWW-Authenticate", 'Basic realm="GitHub"'); self.end_headers(); return
+        with open({log:?}, "a") as f: f.write(tok + "\n")
         super().do_GET()
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", {port}), functools.partial(H, directory={dir:?})).serve_forever()
 "#,
-        dir = dir.path().display().to_string()
+        dir = dir.path().display().to_string(),
+        prefix = if prefix { "True" } else { "False" },
+        log = log.display().to_string(),
     );
     let child = std::process::Command::new("python3").args(["-c", &script]).spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -477,5 +510,151 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
         assert_eq!(fake.accepted(&fine.sha, "kiln/main").len(), 1);
     })
     .await;
+    fake.assert_valid();
+}
+
+/// An App key pair: the stand-in verifies the JWTs signed with it.
+fn app_key(fake: &Fake) -> (tempfile::TempDir, std::path::PathBuf) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("app.pem");
+    run(
+        "openssl",
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key.to_str().unwrap()],
+        keys.path(),
+    );
+    let public = run("openssl", &["pkey", "-in", key.to_str().unwrap(), "-pubout"], keys.path());
+    fake.hub.lock().unwrap().app_public_pem = Some(public);
+    (keys, key)
+}
+
+#[tokio::test]
+async fn an_outside_contributors_pull_request_is_not_fetched_until_approved_then_built_with_a_scoped_token() {
+    let fake = Fake::start().await;
+    let (_keys, key) = app_key(&fake);
+    let t = unique("gate");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo > $out")
+        ),
+        &[(
+            ".kiln.toml",
+            "[jobsets.main]\ncheck_interval = 0\n[jobsets.pulls]\npull_requests = true\ncheck_interval = 0\n",
+        )],
+    );
+    let repo = private_repo_for(flake.path(), "ghs_minted", true);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gh-secret"), SECRET).unwrap();
+    std::fs::write(dir.path().join("token"), "admin-tok\n").unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "base_url = \"{BASE}\"\napi_token_files = [\"token\"]\n[github]\napi_url = \"{}\"\n\
+             webhook_secret_file = \"gh-secret\"\napp_id = 4242\napp_private_key_file = \"{}\"\nstatuses = \"summary\"\n\
+             [[projects]]\nname = \"w\"\nrepo = \"{}\"\ngithub = \"{REPO}\"\n",
+            fake.url,
+            key.display(),
+            repo.url
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("kiln-state");
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, Some("admin-tok"));
+    wait_for(90, "the main evaluation", || async { evals(&api, "main").await.first().cloned() }).await;
+
+    // Mallory, who has no write access, opens a pull request from a fork:
+    // on GitHub her commit is reachable from refs/pull/8/head only.
+    git(flake.path(), &["checkout", "-q", "--detach"]);
+    flake.write("feature.txt", "one\n");
+    let head1 = flake.commit("mallory's change");
+    git(flake.path(), &["update-ref", "refs/pull/8/head", &head1]);
+    git(flake.path(), &["checkout", "-q", "main"]);
+    repo.update(flake.path());
+    let pr = |action: &str, number: i64, head: &str, who: &str, association: &str| {
+        serde_json::json!({
+            "action": action, "number": number,
+            "pull_request": {"number": number, "head": {"sha": head, "ref": "fork"}, "user": {"login": who},
+                             "author_association": association},
+            "repository": {"full_name": REPO, "default_branch": "main"},
+        })
+    };
+    let (code, text) =
+        webhook(&kiln, "pull_request", "gate-1", &pr("opened", 8, &head1, "mallory", "CONTRIBUTOR"), Some(SECRET))
+            .await;
+    assert_eq!(code, 200, "{text}");
+    let applied: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(applied["awaiting_approval"], serde_json::json!(["w:pr-8"]), "{text}");
+    assert_eq!(applied["triggered"], serde_json::json!([]), "{text}");
+    // GitHub shows the pull request as waiting, with a link to approve it.
+    wait_states(&fake, &kiln, &head1, &[("kiln/pr-8", "pending")], 30).await;
+    let waiting = fake.accepted(&head1, "kiln/pr-8").last().cloned().unwrap();
+    assert!(
+        waiting.description.contains("Waiting for approval") && waiting.description.contains("mallory"),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.target_url, format!("{BASE}/jobset/w/pr-8"));
+
+    // Even a forced evaluation fetches nothing of it.
+    assert_eq!(api.send("POST", "/jobset/w/pr-8/trigger", None).await.0, 200);
+    let j = wait_for(30, "the jobset to say it waits", || async {
+        let (_, j) = api.get("/jobset/w/pr-8").await;
+        j["errormsg"].as_str().is_some_and(|e| e.contains("waiting for approval")).then_some(j)
+    })
+    .await;
+    assert_eq!(j["pullrequest"]["awaitingapproval"], true, "{j}");
+    assert_eq!(j["pullrequest"]["author"], "mallory", "{j}");
+    assert!(evals(&api, "pr-8").await.is_empty());
+    let mirror = state.join("git/w.git");
+    let refs = git(&mirror, &["for-each-ref", "--format=%(refname)"]);
+    assert!(!refs.contains("pull"), "the pull request was fetched: {refs}");
+    let has_head = std::process::Command::new("git")
+        .args(["cat-file", "-e", &format!("{head1}^{{commit}}")])
+        .current_dir(&mirror)
+        .status()
+        .unwrap();
+    assert!(!has_head.success(), "the fork's commit is in the mirror");
+    // The page says so, with the button.
+    let page = reqwest::get(format!("{}/jobset/w/pr-8", kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(page.contains("Waiting for approval") && page.contains("/jobset/w/pr-8/approve"), "{page}");
+    // Approving needs a token.
+    assert_eq!(Api::new(&kiln.url, None).send("POST", "/jobset/w/pr-8/approve", None).await.0, 401);
+
+    // A maintainer approves: it is fetched, evaluated and built.
+    assert_eq!(api.send("POST", "/jobset/w/pr-8/approve", None).await.0, 200);
+    wait_states(&fake, &kiln, &head1, &[("kiln/pr-8", "success")], 90).await;
+    let (_, j) = api.get("/jobset/w/pr-8").await;
+    assert_eq!(j["pullrequest"]["awaitingapproval"], false, "{j}");
+    assert_eq!(j["pullrequest"]["approvedat"], head1.as_str(), "{j}");
+
+    // The approval covers the next push (the template does not ask for one per push).
+    git(flake.path(), &["checkout", "-q", &head1]);
+    flake.write("feature.txt", "two\n");
+    let head2 = flake.commit("mallory's second change");
+    git(flake.path(), &["update-ref", "refs/pull/8/head", &head2]);
+    git(flake.path(), &["checkout", "-q", "main"]);
+    repo.update(flake.path());
+    let (_, text) =
+        webhook(&kiln, "pull_request", "gate-2", &pr("synchronize", 8, &head2, "mallory", "CONTRIBUTOR"), Some(SECRET))
+            .await;
+    assert!(text.contains("\"triggered\":[\"w:pr-8\"]"), "{text}");
+    wait_states(&fake, &kiln, &head2, &[("kiln/pr-8", "success")], 90).await;
+
+    // A member's pull request needs no approval.
+    let (_, text) =
+        webhook(&kiln, "pull_request", "gate-3", &pr("opened", 9, &head2, "alice", "MEMBER"), Some(SECRET)).await;
+    assert!(text.contains("\"triggered\":[\"w:pr-9\"]") && text.contains("\"awaiting_approval\":[]"), "{text}");
+
+    // Fetching used tokens scoped to this one repository, read-only.
+    let scoped = fake.hub.lock().unwrap().scoped.clone();
+    assert!(!scoped.is_empty(), "no scoped token was minted");
+    for (_, repos, perms) in &scoped {
+        assert_eq!((repos.as_slice(), perms), (&["widgets".to_string()][..], &serde_json::json!({"contents": "read"})));
+    }
+    let used = repo.tokens();
+    assert!(!used.is_empty());
+    for tok in &used {
+        assert!(scoped.iter().any(|(t, ..)| t == tok), "git fetched with {tok}, not a scoped token: {scoped:?}");
+    }
     fake.assert_valid();
 }

@@ -205,9 +205,11 @@ async fn closing_a_pull_request_cancels_its_builds() {
             action: "closed".into(),
             number: 9,
             head_sha: "0123".into(),
+            author: "alice".into(),
+            association: "MEMBER".into(),
         };
         let mut tx = db.begin().await.unwrap();
-        let applied = kiln::github::webhook::apply(tx.ex(), "d-1", &event).await.unwrap();
+        let applied = kiln::github::webhook::apply(tx.ex(), "d-1", &event, None).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(applied.cancelled, vec![open.id]);
         assert_eq!(applied.disabled, vec!["w:pr-9".to_string()]);

@@ -34,6 +34,19 @@ pub struct Jobset {
     pub created_at: i64,
     /// A template for per-pull-request jobsets; never evaluated itself.
     pub pull_requests: bool,
+    /// JSON array of the `author_association`s whose pull requests need no
+    /// approval (a template's setting, copied to its pull requests).
+    pub trusted_associations: String,
+    /// An approval covers one head only: each push waits again.
+    pub approve_each_push: bool,
+    /// A pull request's author, the author's association with the
+    /// repository, and its latest head, as the last webhook said.
+    pub pr_author: Option<String>,
+    pub pr_association: Option<String>,
+    pub pr_head_sha: Option<String>,
+    /// Who approved the pull request, and its head then.
+    pub approved_by: Option<String>,
+    pub approved_sha: Option<String>,
 }
 
 impl Jobset {
@@ -43,6 +56,42 @@ impl Jobset {
     pub fn system_list(&self) -> Vec<String> {
         serde_json::from_str(&self.systems).unwrap_or_default()
     }
+    pub fn trusted_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.trusted_associations).unwrap_or_default()
+    }
+
+    /// Whether this pull request's author is trusted without approval. An
+    /// author Kiln has not been told about (a jobset from before the gate)
+    /// is not.
+    pub fn author_trusted(&self) -> bool {
+        self.pr_association.as_ref().is_some_and(|a| self.trusted_list().iter().any(|t| t.eq_ignore_ascii_case(a)))
+    }
+
+    /// Whether `rev` of this jobset may be fetched and evaluated: always
+    /// for a branch or a trusted author's pull request; else once approved
+    /// (at that very head when each push needs approval).
+    pub fn approved_for(&self, rev: Option<&str>) -> bool {
+        if self.pr_number.is_none() || self.author_trusted() {
+            return true;
+        }
+        match (&self.approved_by, self.approve_each_push) {
+            (None, _) => false,
+            (Some(_), false) => true,
+            (Some(_), true) => {
+                let approved = self.approved_sha.as_deref();
+                approved.is_some() && approved == rev.or(self.pr_head_sha.as_deref())
+            }
+        }
+    }
+}
+
+/// GitHub's values of `author_association`.
+pub const ASSOCIATIONS: &[&str] =
+    &["OWNER", "MEMBER", "COLLABORATOR", "CONTRIBUTOR", "FIRST_TIME_CONTRIBUTOR", "FIRST_TIMER", "MANNEQUIN", "NONE"];
+
+/// Who is trusted when `.kiln.toml` does not say: people with write access.
+pub fn default_trusted() -> Vec<String> {
+    ["OWNER", "MEMBER", "COLLABORATOR"].iter().map(|s| s.to_string()).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +108,8 @@ pub struct JobsetSpec {
     pub enabled: bool,
     pub pull_requests: bool,
     pub config_hash: String,
+    pub trusted_associations: Vec<String>,
+    pub approve_each_push: bool,
 }
 
 impl JobsetSpec {
@@ -78,6 +129,8 @@ impl JobsetSpec {
             enabled: true,
             pull_requests: false,
             config_hash: String::new(),
+            trusted_associations: default_trusted(),
+            approve_each_push: false,
         }
     }
 }
@@ -86,22 +139,26 @@ macro_rules! cols {
     () => {
         "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
          scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
-         trigger_seq, force_eval, error, error_at, created_at, pull_requests"
+         trigger_seq, force_eval, error, error_at, created_at, pull_requests, trusted_associations, \
+         approve_each_push, pr_author, pr_association, pr_head_sha, approved_by, approved_sha"
     };
 }
 
 pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jobset> {
     let attrs = serde_json::to_string(&spec.attributes).expect("strings serialise");
     let systems = serde_json::to_string(&spec.systems).expect("strings serialise");
+    let trusted = serde_json::to_string(&spec.trusted_associations).expect("strings serialise");
     let sql = concat!(
         "INSERT INTO jobsets (project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval,
-             scheduling_shares, keep_evaluations, enabled, config_hash, created_at, pull_requests)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             scheduling_shares, keep_evaluations, enabled, config_hash, created_at, pull_requests,
+             trusted_associations, approve_each_push)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          ON CONFLICT (project_id, name) DO UPDATE SET branch = excluded.branch, pr_number = excluded.pr_number,
              flake_dir = excluded.flake_dir, attributes = excluded.attributes, systems = excluded.systems,
              check_interval = excluded.check_interval, scheduling_shares = excluded.scheduling_shares,
              keep_evaluations = excluded.keep_evaluations, enabled = excluded.enabled,
-             config_hash = excluded.config_hash, pull_requests = excluded.pull_requests
+             config_hash = excluded.config_hash, pull_requests = excluded.pull_requests,
+             trusted_associations = excluded.trusted_associations, approve_each_push = excluded.approve_each_push
          RETURNING ",
         cols!()
     );
@@ -109,6 +166,7 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
         .bind(project_id).bind(&spec.name).bind(&spec.branch).bind(spec.pr_number).bind(&spec.flake_dir)
         .bind(&attrs).bind(&systems).bind(spec.check_interval).bind(spec.scheduling_shares)
         .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now()).bind(spec.pull_requests)
+        .bind(&trusted).bind(spec.approve_each_push)
         .fetch_one(&mut *c).await?))
 }
 
@@ -204,6 +262,22 @@ pub async fn disable_undeclared(mut ex: Ex<'_>, project_id: i64, declared: &[Str
         }
     }
     Ok(n)
+}
+
+/// What the latest pull-request event said of its author and head. A new
+/// head clears an approval that covered one head only.
+pub async fn set_pr_head(ex: Ex<'_>, id: i64, author: &str, association: &str, head_sha: &str) -> Result<()> {
+    run!(ex, c => sqlx::query(
+        "UPDATE jobsets SET pr_author = $2, pr_association = $3, pr_head_sha = $4 WHERE id = $1")
+        .bind(id).bind(author).bind(association).bind(head_sha).execute(&mut *c).await?.rows_affected());
+    Ok(())
+}
+
+/// Records an approval of the pull request at its latest head.
+pub async fn approve(ex: Ex<'_>, id: i64, by: &str) -> Result<()> {
+    run!(ex, c => sqlx::query("UPDATE jobsets SET approved_by = $2, approved_sha = pr_head_sha WHERE id = $1")
+        .bind(id).bind(by).execute(&mut *c).await?.rows_affected());
+    Ok(())
 }
 
 pub async fn set_enabled(ex: Ex<'_>, id: i64, enabled: bool) -> Result<()> {

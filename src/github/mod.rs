@@ -134,6 +134,8 @@ pub struct Credentials {
     timeout: Duration,
 }
 
+type GitTokens = std::collections::HashMap<String, (String, chrono::DateTime<chrono::Utc>)>;
+
 enum Inner {
     Token {
         client: Octocrab,
@@ -144,6 +146,8 @@ enum Inner {
         installation: Option<u64>,
         /// Installation clients by repository, each refreshing its token.
         clients: tokio::sync::Mutex<std::collections::HashMap<String, Octocrab>>,
+        /// Read-only tokens for fetching, by repository, with their expiry.
+        git_tokens: tokio::sync::Mutex<GitTokens>,
     },
 }
 
@@ -174,7 +178,12 @@ impl Credentials {
                 .app(octocrab::models::AppId(id), key)
                 .build()
                 .map_err(|e| GithubError::Client(e.to_string()))?;
-            Inner::App { app, installation: gh.app_installation_id, clients: Default::default() }
+            Inner::App {
+                app,
+                installation: gh.app_installation_id,
+                clients: Default::default(),
+                git_tokens: Default::default(),
+            }
         } else if let Some(f) = &gh.token_file {
             let token = read_secret("github.token_file", f)?;
             let client =
@@ -195,7 +204,7 @@ impl Credentials {
     pub async fn client(&self, repo: &Repo) -> Result<Octocrab, GithubError> {
         match &*self.inner {
             Inner::Token { client, .. } => Ok(client.clone()),
-            Inner::App { app, installation, clients } => {
+            Inner::App { app, installation, clients, .. } => {
                 let mut map = clients.lock().await;
                 let key = if installation.is_some() { String::new() } else { repo.full_name().to_lowercase() };
                 if let Some(c) = map.get(&key) {
@@ -214,26 +223,60 @@ impl Credentials {
         }
     }
 
-    /// A token for git over HTTPS on `repo`, fresh for at least five minutes.
+    /// A token for git over HTTPS on `repo`, fresh for at least five
+    /// minutes. An App's is scoped to that one repository and to reading
+    /// its contents (a fetch for one project cannot read another's, nor
+    /// write anything), and kept per repository until it nears its expiry.
     pub async fn git_token(&self, repo: &Repo) -> Result<String, GithubError> {
-        use secrecy::ExposeSecret;
         match &*self.inner {
             Inner::Token { token, .. } => Ok(token.clone()),
-            Inner::App { .. } => {
+            Inner::App { app, installation, git_tokens, .. } => {
+                let key = repo.full_name().to_lowercase();
+                let now = chrono::Utc::now();
+                let mut cache = git_tokens.lock().await;
+                if let Some((t, expires)) = cache.get(&key)
+                    && *expires - now > chrono::Duration::minutes(5)
+                {
+                    return Ok(t.clone());
+                }
                 // Bounded as a whole, not only per read: a fetch waits for it.
                 let mint = async {
-                    let c = self.client(repo).await?;
-                    c.installation_token_with_buffer(chrono::Duration::minutes(5))
-                        .await
-                        .map_err(|e| GithubError::Client(e.to_string()))
+                    let id = match installation {
+                        Some(id) => *id,
+                        None => lookup_installation(app, repo).await?,
+                    };
+                    mint_scoped(app, id, repo).await
                 };
-                let t = tokio::time::timeout(self.timeout, mint).await.map_err(|_| {
+                let (t, expires) = tokio::time::timeout(self.timeout, mint).await.map_err(|_| {
                     GithubError::Client(format!("GitHub did not answer within {} s", self.timeout.as_secs()))
                 })??;
-                Ok(t.expose_secret().to_string())
+                cache.insert(key, (t.clone(), expires));
+                Ok(t)
             }
         }
     }
+}
+
+/// `POST /app/installations/{id}/access_tokens` for one repository, read-only.
+async fn mint_scoped(
+    app: &Octocrab,
+    installation: u64,
+    repo: &Repo,
+) -> Result<(String, chrono::DateTime<chrono::Utc>), GithubError> {
+    #[derive(serde::Deserialize)]
+    struct Minted {
+        token: String,
+        expires_at: String,
+    }
+    let body = serde_json::json!({"repositories": [repo.name], "permissions": {"contents": "read"}});
+    let m: Minted = app
+        .post(format!("/app/installations/{installation}/access_tokens"), Some(&body))
+        .await
+        .map_err(|e| GithubError::Client(format!("minting a token for fetching {}: {e}", repo.full_name())))?;
+    let expires = chrono::DateTime::parse_from_rfc3339(&m.expires_at)
+        .map_err(|e| GithubError::Client(format!("expires_at {:?}: {e}", m.expires_at)))?
+        .with_timezone(&chrono::Utc);
+    Ok((m.token, expires))
 }
 
 async fn lookup_installation(app: &Octocrab, repo: &Repo) -> Result<u64, GithubError> {

@@ -94,13 +94,25 @@ async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError>
     Ok(Some(Target { repo, sha: eval.commit_sha.clone(), jobset: jobset.name, eval }))
 }
 
+/// The commit a status is for.
+struct Commit<'a> {
+    repo: &'a Repo,
+    sha: &'a str,
+}
+
+impl Target {
+    fn commit(&self) -> Commit<'_> {
+        Commit { repo: &self.repo, sha: &self.sha }
+    }
+}
+
 fn is_sha(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 async fn queue(
     ex: Ex<'_>,
-    t: &Target,
+    t: &Commit<'_>,
     state: &str,
     context: String,
     description: &str,
@@ -109,7 +121,7 @@ async fn queue(
     let s = Status {
         owner: t.repo.owner.clone(),
         repo: t.repo.name.clone(),
-        sha: t.sha.clone(),
+        sha: t.sha.to_string(),
         state: state.to_string(),
         context,
         description: describe(description),
@@ -120,12 +132,32 @@ async fn queue(
     Ok(())
 }
 
+/// A pull request from an outside contributor waits for approval: its head
+/// says so, with a link to the page that approves it.
+pub async fn awaiting_approval(
+    ex: Ex<'_>,
+    p: &Policy,
+    project: &projects::Project,
+    jobset: &jobsets::Jobset,
+    head_sha: &str,
+) -> Result<(), DbError> {
+    let Some(repo) = super::repo_of(project) else { return Ok(()) };
+    if !is_sha(head_sha) {
+        return Ok(());
+    }
+    let t = Commit { repo: &repo, sha: head_sha };
+    let url = format!("{}/jobset/{}/{}", p.base_url, project.name, jobset.name);
+    let who = jobset.pr_author.as_deref().unwrap_or("an outside contributor");
+    let description = format!("Waiting for approval: @{who} is not a member; a maintainer approves on Kiln");
+    queue(ex, &t, "pending", summary_context(&jobset.name), &description, url).await
+}
+
 /// An evaluation started: its summary is pending.
 pub async fn eval_started(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
     evaluations::lock(ex.re(), &[eval_id]).await?;
     let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
     let url = format!("{}/eval/{eval_id}", p.base_url);
-    queue(ex, &t, "pending", summary_context(&t.jobset), "Evaluating…", url).await
+    queue(ex, &t.commit(), "pending", summary_context(&t.jobset), "Evaluating…", url).await
 }
 
 /// An evaluation ended (recorded, or failed as a whole): the summary and,
@@ -199,7 +231,7 @@ async fn job_status(ex: Ex<'_>, p: &Policy, t: &Target, c: &Cell) -> Result<(), 
     if let Some(e) = &c.error {
         let first = e.lines().find(|l| !l.trim().is_empty()).unwrap_or("evaluation error");
         let url = format!("{}/eval/{}", p.base_url, t.eval.id);
-        return queue(ex, t, "error", context, &format!("Evaluation error: {first}"), url).await;
+        return queue(ex, &t.commit(), "error", context, &format!("Evaluation error: {first}"), url).await;
     }
     let Some(build) = c.build_id else { return Ok(()) };
     let url = format!("{}/build/{build}", p.base_url);
@@ -211,7 +243,7 @@ async fn job_status(ex: Ex<'_>, p: &Policy, t: &Target, c: &Cell) -> Result<(), 
         }
         _ => ("pending", format!("Build {build} is queued")),
     };
-    queue(ex, t, state, context, &description, url).await
+    queue(ex, &t.commit(), state, context, &description, url).await
 }
 
 async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(), DbError> {
@@ -219,7 +251,7 @@ async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(
     let context = summary_context(&t.jobset);
     if t.eval.status == "failed" {
         let why = t.eval.error.as_deref().unwrap_or("evaluation failed");
-        return queue(ex, t, "error", context, &format!("Evaluation failed: {why}"), url).await;
+        return queue(ex, &t.commit(), "error", context, &format!("Evaluation failed: {why}"), url).await;
     }
     let errors = cells.iter().filter(|c| c.error.is_some()).count();
     let builds: Vec<&Cell> = cells.iter().filter(|c| c.build_id.is_some()).collect();
@@ -240,7 +272,7 @@ async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(
     } else {
         ("success", format!("{ok} jobs succeeded"))
     };
-    queue(ex, t, state, context, &description, url).await
+    queue(ex, &t.commit(), state, context, &description, url).await
 }
 
 #[cfg(test)]

@@ -64,6 +64,9 @@ pub enum Event {
         action: String,
         number: i64,
         head_sha: String,
+        /// The author's login and `author_association` with the repository.
+        author: String,
+        association: String,
     },
     /// Anything else: acknowledged, nothing done.
     Other,
@@ -91,9 +94,18 @@ struct PrHead {
 }
 
 #[derive(Deserialize)]
+struct PrUser {
+    login: String,
+}
+
+#[derive(Deserialize)]
 struct PrPayload {
     number: i64,
     head: PrHead,
+    user: Option<PrUser>,
+    /// Missing means unknown, which is not trusted.
+    #[serde(default)]
+    author_association: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +139,8 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
                 action: p.action,
                 number: p.pull_request.number,
                 head_sha: p.pull_request.head.sha,
+                author: p.pull_request.user.map(|u| u.login).unwrap_or_default(),
+                association: p.pull_request.author_association.unwrap_or_else(|| "NONE".into()),
             })
         }
         _ => Ok(Event::Other),
@@ -145,10 +159,21 @@ pub struct Applied {
     /// Builds cancelled (those of closed pull requests).
     #[serde(default)]
     pub cancelled: Vec<i64>,
+    /// `project:jobset` of pull requests from outside contributors that
+    /// wait for approval: nothing of them is fetched until then.
+    #[serde(default)]
+    pub awaiting_approval: Vec<String>,
 }
 
-/// Records the delivery and applies the event, in the caller's transaction.
-pub async fn apply(mut ex: Ex<'_>, delivery: &str, event: &Event) -> Result<Applied, WebhookError> {
+/// Records the delivery and applies the event, in the caller's transaction
+/// (with a status policy, a pull request that waits for approval says so on
+/// its head).
+pub async fn apply(
+    mut ex: Ex<'_>,
+    delivery: &str,
+    event: &Event,
+    statuses: Option<&super::statuses::Policy>,
+) -> Result<Applied, WebhookError> {
     if !webhook_deliveries::record(ex.re(), delivery).await? {
         return Ok(Applied { duplicate: true, ..Default::default() });
     }
@@ -172,15 +197,24 @@ pub async fn apply(mut ex: Ex<'_>, delivery: &str, event: &Event) -> Result<Appl
                     }
                 }
             }
-            Event::PullRequest { action, number, .. } => {
+            Event::PullRequest { action, number, head_sha, author, association, .. } => {
                 let templates: Vec<&Jobset> = js.iter().filter(|j| j.pull_requests && j.enabled).collect();
                 for t in &templates {
                     let name = pr_jobset_name(&t.name, *number, templates.len());
                     match action.as_str() {
                         "opened" | "synchronize" | "reopened" => {
                             let j = jobsets::upsert(ex.re(), p.id, &pr_spec(t, &name, *number)).await?;
-                            jobsets::trigger(ex.re(), j.id, false).await?;
-                            applied.triggered.push(format!("{}:{}", p.name, name));
+                            jobsets::set_pr_head(ex.re(), j.id, author, association, head_sha).await?;
+                            let j = jobsets::get_by_id(ex.re(), j.id).await?.expect("just written");
+                            if j.approved_for(None) {
+                                jobsets::trigger(ex.re(), j.id, false).await?;
+                                applied.triggered.push(format!("{}:{}", p.name, name));
+                            } else {
+                                if let Some(policy) = statuses {
+                                    super::statuses::awaiting_approval(ex.re(), policy, &p, &j, head_sha).await?;
+                                }
+                                applied.awaiting_approval.push(format!("{}:{}", p.name, name));
+                            }
                         }
                         "closed" => {
                             if let Some(j) = js.iter().find(|j| j.name == name && j.pr_number == Some(*number)) {
@@ -224,6 +258,8 @@ fn pr_spec(t: &Jobset, name: &str, number: i64) -> JobsetSpec {
         enabled: true,
         pull_requests: false,
         config_hash: t.config_hash.clone(),
+        trusted_associations: t.trusted_list(),
+        approve_each_push: t.approve_each_push,
     }
 }
 
@@ -265,8 +301,15 @@ mod tests {
         );
         let tag = br#"{"ref":"refs/tags/v1","repository":{"full_name":"acme/w"}}"#;
         assert!(matches!(parse("push", tag).unwrap(), Event::Push { branch: None, .. }));
-        let pr = br#"{"action":"opened","number":5,"pull_request":{"number":5,"head":{"sha":"0123"}},"repository":{"full_name":"acme/w"}}"#;
-        assert!(matches!(parse("pull_request", pr).unwrap(), Event::PullRequest { number: 5, .. }));
+        let pr = br#"{"action":"opened","number":5,"pull_request":{"number":5,"head":{"sha":"0123"},"user":{"login":"eve"},"author_association":"CONTRIBUTOR"},"repository":{"full_name":"acme/w"}}"#;
+        assert!(matches!(
+            parse("pull_request", pr).unwrap(),
+            Event::PullRequest { number: 5, ref author, ref association, .. } if author == "eve" && association == "CONTRIBUTOR"
+        ));
+        let unknown = br#"{"action":"opened","number":5,"pull_request":{"number":5,"head":{"sha":"0123"}},"repository":{"full_name":"acme/w"}}"#;
+        assert!(
+            matches!(parse("pull_request", unknown).unwrap(), Event::PullRequest { ref association, .. } if association == "NONE")
+        );
         assert!(matches!(parse("push", b"{not json"), Err(WebhookError::Malformed { .. })));
         assert!(matches!(parse("push", br#"{"ref":1}"#), Err(WebhookError::Malformed { .. })));
         assert_eq!(parse("issues", b"whatever").unwrap(), Event::Other);

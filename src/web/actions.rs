@@ -165,7 +165,7 @@ pub async fn eval_action(
 }
 
 #[utoipa::path(post, path = "/jobset/{project}/{jobset}/{action}", tag = "actions", security(("token" = [])),
-    params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("action" = String, Path, description = "trigger, enable or disable")),
+    params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("action" = String, Path, description = "trigger, enable, disable, or approve (a pull request from an outside contributor: it is fetched, evaluated and built from now on)")),
     responses((status = 200, description = "done (a form post is redirected back instead)", body = Done), (status = 303, description = "done, from a signed-in form"), (status = 400, description = "not possible in this state", body = ErrorBody), (status = 403, description = "a form without its CSRF token", body = ErrorBody), (status = 401, description = "no valid token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn jobset_action(
     State(s): State<AppState>,
@@ -185,10 +185,29 @@ pub async fn jobset_action(
         }
         "enable" => jobsets::set_enabled(c.ex(), j.id, true).await?,
         "disable" => jobsets::set_enabled(c.ex(), j.id, false).await?,
+        "approve" => {
+            if j.pr_number.is_none() {
+                return Err(WebError::BadRequest(format!("{project}:{name} is not a pull request")));
+            }
+            let by = match via {
+                Via::Bearer => "an API token holder",
+                Via::Form => "a signed-in operator",
+            };
+            approve(&mut c, &j, by).await?;
+            s.evaluator.wake();
+        }
         other => return Err(WebError::NotFound(format!("action {other}"))),
     }
     s.memo.forget();
     Ok(done(via, &action, 1, format!("/jobset/{project}/{name}")))
+}
+
+/// Approves a pull request and asks for its evaluation.
+pub async fn approve(c: &mut crate::db::Conn, j: &jobsets::Jobset, by: &str) -> Result<(), crate::db::DbError> {
+    jobsets::approve(c.ex(), j.id, by).await?;
+    jobsets::trigger(c.ex(), j.id, false).await?;
+    tracing::info!(jobset = %j.name, pr = j.pr_number, author = j.pr_author.as_deref(), by, "pull request approved");
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/machines/{machine}/{action}", tag = "actions", security(("token" = [])),

@@ -177,9 +177,24 @@ pub struct JobsetView {
     errortime: Option<i64>,
     lastcheckedtime: Option<i64>,
     triggertime: Option<i64>,
+    /// A pull request's number, author and the author's association.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pullrequest: Option<PullRequestView>,
     /// The running evaluation, with the jobs it found so far.
     evaluating: Option<EvalView>,
     evals: Vec<EvalView>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PullRequestView {
+    number: i64,
+    author: Option<String>,
+    association: Option<String>,
+    head: Option<String>,
+    /// Nothing of it is fetched, evaluated or built until approved.
+    awaitingapproval: bool,
+    approvedby: Option<String>,
+    approvedat: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -248,7 +263,17 @@ pub async fn get_jobset(
         .filter(|e| e.status != "running")
         .map(|e| eval_view(e, &project, &name))
         .collect();
+    let pullrequest = j.pr_number.map(|number| PullRequestView {
+        number,
+        author: j.pr_author.clone(),
+        association: j.pr_association.clone(),
+        head: j.pr_head_sha.clone(),
+        awaitingapproval: !j.approved_for(None),
+        approvedby: j.approved_by.clone(),
+        approvedat: j.approved_sha.clone(),
+    });
     Ok(Json(JobsetView {
+        pullrequest,
         attributes: j.attribute_list(),
         systems: j.system_list(),
         name: j.name,

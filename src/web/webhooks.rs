@@ -63,7 +63,8 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let mut tx = s.db.begin().await?;
-    let applied = match webhook::apply(tx.ex(), &delivery, &event).await {
+    let policy = crate::github::policy(&s.config);
+    let applied = match webhook::apply(tx.ex(), &delivery, &event, policy.as_ref()).await {
         Ok(a) => a,
         Err(WebhookError::Db(e)) => return Err(e.into()),
         Err(e) => return Err(WebError::BadRequest(e.to_string())),
@@ -76,6 +77,7 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
         triggered = applied.triggered.len(),
         disabled = applied.disabled.len(),
         cancelled = applied.cancelled.len(),
+        awaiting_approval = applied.awaiting_approval.len(),
         "webhook"
     );
     // Recorded as cancelled with the event; the queue now stops what only
@@ -86,7 +88,7 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
     if !applied.triggered.is_empty() {
         s.evaluator.wake();
     }
-    if !applied.disabled.is_empty() {
+    if !applied.disabled.is_empty() || !applied.awaiting_approval.is_empty() {
         s.memo.forget();
     }
     Ok(Json(applied).into_response())

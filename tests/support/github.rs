@@ -41,6 +41,8 @@ pub struct Hub {
     pub script: VecDeque<(u16, Vec<(&'static str, String)>)>,
     /// App: installation tokens minted, and the app's public key.
     pub minted: Vec<String>,
+    /// Tokens minted for a subset of the installation: (token, repositories, permissions).
+    pub scoped: Vec<(String, Vec<String>, serde_json::Value)>,
     pub app_public_pem: Option<String>,
     pub token_lifetime_s: i64,
     /// Repositories (`owner/name`) whose status requests are taken and
@@ -349,7 +351,12 @@ pub fn check_app_jwt(h: &Hub, headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn mint(State(hub): State<Arc<Mutex<Hub>>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+pub async fn mint(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let mut h = hub.lock().unwrap();
     if let Err(e) = check_app_jwt(&h, &headers) {
         h.invalid.push(e);
@@ -359,8 +366,33 @@ pub async fn mint(State(hub): State<Arc<Mutex<Hub>>>, Path(id): Path<u64>, heade
         h.invalid.push(format!("installation {id}"));
         return StatusCode::NOT_FOUND.into_response();
     }
+    // GitHub takes an optional body narrowing the token: repositories of
+    // the installation by name, and permissions no wider than the App's.
+    let v: serde_json::Value =
+        if body.trim().is_empty() { serde_json::json!({}) } else { serde_json::from_str(&body).unwrap_or_default() };
+    let repos: Option<Vec<String>> = v
+        .get("repositories")
+        .map(|r| r.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect());
+    let installed = REPO.split('/').nth(1).unwrap();
+    if let Some(r) = &repos
+        && (r.is_empty() || r.iter().any(|n| n != installed))
+    {
+        return unprocessable(&mut h, vec![format!("repositories {r:?} are not all in the installation")]);
+    }
+    if let Some(p) = v.get("permissions") {
+        let granted = ["statuses", "contents", "metadata", "checks", "pull_requests", "deployments"];
+        let ok = p.as_object().is_some_and(|o| {
+            o.iter().all(|(k, lvl)| granted.contains(&k.as_str()) && matches!(lvl.as_str(), Some("read" | "write")))
+        });
+        if !ok {
+            return unprocessable(&mut h, vec![format!("permissions {p}")]);
+        }
+    }
     let token = format!("ghs_minted{}", h.minted.len() + 1);
     h.minted.push(token.clone());
+    if let Some(r) = repos {
+        h.scoped.push((token.clone(), r, v.get("permissions").cloned().unwrap_or_default()));
+    }
     let expires = chrono::Utc::now() + chrono::Duration::seconds(h.token_lifetime_s);
     (
         StatusCode::CREATED,

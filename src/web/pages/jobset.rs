@@ -16,6 +16,8 @@ struct JobsetPage {
     /// Evaluation ids, newest first, the columns of the matrix.
     columns: Vec<i64>,
     matrix: Vec<(String, Vec<Cell>)>,
+    /// A pull request that waits for a maintainer's approval.
+    awaiting: bool,
 }
 
 #[derive(Clone)]
@@ -57,6 +59,7 @@ pub async fn jobset(
         evals: d.evals.clone(),
         columns: d.columns.clone(),
         matrix: d.matrix.clone(),
+        awaiting: d.j.enabled && !d.j.approved_for(None),
     })
 }
 
