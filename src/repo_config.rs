@@ -22,6 +22,10 @@
 //! # author_association); others wait for a maintainer's approval
 //! trusted_associations = ["OWNER", "MEMBER", "COLLABORATOR"]
 //! approve_each_push = false        # true: every new push waits again
+//!
+//! [jobsets.queue]
+//! merge_queue = true               # one jobset per merge group (gh-readonly-queue/*),
+//!                                  # reported as kiln/queue on the group's commit
 //! ```
 
 use std::collections::BTreeMap;
@@ -81,6 +85,8 @@ struct JobsetFile {
     trusted_associations: Option<Vec<String>>,
     #[serde(default)]
     approve_each_push: bool,
+    #[serde(default)]
+    merge_queue: bool,
 }
 
 fn d_interval() -> i64 {
@@ -152,6 +158,10 @@ pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
         {
             return Err(bad("flake_dir", format!("{:?} must be a relative path inside the repository", j.flake_dir)));
         }
+        if j.merge_queue && (j.pull_requests || j.branch.is_some()) {
+            let k = if j.pull_requests { "pull_requests" } else { "branch" };
+            return Err(bad(k, "a merge_queue jobset follows merge groups, not pull requests or a branch".into()));
+        }
         if !j.pull_requests && (j.trusted_associations.is_some() || j.approve_each_push) {
             let k = if j.approve_each_push { "approve_each_push" } else { "trusted_associations" };
             return Err(bad(k, "only a pull_requests jobset has an approval gate".into()));
@@ -187,6 +197,8 @@ pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
             config_hash: String::new(),
             trusted_associations: trusted,
             approve_each_push: j.approve_each_push,
+            merge_queue: j.merge_queue,
+            report_as: None,
         };
         spec.config_hash = hash_spec(&spec);
         out.push(spec);
@@ -237,6 +249,7 @@ mod tests {
         assert!(err("[jobsets.p]\npull_requests = true\nbranch = \"x\"\n").contains("branch"));
         assert!(err("[jobsets.p]\npull_requests = true\ntrusted_associations = [\"owner\"]\n").contains("OWNER"));
         assert!(err("[jobsets.m]\napprove_each_push = true\n").contains("approve_each_push"));
+        assert!(err("[jobsets.q]\nmerge_queue = true\nbranch = \"main\"\n").contains("jobsets.q.branch"));
         assert!(err("jobsets = 3").contains("jobsets"));
         assert!(err("[[[").contains(".kiln.toml"));
         assert!(err("").contains("no [jobsets"));

@@ -234,7 +234,7 @@ impl Evaluator {
             jobsets::list_for_project(tx.ex(), p.id).await?.into_iter().map(|j| j.name).collect();
         for spec in &decls.jobsets {
             let j = jobsets::upsert(tx.ex(), p.id, spec).await?;
-            if !existing.contains(&spec.name) && spec.enabled && !spec.pull_requests {
+            if !existing.contains(&spec.name) && spec.enabled && !spec.pull_requests && !spec.merge_queue {
                 jobsets::trigger(tx.ex(), j.id, false).await?;
             }
         }
@@ -274,7 +274,7 @@ impl Evaluator {
             let jobset = {
                 let mut c = self.db.conn().await?;
                 match jobsets::get_by_id(c.ex(), jobset.id).await? {
-                    Some(j) if j.enabled && !j.pull_requests => j,
+                    Some(j) if j.enabled && !j.is_template() => j,
                     _ => return Ok(Checked::Skipped),
                 }
             };

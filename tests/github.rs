@@ -658,3 +658,53 @@ async fn an_outside_contributors_pull_request_is_not_fetched_until_approved_then
     }
     fake.assert_valid();
 }
+
+#[tokio::test]
+async fn a_merge_group_is_evaluated_on_its_queue_branch_and_reported_under_the_templates_name() {
+    let fake = Fake::start().await;
+    let t = unique("mq");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ ok = {}; }}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo > $out")
+        ),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n[jobsets.queue]\nmerge_queue = true\n")],
+    );
+    let base = git(flake.path(), &["rev-parse", "HEAD"]).trim().to_string();
+    let dir = kiln_dir(&fake.url, flake.path(), "token_file = \"gh-token\"\nstatuses = \"summary\"");
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, None);
+    wait_for(60, "the main evaluation", || async { evals(&api, "main").await.first().cloned() }).await;
+
+    // GitHub makes the group's commit on a read-only branch, then asks for checks.
+    let branch = format!("gh-readonly-queue/main/pr-5-{base}");
+    git(flake.path(), &["checkout", "-q", "-b", &branch]);
+    flake.write("queued.txt", "pr 5\n");
+    let head = flake.commit("Merge pull request #5");
+    git(flake.path(), &["checkout", "-q", "main"]);
+    let group = |action: &str| {
+        serde_json::json!({
+            "action": action,
+            "merge_group": {"head_sha": head, "head_ref": format!("refs/heads/{branch}"), "base_sha": base,
+                            "base_ref": "refs/heads/main"},
+            "repository": {"full_name": REPO, "default_branch": "main"},
+        })
+    };
+    let (code, text) = webhook(&kiln, "merge_group", "mq-1", &group("checks_requested"), Some(SECRET)).await;
+    assert_eq!(code, 200, "{text}");
+    let applied: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let name = applied["triggered"][0].as_str().unwrap().strip_prefix("w:").unwrap().to_string();
+    assert!(name.starts_with("queue-5-"), "{text}");
+    // Reported on the group's commit as kiln/queue, whatever the group.
+    wait_states(&fake, &kiln, &head, &[("kiln/queue", "success")], 90).await;
+    let e = evals(&api, &name).await;
+    assert_eq!(e.first().unwrap()["commit"], head.as_str());
+    assert!(fake.statuses().iter().all(|s| !s.context.contains(&name)), "{:?}", fake.statuses());
+    // The template itself is never evaluated.
+    assert!(evals(&api, "queue").await.is_empty());
+
+    // Merged or dequeued: the group's jobset is disabled.
+    let (_, text) = webhook(&kiln, "merge_group", "mq-2", &group("destroyed"), Some(SECRET)).await;
+    assert!(text.contains(&format!("\"disabled\":[\"w:{name}\"]")), "{text}");
+    fake.assert_valid();
+}

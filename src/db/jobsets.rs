@@ -47,6 +47,11 @@ pub struct Jobset {
     /// Who approved the pull request, and its head then.
     pub approved_by: Option<String>,
     pub approved_sha: Option<String>,
+    /// A template for merge groups' jobsets; never evaluated itself.
+    pub merge_queue: bool,
+    /// The name statuses use instead of the jobset's (a merge group's
+    /// template: one context for every group).
+    pub report_as: Option<String>,
 }
 
 impl Jobset {
@@ -56,6 +61,16 @@ impl Jobset {
     pub fn system_list(&self) -> Vec<String> {
         serde_json::from_str(&self.systems).unwrap_or_default()
     }
+    /// A template (pull requests, merge groups): never evaluated itself.
+    pub fn is_template(&self) -> bool {
+        self.pull_requests || self.merge_queue
+    }
+
+    /// The name its statuses go by.
+    pub fn reported_name(&self) -> &str {
+        self.report_as.as_deref().unwrap_or(&self.name)
+    }
+
     pub fn trusted_list(&self) -> Vec<String> {
         serde_json::from_str(&self.trusted_associations).unwrap_or_default()
     }
@@ -110,6 +125,8 @@ pub struct JobsetSpec {
     pub config_hash: String,
     pub trusted_associations: Vec<String>,
     pub approve_each_push: bool,
+    pub merge_queue: bool,
+    pub report_as: Option<String>,
 }
 
 impl JobsetSpec {
@@ -131,6 +148,8 @@ impl JobsetSpec {
             config_hash: String::new(),
             trusted_associations: default_trusted(),
             approve_each_push: false,
+            merge_queue: false,
+            report_as: None,
         }
     }
 }
@@ -140,7 +159,7 @@ macro_rules! cols {
         "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
          scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
          trigger_seq, force_eval, error, error_at, created_at, pull_requests, trusted_associations, \
-         approve_each_push, pr_author, pr_association, pr_head_sha, approved_by, approved_sha"
+         approve_each_push, pr_author, pr_association, pr_head_sha, approved_by, approved_sha, merge_queue, report_as"
     };
 }
 
@@ -151,14 +170,15 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
     let sql = concat!(
         "INSERT INTO jobsets (project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval,
              scheduling_shares, keep_evaluations, enabled, config_hash, created_at, pull_requests,
-             trusted_associations, approve_each_push)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             trusted_associations, approve_each_push, merge_queue, report_as)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
          ON CONFLICT (project_id, name) DO UPDATE SET branch = excluded.branch, pr_number = excluded.pr_number,
              flake_dir = excluded.flake_dir, attributes = excluded.attributes, systems = excluded.systems,
              check_interval = excluded.check_interval, scheduling_shares = excluded.scheduling_shares,
              keep_evaluations = excluded.keep_evaluations, enabled = excluded.enabled,
              config_hash = excluded.config_hash, pull_requests = excluded.pull_requests,
-             trusted_associations = excluded.trusted_associations, approve_each_push = excluded.approve_each_push
+             trusted_associations = excluded.trusted_associations, approve_each_push = excluded.approve_each_push,
+             merge_queue = excluded.merge_queue, report_as = excluded.report_as
          RETURNING ",
         cols!()
     );
@@ -166,7 +186,7 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
         .bind(project_id).bind(&spec.name).bind(&spec.branch).bind(spec.pr_number).bind(&spec.flake_dir)
         .bind(&attrs).bind(&systems).bind(spec.check_interval).bind(spec.scheduling_shares)
         .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now()).bind(spec.pull_requests)
-        .bind(&trusted).bind(spec.approve_each_push)
+        .bind(&trusted).bind(spec.approve_each_push).bind(spec.merge_queue).bind(&spec.report_as)
         .fetch_one(&mut *c).await?))
 }
 
@@ -244,19 +264,20 @@ pub async fn due(ex: Ex<'_>, at: i64) -> Result<Vec<Jobset>> {
     let sql = concat!(
         "SELECT ",
         cols!(),
-        " FROM jobsets WHERE enabled = TRUE AND pull_requests = FALSE AND (trigger_at IS NOT NULL
+        " FROM jobsets WHERE enabled = TRUE AND pull_requests = FALSE AND merge_queue = FALSE AND (trigger_at IS NOT NULL
              OR (check_interval > 0 AND (last_checked_at IS NULL OR last_checked_at + check_interval <= $1)))
          ORDER BY COALESCE(trigger_at, last_checked_at, 0), id"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(at).fetch_all(&mut *c).await?))
 }
 
-/// Disables the project's jobsets (other than per-PR ones) that the
-/// repository no longer declares; their history stays.
+/// Disables the project's jobsets (other than those made for pull requests
+/// and merge groups) that the repository no longer declares; their
+/// history stays.
 pub async fn disable_undeclared(mut ex: Ex<'_>, project_id: i64, declared: &[String]) -> Result<u64> {
     let mut n = 0;
     for j in list_for_project(ex.re(), project_id).await? {
-        if j.pr_number.is_none() && j.enabled && !declared.contains(&j.name) {
+        if j.pr_number.is_none() && j.report_as.is_none() && j.enabled && !declared.contains(&j.name) {
             n += run!(ex.re(), c => sqlx::query("UPDATE jobsets SET enabled = FALSE WHERE id = $1")
                 .bind(j.id).execute(&mut *c).await?.rows_affected());
         }

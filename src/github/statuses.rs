@@ -91,7 +91,9 @@ async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError>
     if !is_sha(&eval.commit_sha) {
         return Ok(None);
     }
-    Ok(Some(Target { repo, sha: eval.commit_sha.clone(), jobset: jobset.name, eval }))
+    // A merge group reports under its template's name: one context that
+    // branch protection can require of every group.
+    Ok(Some(Target { repo, sha: eval.commit_sha.clone(), jobset: jobset.reported_name().to_string(), eval }))
 }
 
 /// The commit a status is for.

@@ -68,6 +68,15 @@ pub enum Event {
         author: String,
         association: String,
     },
+    /// A merge queue's group: `checks_requested` when GitHub wants its
+    /// head (on a `gh-readonly-queue/...` branch) checked, `destroyed` when
+    /// it was merged or left the queue.
+    MergeGroup {
+        repo: String,
+        action: String,
+        head_sha: String,
+        head_ref: String,
+    },
     /// Anything else: acknowledged, nothing done.
     Other,
 }
@@ -115,6 +124,19 @@ struct PullRequestPayload {
     repository: RepoPayload,
 }
 
+#[derive(Deserialize)]
+struct MergeGroupPayload {
+    action: String,
+    merge_group: MergeGroupInner,
+    repository: RepoPayload,
+}
+
+#[derive(Deserialize)]
+struct MergeGroupInner {
+    head_sha: String,
+    head_ref: String,
+}
+
 /// Parses a verified body by its `X-GitHub-Event`.
 pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
     let bad = |e: serde_json::Error| WebhookError::Malformed { event: event.to_string(), reason: e.to_string() };
@@ -141,6 +163,15 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
                 head_sha: p.pull_request.head.sha,
                 author: p.pull_request.user.map(|u| u.login).unwrap_or_default(),
                 association: p.pull_request.author_association.unwrap_or_else(|| "NONE".into()),
+            })
+        }
+        "merge_group" => {
+            let p: MergeGroupPayload = serde_json::from_slice(body).map_err(bad)?;
+            Ok(Event::MergeGroup {
+                repo: p.repository.full_name,
+                action: p.action,
+                head_sha: p.merge_group.head_sha,
+                head_ref: p.merge_group.head_ref,
             })
         }
         _ => Ok(Event::Other),
@@ -179,7 +210,7 @@ pub async fn apply(
     }
     let mut applied = Applied::default();
     let (repo, act) = match event {
-        Event::Push { repo, .. } | Event::PullRequest { repo, .. } => (repo, event),
+        Event::Push { repo, .. } | Event::PullRequest { repo, .. } | Event::MergeGroup { repo, .. } => (repo, event),
         Event::Ping | Event::Other => return Ok(applied),
     };
     for p in projects::list(ex.re()).await? {
@@ -189,7 +220,7 @@ pub async fn apply(
         let js = jobsets::list_for_project(ex.re(), p.id).await?;
         match act {
             Event::Push { default_branch, branch: Some(branch), deleted: false, .. } => {
-                for j in js.iter().filter(|j| j.enabled && !j.pull_requests && j.pr_number.is_none()) {
+                for j in js.iter().filter(|j| j.enabled && !j.is_template() && j.pr_number.is_none()) {
                     let follows = j.branch.as_deref().unwrap_or(default_branch.as_str());
                     if follows == branch {
                         jobsets::trigger(ex.re(), j.id, false).await?;
@@ -233,10 +264,72 @@ pub async fn apply(
                     }
                 }
             }
+            Event::MergeGroup { action, head_ref, .. } => {
+                let Some(branch) = merge_group_branch(head_ref) else { continue };
+                for t in js.iter().filter(|j| j.merge_queue && j.enabled) {
+                    let name = merge_group_jobset_name(&t.name, branch);
+                    match action.as_str() {
+                        // Whoever queued it has write access: no approval gate.
+                        "checks_requested" => {
+                            let j = jobsets::upsert(ex.re(), p.id, &merge_group_spec(t, &name, branch)).await?;
+                            jobsets::trigger(ex.re(), j.id, false).await?;
+                            applied.triggered.push(format!("{}:{}", p.name, name));
+                        }
+                        "destroyed" => {
+                            if let Some(j) = js.iter().find(|j| j.name == name) {
+                                jobsets::set_enabled(ex.re(), j.id, false).await?;
+                                let why = format!("cancelled: merge group {branch} left the queue");
+                                let cancelled = builds::cancel_unfinished_of_jobset(ex.re(), j.id, None, &why).await?;
+                                applied.cancelled.extend(cancelled);
+                                applied.disabled.push(format!("{}:{}", p.name, name));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
             _ => {}
         }
     }
     Ok(applied)
+}
+
+/// The branch of a merge group's `head_ref`, if it is a merge queue's.
+fn merge_group_branch(head_ref: &str) -> Option<&str> {
+    let b = head_ref.strip_prefix("refs/heads/").unwrap_or(head_ref);
+    b.starts_with("gh-readonly-queue/").then_some(b)
+}
+
+/// `<template>-<n>-<hash>`: the pull request's number and a short hash of
+/// the whole branch (two groups of one pull request differ in their base).
+pub fn merge_group_jobset_name(template: &str, branch: &str) -> String {
+    let pr = branch.rsplit('/').next().and_then(|l| l.strip_prefix("pr-")).and_then(|r| r.split('-').next());
+    let hash = crate::nix::Hash::sha256(branch.as_bytes()).to_hex();
+    match pr.filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+        Some(n) => format!("{template}-{n}-{}", &hash[..8]),
+        None => format!("{template}-{}", &hash[..8]),
+    }
+}
+
+fn merge_group_spec(t: &Jobset, name: &str, branch: &str) -> JobsetSpec {
+    JobsetSpec {
+        name: name.to_string(),
+        branch: Some(branch.to_string()),
+        pr_number: None,
+        flake_dir: t.flake_dir.clone(),
+        attributes: t.attribute_list(),
+        systems: t.system_list(),
+        check_interval: 0,
+        scheduling_shares: t.scheduling_shares,
+        keep_evaluations: t.keep_evaluations,
+        enabled: true,
+        pull_requests: false,
+        config_hash: t.config_hash.clone(),
+        trusted_associations: Vec::new(),
+        approve_each_push: false,
+        merge_queue: false,
+        report_as: Some(t.name.clone()),
+    }
 }
 
 /// `pr-<n>`, or `<template>-pr-<n>` when a project has several templates.
@@ -260,6 +353,8 @@ fn pr_spec(t: &Jobset, name: &str, number: i64) -> JobsetSpec {
         config_hash: t.config_hash.clone(),
         trusted_associations: t.trusted_list(),
         approve_each_push: t.approve_each_push,
+        merge_queue: false,
+        report_as: None,
     }
 }
 
@@ -314,6 +409,14 @@ mod tests {
         assert!(matches!(parse("push", br#"{"ref":1}"#), Err(WebhookError::Malformed { .. })));
         assert_eq!(parse("issues", b"whatever").unwrap(), Event::Other);
         assert_eq!(pr_jobset_name("pulls", 5, 1), "pr-5");
+        let mg = br#"{"action":"checks_requested","merge_group":{"head_sha":"abc","head_ref":"refs/heads/gh-readonly-queue/main/pr-12-0123abcd","base_ref":"refs/heads/main"},"repository":{"full_name":"acme/w"}}"#;
+        let Event::MergeGroup { head_ref, .. } = parse("merge_group", mg).unwrap() else { panic!("not a merge group") };
+        let branch = merge_group_branch(&head_ref).unwrap();
+        assert_eq!(branch, "gh-readonly-queue/main/pr-12-0123abcd");
+        let name = merge_group_jobset_name("queue", branch);
+        assert!(name.starts_with("queue-12-") && crate::config::valid_name(&name), "{name}");
+        assert_ne!(name, merge_group_jobset_name("queue", "gh-readonly-queue/main/pr-12-ffff0000"));
+        assert_eq!(merge_group_branch("refs/heads/main"), None);
         assert_eq!(pr_jobset_name("pulls", 5, 2), "pulls-pr-5");
     }
 }

@@ -40,10 +40,15 @@ pub async fn project(
             None => String::new(),
         };
         lines.push(JobsetLine {
-            branch: j
-                .branch
-                .clone()
-                .unwrap_or_else(|| if j.pull_requests { "pull requests".into() } else { "default branch".into() }),
+            branch: j.branch.clone().unwrap_or_else(|| {
+                if j.pull_requests {
+                    "pull requests".into()
+                } else if j.merge_queue {
+                    "merge groups".into()
+                } else {
+                    "default branch".into()
+                }
+            }),
             enabled: j.enabled,
             last_eval: latest.map(|e| when(e.started_at)).unwrap_or_else(|| "never".into()),
             counts,
