@@ -268,6 +268,10 @@ pub struct GithubConfig {
     /// Longest wait for GitHub to connect, take a request or answer one;
     /// a status delivery as a whole gives up after this long too.
     pub timeout_s: u64,
+    /// Report through the Checks API (check runs with Re-run and
+    /// annotations) instead of commit statuses. Default: with an App, yes
+    /// (GitHub lets only Apps write check runs); with a token, no.
+    pub checks: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -357,6 +361,7 @@ impl Default for GithubConfig {
             app_private_key_file: None,
             app_installation_id: None,
             timeout_s: 30,
+            checks: None,
         }
     }
 }
@@ -496,6 +501,9 @@ impl Config {
             }
         }
         if let Some(gh) = &self.github {
+            if gh.checks == Some(true) && gh.app_id.is_none() {
+                return Err(ConfigError::key(origin, "github.checks", "check runs need a GitHub App (app_id)"));
+            }
             if gh.app_id.is_some() != gh.app_private_key_file.is_some() {
                 return Err(ConfigError::key(origin, "github.app_id", "needs github.app_private_key_file, and back"));
             }

@@ -199,6 +199,7 @@ pub fn parse(text: &str) -> Result<Declared, RepoConfigError> {
             approve_each_push: j.approve_each_push,
             merge_queue: j.merge_queue,
             report_as: None,
+            template: None,
         };
         spec.config_hash = hash_spec(&spec);
         out.push(spec);

@@ -299,7 +299,7 @@ async fn a_github_app_mints_installation_tokens_and_refreshes_them_before_they_e
     let dir = kiln_dir(
         &fake.url,
         flake.path(),
-        &format!("app_id = 4242\napp_private_key_file = \"{}\"\nstatuses = \"summary\"", key.display()),
+        &format!("app_id = 4242\napp_private_key_file = \"{}\"\nstatuses = \"summary\"\nchecks = false", key.display()),
     );
     let kiln = Kiln::start_in(dir, &[]);
     wait_states(&fake, &kiln, &sha1, &[("kiln/main", "success")], 90).await;
@@ -513,20 +513,6 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
     fake.assert_valid();
 }
 
-/// An App key pair: the stand-in verifies the JWTs signed with it.
-fn app_key(fake: &Fake) -> (tempfile::TempDir, std::path::PathBuf) {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("app.pem");
-    run(
-        "openssl",
-        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key.to_str().unwrap()],
-        keys.path(),
-    );
-    let public = run("openssl", &["pkey", "-in", key.to_str().unwrap(), "-pubout"], keys.path());
-    fake.hub.lock().unwrap().app_public_pem = Some(public);
-    (keys, key)
-}
-
 #[tokio::test]
 async fn an_outside_contributors_pull_request_is_not_fetched_until_approved_then_built_with_a_scoped_token() {
     let fake = Fake::start().await;
@@ -550,7 +536,7 @@ async fn an_outside_contributors_pull_request_is_not_fetched_until_approved_then
         dir.path().join("kiln.toml"),
         format!(
             "base_url = \"{BASE}\"\napi_token_files = [\"token\"]\n[github]\napi_url = \"{}\"\n\
-             webhook_secret_file = \"gh-secret\"\napp_id = 4242\napp_private_key_file = \"{}\"\nstatuses = \"summary\"\n\
+             webhook_secret_file = \"gh-secret\"\napp_id = 4242\napp_private_key_file = \"{}\"\nstatuses = \"summary\"\nchecks = false\n\
              [[projects]]\nname = \"w\"\nrepo = \"{}\"\ngithub = \"{REPO}\"\n",
             fake.url,
             key.display(),

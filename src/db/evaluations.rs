@@ -116,6 +116,14 @@ pub async fn finish(ex: Ex<'_>, id: i64, duration_ms: i64, o: &Outcome<'_>) -> R
     Ok(())
 }
 
+/// The jobsets that evaluated a commit (a check suite's Re-run).
+pub async fn jobsets_of_commit(ex: Ex<'_>, sha: &str) -> Result<Vec<i64>> {
+    Ok(
+        run!(ex, c => sqlx::query_scalar("SELECT DISTINCT jobset_id FROM evaluations WHERE commit_sha = $1 ORDER BY jobset_id")
+        .bind(sha).fetch_all(&mut *c).await?),
+    )
+}
+
 pub async fn get(ex: Ex<'_>, id: i64) -> Result<Option<Evaluation>> {
     let sql = concat!("SELECT ", cols!(), " FROM evaluations WHERE id = $1");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(id).fetch_optional(&mut *c).await?))
@@ -345,6 +353,8 @@ pub struct Cell {
     pub finished: Option<bool>,
     pub build_status: Option<i64>,
     pub error: Option<String>,
+    /// How long the build took, once it ran.
+    pub secs: Option<i64>,
 }
 
 /// The job × evaluation matrix of the given evaluations.
@@ -359,10 +369,10 @@ pub async fn cells(ex: Ex<'_>, eval_ids: &[i64]) -> Result<Vec<Cell>> {
     );
     match ex {
         Ex::Sqlite(c) => {
-            type Row = (i64, String, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+            type Row = (i64, String, Option<i64>, Option<i64>, Option<i64>, Option<String>, Option<i64>);
             let rows: Vec<Row> = super::sqlite_json_rows(
                 c,
-                "json_array(m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error)",
+                "json_array(m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error, b.stop_time - b.start_time)",
                 &from,
                 eval_ids,
             )
@@ -372,19 +382,21 @@ pub async fn cells(ex: Ex<'_>, eval_ids: &[i64]) -> Result<Vec<Cell>> {
             rows.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
             Ok(rows
                 .into_iter()
-                .map(|(eval_id, job, build_id, finished, build_status, error)| Cell {
+                .map(|(eval_id, job, build_id, finished, build_status, error, secs)| Cell {
                     eval_id,
                     job,
                     build_id,
                     finished: finished.map(|f| f != 0),
                     build_status,
                     error,
+                    secs,
                 })
                 .collect())
         }
         Ex::Postgres(c) => {
             let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error {from}"
+                "SELECT m.eval_id, m.job, m.build_id, b.finished, b.build_status, m.error,
+                     b.stop_time - b.start_time AS secs {from}"
             ));
             let mut q = sqlx::query_as(sql);
             for id in eval_ids {

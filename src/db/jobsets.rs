@@ -52,6 +52,8 @@ pub struct Jobset {
     /// The name statuses use instead of the jobset's (a merge group's
     /// template: one context for every group).
     pub report_as: Option<String>,
+    /// The template a pull request's or merge group's jobset was made from.
+    pub template: Option<String>,
 }
 
 impl Jobset {
@@ -69,6 +71,12 @@ impl Jobset {
     /// The name its statuses go by.
     pub fn reported_name(&self) -> &str {
         self.report_as.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The name of its checks that never changes: its template's for a pull
+    /// request or merge group (one name for all of them), else its own.
+    pub fn stable_name(&self) -> &str {
+        self.template.as_deref().unwrap_or(&self.name)
     }
 
     pub fn trusted_list(&self) -> Vec<String> {
@@ -127,6 +135,7 @@ pub struct JobsetSpec {
     pub approve_each_push: bool,
     pub merge_queue: bool,
     pub report_as: Option<String>,
+    pub template: Option<String>,
 }
 
 impl JobsetSpec {
@@ -150,6 +159,7 @@ impl JobsetSpec {
             approve_each_push: false,
             merge_queue: false,
             report_as: None,
+            template: None,
         }
     }
 }
@@ -159,7 +169,8 @@ macro_rules! cols {
         "id, project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval, \
          scheduling_shares, keep_evaluations, enabled, hidden, config_hash, last_checked_at, trigger_at, \
          trigger_seq, force_eval, error, error_at, created_at, pull_requests, trusted_associations, \
-         approve_each_push, pr_author, pr_association, pr_head_sha, approved_by, approved_sha, merge_queue, report_as"
+         approve_each_push, pr_author, pr_association, pr_head_sha, approved_by, approved_sha, merge_queue, report_as, \
+         template"
     };
 }
 
@@ -170,15 +181,15 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
     let sql = concat!(
         "INSERT INTO jobsets (project_id, name, branch, pr_number, flake_dir, attributes, systems, check_interval,
              scheduling_shares, keep_evaluations, enabled, config_hash, created_at, pull_requests,
-             trusted_associations, approve_each_push, merge_queue, report_as)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+             trusted_associations, approve_each_push, merge_queue, report_as, template)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
          ON CONFLICT (project_id, name) DO UPDATE SET branch = excluded.branch, pr_number = excluded.pr_number,
              flake_dir = excluded.flake_dir, attributes = excluded.attributes, systems = excluded.systems,
              check_interval = excluded.check_interval, scheduling_shares = excluded.scheduling_shares,
              keep_evaluations = excluded.keep_evaluations, enabled = excluded.enabled,
              config_hash = excluded.config_hash, pull_requests = excluded.pull_requests,
              trusted_associations = excluded.trusted_associations, approve_each_push = excluded.approve_each_push,
-             merge_queue = excluded.merge_queue, report_as = excluded.report_as
+             merge_queue = excluded.merge_queue, report_as = excluded.report_as, template = excluded.template
          RETURNING ",
         cols!()
     );
@@ -187,6 +198,7 @@ pub async fn upsert(ex: Ex<'_>, project_id: i64, spec: &JobsetSpec) -> Result<Jo
         .bind(&attrs).bind(&systems).bind(spec.check_interval).bind(spec.scheduling_shares)
         .bind(spec.keep_evaluations).bind(spec.enabled).bind(&spec.config_hash).bind(now()).bind(spec.pull_requests)
         .bind(&trusted).bind(spec.approve_each_push).bind(spec.merge_queue).bind(&spec.report_as)
+        .bind(&spec.template)
         .fetch_one(&mut *c).await?))
 }
 

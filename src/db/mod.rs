@@ -18,6 +18,7 @@ use thiserror::Error;
 pub mod api_tokens;
 pub mod builds;
 pub mod cache_paths;
+pub mod check_runs;
 pub mod deployment_hosts;
 pub mod deployments;
 pub mod environments;

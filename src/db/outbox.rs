@@ -125,6 +125,15 @@ pub async fn stats(ex: Ex<'_>) -> Result<Stats> {
         .fetch_one(&mut *c).await?))
 }
 
+/// The reason of the newest message given up with a reason starting with
+/// `prefix` (a permission GitHub wants granted), for `/machines`.
+pub async fn last_given_up_with(ex: Ex<'_>, prefix: &str) -> Result<Option<String>> {
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "SELECT last_error FROM outbox WHERE given_up_at IS NOT NULL AND substr(last_error, 1, length($1)) = $1
+         ORDER BY id DESC LIMIT 1")
+        .bind(prefix).fetch_optional(&mut *c).await?))
+}
+
 /// The messages for one target (a commit), oldest first: for tests and the API.
 pub async fn for_target(ex: Ex<'_>, target: &str) -> Result<Vec<Message>> {
     let sql = concat!("SELECT ", cols!(), " FROM outbox WHERE target = $1 ORDER BY id");

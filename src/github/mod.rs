@@ -7,6 +7,7 @@
 //! token read from a file or a GitHub App's installation tokens
 //! ([`Credentials`]); they never reach logs, the database or git's config.
 
+pub mod checks;
 pub mod deployments;
 pub mod sender;
 pub mod statuses;
@@ -111,7 +112,13 @@ pub fn may_send_token(repo_url: &str, api_url: &str) -> bool {
 /// The status policy of a configuration, if GitHub is configured.
 pub fn policy(config: &Config) -> Option<statuses::Policy> {
     let gh = config.github.as_ref()?;
-    Some(statuses::Policy { base_url: config.base_url(), mode: gh.statuses, max_job_statuses: gh.max_job_statuses })
+    Some(statuses::Policy {
+        base_url: config.base_url(),
+        mode: gh.statuses,
+        max_job_statuses: gh.max_job_statuses,
+        checks: gh.checks.unwrap_or(gh.app_id.is_some()),
+        app_id: gh.app_id,
+    })
 }
 
 /// A one-line secret (token, webhook secret), read as every secret file is.

@@ -1,5 +1,5 @@
-//! Delivers the outbox's commit statuses (and deployment states, see
-//! `deployments`) to GitHub. Messages go oldest
+//! Delivers the outbox's commit statuses (and check runs, see `checks`,
+//! and deployment states, see `deployments`) to GitHub. Messages go oldest
 //! first; a newer status for a context supersedes an undelivered older one
 //! when it is written, so only the latest state of each context is sent,
 //! and a context's messages are never sent out of order (one at a time,
@@ -87,12 +87,21 @@ pub async fn send_due(db: &Db, creds: &Credentials, paused_until: &mut i64) -> R
     let mut held: HashSet<String> = HashSet::new();
     let mut tried = 0;
     for m in due {
-        if !matches!(m.kind.as_str(), KIND | super::deployments::KIND) || held.contains(&m.target) {
+        if !matches!(m.kind.as_str(), KIND | super::deployments::KIND | super::checks::KIND) || held.contains(&m.target)
+        {
             continue;
         }
         tried += 1;
         let unreadable = |e: serde_json::Error| format!("unreadable payload: {e}");
-        let (state, attempt) = if m.kind == KIND {
+        let (state, attempt) = if m.kind == super::checks::KIND {
+            match serde_json::from_str::<super::checks::CheckRun>(&m.payload) {
+                Ok(r) => (
+                    r.conclusion.clone().unwrap_or_else(|| r.status.clone()),
+                    Ok(Box::pin(async move { super::checks::deliver(db, creds, &r).await }) as Attempt<'_>),
+                ),
+                Err(e) => (String::new(), Err(unreadable(e))),
+            }
+        } else if m.kind == KIND {
             match serde_json::from_str::<Status>(&m.payload) {
                 Ok(s) => (s.state.clone(), Ok(Box::pin(async move { Ok(deliver(creds, &s).await) }) as Attempt<'_>)),
                 Err(e) => (String::new(), Err(unreadable(e))),

@@ -28,8 +28,13 @@ pub struct Policy {
     pub base_url: String,
     pub mode: StatusMode,
     /// Beyond this many jobs in one evaluation, per-job statuses are sent
-    /// for failures only (GitHub's secondary rate limits).
+    /// for failures only (GitHub's secondary rate limits); with checks, at
+    /// most this many failed jobs get a run of their own.
     pub max_job_statuses: usize,
+    /// Check runs instead of commit statuses ([`super::checks`]).
+    pub checks: bool,
+    /// The App whose check events are Kiln's own.
+    pub app_id: Option<u64>,
 }
 
 /// One commit status as GitHub's `POST /repos/{owner}/{repo}/statuses/{sha}` takes it.
@@ -72,14 +77,17 @@ pub fn job_context(jobset: &str, job: &str) -> String {
 }
 
 /// Where an evaluation reports, if anywhere: its repository, commit and jobset.
-struct Target {
-    repo: Repo,
-    sha: String,
-    jobset: String,
-    eval: evaluations::Evaluation,
+pub(super) struct Target {
+    pub repo: Repo,
+    pub sha: String,
+    /// The name its statuses and checks go by.
+    pub jobset: String,
+    /// The name of its check that never changes (its template's).
+    pub stable: String,
+    pub eval: evaluations::Evaluation,
 }
 
-async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError> {
+pub(super) async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError> {
     let Some(eval) = evaluations::get(ex.re(), eval_id).await? else { return Ok(None) };
     let Some(jobset) = jobsets::get_by_id(ex.re(), eval.jobset_id).await? else { return Ok(None) };
     // A closed pull request's jobset is disabled: its commits get no more statuses.
@@ -93,7 +101,13 @@ async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError>
     }
     // A merge group reports under its template's name: one context that
     // branch protection can require of every group.
-    Ok(Some(Target { repo, sha: eval.commit_sha.clone(), jobset: jobset.reported_name().to_string(), eval }))
+    Ok(Some(Target {
+        repo,
+        sha: eval.commit_sha.clone(),
+        jobset: jobset.reported_name().to_string(),
+        stable: jobset.stable_name().to_string(),
+        eval,
+    }))
 }
 
 /// The commit a status is for.
@@ -108,7 +122,7 @@ impl Target {
     }
 }
 
-fn is_sha(s: &str) -> bool {
+pub(super) fn is_sha(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -143,6 +157,9 @@ pub async fn awaiting_approval(
     jobset: &jobsets::Jobset,
     head_sha: &str,
 ) -> Result<(), DbError> {
+    if p.checks {
+        return super::checks::awaiting_approval(ex, p, project, jobset, head_sha).await;
+    }
     let Some(repo) = super::repo_of(project) else { return Ok(()) };
     if !is_sha(head_sha) {
         return Ok(());
@@ -158,6 +175,9 @@ pub async fn awaiting_approval(
 pub async fn eval_started(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
     evaluations::lock(ex.re(), &[eval_id]).await?;
     let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
+    if p.checks {
+        return super::checks::started(ex, p, &t).await;
+    }
     let url = format!("{}/eval/{eval_id}", p.base_url);
     queue(ex, &t.commit(), "pending", summary_context(&t.jobset), "Evaluating…", url).await
 }
@@ -168,6 +188,9 @@ pub async fn eval_finished(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(
     evaluations::lock(ex.re(), &[eval_id]).await?;
     let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
     let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
+    if p.checks {
+        return super::checks::report(ex, p, &t, &cells, None).await;
+    }
     let per_job = p.per_job(cells.len());
     for c in &cells {
         if per_job == PerJob::All || (per_job == PerJob::Failures && failed(c)) {
@@ -196,6 +219,10 @@ pub async fn build_changed(mut ex: Ex<'_>, p: &Policy, build_id: i64) -> Result<
             continue;
         }
         let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
+        if p.checks {
+            super::checks::report(ex.re(), p, &t, &cells, Some(build_id)).await?;
+            continue;
+        }
         let per_job = p.per_job(cells.len());
         for c in cells.iter().filter(|c| c.build_id == Some(build_id)) {
             if per_job == PerJob::All || (per_job == PerJob::Failures && failed(c)) {
@@ -292,7 +319,13 @@ mod tests {
 
     #[test]
     fn per_job_statuses_are_bounded() {
-        let p = Policy { base_url: String::new(), mode: StatusMode::PerJob, max_job_statuses: 50 };
+        let p = Policy {
+            base_url: String::new(),
+            mode: StatusMode::PerJob,
+            max_job_statuses: 50,
+            checks: false,
+            app_id: None,
+        };
         assert_eq!(p.per_job(50), PerJob::All);
         assert_eq!(p.per_job(51), PerJob::Failures);
         let f = Policy { mode: StatusMode::Failures, ..p.clone() };

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::db::jobsets::{self, Jobset, JobsetSpec};
-use crate::db::{DbError, Ex, builds, outbox, projects, webhook_deliveries};
+use crate::db::{DbError, Ex, builds, check_runs, outbox, projects, webhook_deliveries};
 
 /// GitHub's payloads are at most 25 MB; what Kiln reads is far smaller.
 pub const MAX_BODY: usize = 5 * 1024 * 1024;
@@ -77,6 +77,26 @@ pub enum Event {
         head_sha: String,
         head_ref: String,
     },
+    /// A check run: `rerequested` (GitHub's Re-run) or `requested_action`
+    /// (a button of the run: Approve).
+    CheckRun {
+        repo: String,
+        action: String,
+        /// The App that made the run: only Kiln's are Kiln's to act on.
+        app_id: Option<u64>,
+        head_sha: String,
+        name: String,
+        external_id: String,
+        identifier: Option<String>,
+        sender: String,
+    },
+    /// A check suite: `rerequested` (Re-run all) re-evaluates the commit.
+    CheckSuite {
+        repo: String,
+        action: String,
+        app_id: Option<u64>,
+        head_sha: String,
+    },
     /// Anything else: acknowledged, nothing done.
     Other,
 }
@@ -137,6 +157,53 @@ struct MergeGroupInner {
     head_ref: String,
 }
 
+#[derive(Deserialize)]
+struct AppRef {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct Sender {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct CheckRunInner {
+    head_sha: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    external_id: Option<String>,
+    app: Option<AppRef>,
+}
+
+#[derive(Deserialize)]
+struct RequestedAction {
+    identifier: String,
+}
+
+#[derive(Deserialize)]
+struct CheckRunPayload {
+    action: String,
+    check_run: CheckRunInner,
+    requested_action: Option<RequestedAction>,
+    repository: RepoPayload,
+    sender: Option<Sender>,
+}
+
+#[derive(Deserialize)]
+struct CheckSuiteInner {
+    head_sha: String,
+    app: Option<AppRef>,
+}
+
+#[derive(Deserialize)]
+struct CheckSuitePayload {
+    action: String,
+    check_suite: CheckSuiteInner,
+    repository: RepoPayload,
+}
+
 /// Parses a verified body by its `X-GitHub-Event`.
 pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
     let bad = |e: serde_json::Error| WebhookError::Malformed { event: event.to_string(), reason: e.to_string() };
@@ -174,6 +241,28 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
                 head_ref: p.merge_group.head_ref,
             })
         }
+        "check_run" => {
+            let p: CheckRunPayload = serde_json::from_slice(body).map_err(bad)?;
+            Ok(Event::CheckRun {
+                repo: p.repository.full_name,
+                action: p.action,
+                app_id: p.check_run.app.map(|a| a.id),
+                head_sha: p.check_run.head_sha,
+                name: p.check_run.name,
+                external_id: p.check_run.external_id.unwrap_or_default(),
+                identifier: p.requested_action.map(|a| a.identifier),
+                sender: p.sender.map(|s| s.login).unwrap_or_default(),
+            })
+        }
+        "check_suite" => {
+            let p: CheckSuitePayload = serde_json::from_slice(body).map_err(bad)?;
+            Ok(Event::CheckSuite {
+                repo: p.repository.full_name,
+                action: p.action,
+                app_id: p.check_suite.app.map(|a| a.id),
+                head_sha: p.check_suite.head_sha,
+            })
+        }
         _ => Ok(Event::Other),
     }
 }
@@ -194,6 +283,12 @@ pub struct Applied {
     /// wait for approval: nothing of them is fetched until then.
     #[serde(default)]
     pub awaiting_approval: Vec<String>,
+    /// Builds to restart (a check run's Re-run).
+    #[serde(default)]
+    pub restarted: Vec<i64>,
+    /// `project:jobset` of pull requests approved (the check run's button).
+    #[serde(default)]
+    pub approved: Vec<String>,
 }
 
 /// Records the delivery and applies the event, in the caller's transaction
@@ -211,6 +306,15 @@ pub async fn apply(
     let mut applied = Applied::default();
     let (repo, act) = match event {
         Event::Push { repo, .. } | Event::PullRequest { repo, .. } | Event::MergeGroup { repo, .. } => (repo, event),
+        Event::CheckRun { repo, app_id, .. } | Event::CheckSuite { repo, app_id, .. } => {
+            // Other Apps' runs, and GitHub's echoes of Kiln's own suites
+            // (requested, completed), are not Kiln's to act on.
+            let ours = statuses.is_some_and(|p| p.checks && p.app_id.is_some() && p.app_id == *app_id);
+            if !ours {
+                return Ok(applied);
+            }
+            (repo, event)
+        }
         Event::Ping | Event::Other => return Ok(applied),
     };
     for p in projects::list(ex.re()).await? {
@@ -261,6 +365,64 @@ pub async fn apply(
                             }
                         }
                         _ => {}
+                    }
+                }
+            }
+            Event::CheckRun { action, external_id, identifier, sender, head_sha, name, .. } => {
+                let (kind, id) = external_id.split_once(':').unwrap_or_default();
+                let Ok(id) = id.parse::<i64>() else { continue };
+                // A re-run is a new run on GitHub: the next state creates one.
+                let target = super::repo_of(&p).map(|r| format!("{}@{head_sha}", r.full_name()));
+                if action == "rerequested"
+                    && let Some(t) = &target
+                {
+                    check_runs::forget(ex.re(), t, name).await?;
+                }
+                let mine = |jobset_id: i64| js.iter().find(|j| j.id == jobset_id);
+                match (action.as_str(), kind, identifier.as_deref()) {
+                    ("rerequested", "build", _) => {
+                        if let Some(b) = builds::get(ex.re(), id).await?
+                            && mine(b.jobset_id).is_some()
+                            && b.finished
+                        {
+                            applied.restarted.push(b.id);
+                        }
+                    }
+                    ("rerequested", "eval", _) => {
+                        if let Some(e) = crate::db::evaluations::get(ex.re(), id).await?
+                            && let Some(j) = mine(e.jobset_id)
+                        {
+                            if let Some(t) = &target {
+                                check_runs::forget_target(ex.re(), t).await?;
+                            }
+                            jobsets::trigger(ex.re(), j.id, true).await?;
+                            applied.triggered.push(format!("{}:{}", p.name, j.name));
+                        }
+                    }
+                    ("requested_action", "approve", Some(super::checks::APPROVE)) => {
+                        // GitHub shows the button to people with write access only.
+                        if let Some(j) = mine(id).filter(|j| j.pr_number.is_some()) {
+                            // The run that asked is done: the evaluation gets a new one.
+                            if let Some(t) = &target {
+                                check_runs::forget(ex.re(), t, name).await?;
+                            }
+                            jobsets::approve(ex.re(), j.id, &format!("@{sender} on GitHub")).await?;
+                            jobsets::trigger(ex.re(), j.id, false).await?;
+                            applied.approved.push(format!("{}:{}", p.name, j.name));
+                            applied.triggered.push(format!("{}:{}", p.name, j.name));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::CheckSuite { action, head_sha, .. } if action == "rerequested" => {
+                if let Some(r) = super::repo_of(&p) {
+                    check_runs::forget_target(ex.re(), &format!("{}@{head_sha}", r.full_name())).await?;
+                }
+                for id in crate::db::evaluations::jobsets_of_commit(ex.re(), head_sha).await? {
+                    if let Some(j) = js.iter().find(|j| j.id == id && j.enabled) {
+                        jobsets::trigger(ex.re(), j.id, true).await?;
+                        applied.triggered.push(format!("{}:{}", p.name, j.name));
                     }
                 }
             }
@@ -329,6 +491,7 @@ fn merge_group_spec(t: &Jobset, name: &str, branch: &str) -> JobsetSpec {
         approve_each_push: false,
         merge_queue: false,
         report_as: Some(t.name.clone()),
+        template: Some(t.name.clone()),
     }
 }
 
@@ -355,6 +518,7 @@ fn pr_spec(t: &Jobset, name: &str, number: i64) -> JobsetSpec {
         approve_each_push: t.approve_each_push,
         merge_queue: false,
         report_as: None,
+        template: Some(t.name.clone()),
     }
 }
 

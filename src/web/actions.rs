@@ -204,6 +204,15 @@ pub async fn jobset_action(
 
 /// Approves a pull request and asks for its evaluation.
 pub async fn approve(c: &mut crate::db::Conn, j: &jobsets::Jobset, by: &str) -> Result<(), crate::db::DbError> {
+    // The check run that asked for approval is done: the evaluation gets a new one.
+    if let Some(p) = crate::db::projects::get_by_id(c.ex(), j.project_id).await?
+        && let Some(repo) = crate::github::repo_of(&p)
+        && let Some(head) = &j.pr_head_sha
+    {
+        let target = format!("{}@{head}", repo.full_name());
+        let name = crate::github::checks::eval_name(j.reported_name());
+        crate::db::check_runs::forget(c.ex(), &target, &name).await?;
+    }
     jobsets::approve(c.ex(), j.id, by).await?;
     jobsets::trigger(c.ex(), j.id, false).await?;
     tracing::info!(jobset = %j.name, pr = j.pr_number, author = j.pr_author.as_deref(), by, "pull request approved");

@@ -23,7 +23,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 #[utoipa::path(post, path = "/api/webhooks/github", tag = "github",
-    description = "GitHub webhooks (push, pull_request, ping), signed with the configured secret.",
+    description = "GitHub webhooks (push, pull_request, merge_group, check_run, check_suite, ping), signed with the configured secret.",
     params(
         ("X-GitHub-Event" = String, Header, description = "the event type"),
         ("X-GitHub-Delivery" = String, Header, description = "the delivery id; a redelivery does nothing twice"),
@@ -78,6 +78,8 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
         disabled = applied.disabled.len(),
         cancelled = applied.cancelled.len(),
         awaiting_approval = applied.awaiting_approval.len(),
+        restarted = applied.restarted.len(),
+        approved = ?applied.approved,
         "webhook"
     );
     // Recorded as cancelled with the event; the queue now stops what only
@@ -85,10 +87,16 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
     for id in &applied.cancelled {
         s.queue.cancel(*id);
     }
+    for id in &applied.restarted {
+        s.queue.restart(*id);
+    }
+    if !applied.restarted.is_empty() {
+        s.queue.flush().await;
+    }
     if !applied.triggered.is_empty() {
         s.evaluator.wake();
     }
-    if !applied.disabled.is_empty() || !applied.awaiting_approval.is_empty() {
+    if !applied.disabled.is_empty() || !applied.awaiting_approval.is_empty() || !applied.approved.is_empty() {
         s.memo.forget();
     }
     Ok(Json(applied).into_response())

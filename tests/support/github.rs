@@ -53,6 +53,30 @@ pub struct Hub {
     pub deployments: Vec<(i64, String, String)>,
     /// Deployment statuses accepted: (deployment id, state, log_url).
     pub deployment_statuses: Vec<(i64, String, String)>,
+    /// Check runs created, with every update GitHub accepted.
+    pub runs: Vec<CheckRun>,
+    /// Answers to give check-run requests before accepting: (status, body).
+    pub check_script: VecDeque<(u16, String)>,
+}
+
+/// A check run as the stand-in keeps it.
+#[derive(Debug, Clone)]
+pub struct CheckRun {
+    pub id: i64,
+    pub name: String,
+    pub head_sha: String,
+    pub external_id: String,
+    pub status: String,
+    pub conclusion: Option<String>,
+    pub title: String,
+    pub summary: String,
+    pub text: String,
+    /// Every annotation, appended request by request as GitHub does.
+    pub annotations: Vec<serde_json::Value>,
+    pub actions: Vec<serde_json::Value>,
+    pub details_url: String,
+    /// How many create and update requests it took.
+    pub requests: usize,
 }
 
 #[derive(Clone)]
@@ -75,6 +99,8 @@ impl Fake {
             .route("/repos/{owner}/{repo}/statuses/{sha}", axum::routing::post(post_status))
             .route("/repos/{owner}/{repo}/deployments", axum::routing::post(post_deployment))
             .route("/repos/{owner}/{repo}/deployments/{id}/statuses", axum::routing::post(post_deployment_status))
+            .route("/repos/{owner}/{repo}/check-runs", axum::routing::post(create_check_run))
+            .route("/repos/{owner}/{repo}/check-runs/{id}", axum::routing::patch(update_check_run))
             .route("/app/installations/{id}/access_tokens", axum::routing::post(mint))
             .route("/repos/{owner}/{repo}/installation", axum::routing::get(installation))
             .fallback(|req: axum::extract::Request| async move {
@@ -96,6 +122,11 @@ impl Fake {
     /// Accepted statuses for a commit and context, in order.
     pub fn accepted(&self, sha: &str, context: &str) -> Vec<Posted> {
         self.statuses().into_iter().filter(|p| p.sha == sha && p.context == context && p.answered == 201).collect()
+    }
+
+    /// Check runs of a commit and name, oldest first.
+    pub fn runs(&self, sha: &str, name: &str) -> Vec<CheckRun> {
+        self.hub.lock().unwrap().runs.iter().filter(|r| r.head_sha == sha && r.name == name).cloned().collect()
     }
 
     pub fn assert_valid(&self) {
@@ -325,6 +356,215 @@ pub async fn post_deployment_status(
     (StatusCode::CREATED, Json(serde_json::json!({"id": h.deployment_statuses.len(), "state": state}))).into_response()
 }
 
+/// What GitHub checks of a check run's fields, on create and update.
+fn check_run_problems(v: &serde_json::Value, creating: bool) -> Vec<String> {
+    let mut p = Vec::new();
+    let str_of = |k: &str| v.get(k).and_then(|x| x.as_str());
+    if creating {
+        if str_of("name").is_none_or(str::is_empty) {
+            p.push("no name".to_string());
+        }
+        let sha = str_of("head_sha").unwrap_or_default();
+        if sha.len() != 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.push(format!("head_sha {sha:?}"));
+        }
+    }
+    let status = str_of("status").unwrap_or("queued");
+    if !["queued", "in_progress", "completed"].contains(&status) {
+        p.push(format!("status {status:?}"));
+    }
+    let conclusions =
+        ["action_required", "cancelled", "failure", "neutral", "success", "skipped", "stale", "timed_out"];
+    match str_of("conclusion") {
+        Some(c) if !conclusions.contains(&c) => p.push(format!("conclusion {c:?}")),
+        None if status == "completed" => p.push("completed without a conclusion".into()),
+        Some("action_required") if str_of("details_url").is_none() => {
+            p.push("action_required without details_url".into())
+        }
+        _ => {}
+    }
+    if let Some(u) = str_of("details_url")
+        && !u.starts_with("https://")
+        && !u.starts_with("http://")
+    {
+        p.push(format!("details_url {u:?}"));
+    }
+    if let Some(e) = v.get("external_id")
+        && !e.is_string()
+    {
+        p.push(format!("external_id {e}"));
+    }
+    if let Some(o) = v.get("output") {
+        for k in ["title", "summary"] {
+            if o.get(k).and_then(|x| x.as_str()).is_none() {
+                p.push(format!("output without {k}"));
+            }
+        }
+        for k in ["summary", "text"] {
+            let n = o.get(k).and_then(|x| x.as_str()).map(|t| t.chars().count()).unwrap_or(0);
+            if n > 65535 {
+                p.push(format!("output.{k} of {n} characters"));
+            }
+        }
+        let annotations = o.get("annotations").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+        if annotations.len() > 50 {
+            p.push(format!("{} annotations in one request", annotations.len()));
+        }
+        for a in &annotations {
+            let ok = a["path"].as_str().is_some_and(|s| !s.is_empty())
+                && a["start_line"].as_u64().is_some_and(|l| l >= 1)
+                && a["end_line"].as_u64() >= a["start_line"].as_u64()
+                && ["notice", "warning", "failure"].contains(&a["annotation_level"].as_str().unwrap_or_default())
+                && a["message"].as_str().is_some_and(|m| !m.is_empty() && m.len() <= 64 * 1024)
+                && a["title"].as_str().is_none_or(|t| t.chars().count() <= 255);
+            if !ok {
+                p.push(format!("annotation {a}"));
+            }
+        }
+    }
+    if let Some(a) = v.get("actions") {
+        let list = a.as_array().cloned().unwrap_or_default();
+        if list.len() > 3 {
+            p.push(format!("{} actions", list.len()));
+        }
+        for x in &list {
+            let len = |k: &str| x[k].as_str().map(|s| s.chars().count());
+            if !(len("label").is_some_and(|n| (1..=20).contains(&n))
+                && len("description").is_some_and(|n| (1..=40).contains(&n))
+                && len("identifier").is_some_and(|n| (1..=20).contains(&n)))
+            {
+                p.push(format!("action {x}"));
+            }
+        }
+    }
+    p
+}
+
+/// Check runs are an App's: a personal token gets 403 as on GitHub.
+fn check_run_auth(h: &mut Hub, headers: &HeaderMap) -> Option<Response> {
+    match check_auth(h, headers) {
+        Ok(t) if t.starts_with("ghs_") => None,
+        Ok(_) => {
+            h.invalid.push("check runs written with a personal token".into());
+            Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    Json(serde_json::json!({"message": "You must authenticate via a GitHub App."})),
+                )
+                    .into_response(),
+            )
+        }
+        Err(e) => {
+            h.invalid.push(e);
+            Some((StatusCode::UNAUTHORIZED, Json(serde_json::json!({"message": "Bad credentials"}))).into_response())
+        }
+    }
+}
+
+fn apply_run(r: &mut CheckRun, v: &serde_json::Value) {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    if let Some(x) = s("status") {
+        r.status = x;
+    }
+    if let Some(x) = s("conclusion") {
+        r.conclusion = Some(x);
+        r.status = "completed".into();
+    }
+    if let Some(x) = s("details_url") {
+        r.details_url = x;
+    }
+    if let Some(x) = s("external_id") {
+        r.external_id = x;
+    }
+    if let Some(o) = v.get("output") {
+        r.title = o["title"].as_str().unwrap_or_default().to_string();
+        r.summary = o["summary"].as_str().unwrap_or_default().to_string();
+        if let Some(t) = o["text"].as_str() {
+            r.text = t.to_string();
+        }
+        r.annotations.extend(o["annotations"].as_array().cloned().unwrap_or_default());
+    }
+    if let Some(a) = v.get("actions").and_then(|a| a.as_array()) {
+        r.actions = a.clone();
+    }
+    r.requests += 1;
+}
+
+pub async fn create_check_run(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut h = hub.lock().unwrap();
+    if let Some(r) = check_run_auth(&mut h, &headers) {
+        return r;
+    }
+    let v = match write_checks(&mut h, &owner, &repo, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let problems = check_run_problems(&v, true);
+    if !problems.is_empty() {
+        return unprocessable(&mut h, problems);
+    }
+    if let Some((code, text)) = h.check_script.pop_front() {
+        return (StatusCode::from_u16(code).unwrap(), text).into_response();
+    }
+    let id = 7000 + h.runs.len() as i64;
+    let mut r = CheckRun {
+        id,
+        name: v["name"].as_str().unwrap().to_string(),
+        head_sha: v["head_sha"].as_str().unwrap().to_string(),
+        external_id: String::new(),
+        status: "queued".into(),
+        conclusion: None,
+        title: String::new(),
+        summary: String::new(),
+        text: String::new(),
+        annotations: Vec::new(),
+        actions: Vec::new(),
+        details_url: String::new(),
+        requests: 0,
+    };
+    apply_run(&mut r, &v);
+    h.runs.push(r);
+    (StatusCode::CREATED, Json(serde_json::json!({"id": id, "name": v["name"]}))).into_response()
+}
+
+pub async fn update_check_run(
+    State(hub): State<Arc<Mutex<Hub>>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut h = hub.lock().unwrap();
+    if let Some(r) = check_run_auth(&mut h, &headers) {
+        return r;
+    }
+    let v = match write_checks(&mut h, &owner, &repo, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let mut problems = check_run_problems(&v, false);
+    let Some(pos) = h.runs.iter().position(|r| r.id == id) else {
+        h.invalid.push(format!("update of unknown check run {id}"));
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let back = v.get("status").and_then(|s| s.as_str()).is_some_and(|s| s != "completed");
+    if h.runs[pos].status == "completed" && back {
+        problems.push(format!("completed run {id} moved back to {}", v["status"]));
+    }
+    if !problems.is_empty() {
+        return unprocessable(&mut h, problems);
+    }
+    if let Some((code, text)) = h.check_script.pop_front() {
+        return (StatusCode::from_u16(code).unwrap(), text).into_response();
+    }
+    apply_run(&mut h.runs[pos], &v);
+    Json(serde_json::json!({"id": id})).into_response()
+}
+
 /// Checks a GitHub App's JWT: RS256, signed by the app's key, iss = app id.
 pub fn check_app_jwt(h: &Hub, headers: &HeaderMap) -> Result<(), String> {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -420,6 +660,20 @@ pub async fn installation(
         return StatusCode::NOT_FOUND.into_response();
     }
     Json(serde_json::json!({"id": 77, "app_id": 4242})).into_response()
+}
+
+/// An App key pair: the stand-in verifies the JWTs signed with it.
+pub fn app_key(fake: &Fake) -> (tempfile::TempDir, std::path::PathBuf) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("app.pem");
+    super::run(
+        "openssl",
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key.to_str().unwrap()],
+        keys.path(),
+    );
+    let public = super::run("openssl", &["pkey", "-in", key.to_str().unwrap(), "-pubout"], keys.path());
+    fake.hub.lock().unwrap().app_public_pem = Some(public);
+    (keys, key)
 }
 
 pub fn kiln_dir(fake_url: &str, repo: &std::path::Path, github_extra: &str) -> tempfile::TempDir {

@@ -63,6 +63,7 @@ struct MachinesPage {
     file_errors: Vec<MachineFileError>,
     outbox: crate::db::outbox::Stats,
     github: bool,
+    github_problem: Option<String>,
 }
 
 /// The queue as JSON.
@@ -86,6 +87,8 @@ pub struct MachinesView {
     errors: Vec<MachineFileError>,
     /// GitHub statuses waiting to be sent.
     outbox: crate::db::outbox::Stats,
+    /// What GitHub refused for want of a permission, and which to grant.
+    github_problem: Option<String>,
 }
 
 /// An entry of the machines file that Kiln cannot use.
@@ -191,10 +194,16 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
         });
     }
     let outbox = crate::db::outbox::stats(c.ex()).await?;
+    let github_problem = crate::db::outbox::last_given_up_with(c.ex(), crate::github::checks::PERMISSION_HINT).await?;
     if wants_json(&headers) {
-        return Ok(
-            axum::Json(MachinesView { machines: lines, machines_file, errors: file_errors, outbox }).into_response()
-        );
+        return Ok(axum::Json(MachinesView {
+            machines: lines,
+            machines_file,
+            errors: file_errors,
+            outbox,
+            github_problem,
+        })
+        .into_response());
     }
     html(MachinesPage {
         nav: nav(&s, &headers),
@@ -204,5 +213,6 @@ pub async fn machines(State(s): State<AppState>, headers: HeaderMap) -> Result<R
         file_errors,
         outbox,
         github: s.config.github.is_some(),
+        github_problem,
     })
 }
