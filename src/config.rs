@@ -103,7 +103,37 @@ pub struct Config {
     pub history: HistoryConfig,
     pub deploy: DeployConfig,
     pub github: Option<GithubConfig>,
+    /// Gitea and Forgejo hosts: webhooks in, commit statuses out.
+    pub forges: Vec<ForgeConfig>,
     pub projects: Vec<ProjectConfig>,
+}
+
+/// A Gitea or Forgejo host. A project whose `repo` URL starts with its
+/// `url` is on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeConfig {
+    pub name: String,
+    /// `gitea` or `forgejo` (the same API).
+    #[serde(default = "d_gitea")]
+    pub kind: String,
+    /// Its web address, e.g. `https://codeberg.org`.
+    pub url: String,
+    /// A token with read access to the repositories and write access to
+    /// their commit statuses.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub webhook_secret_file: Option<PathBuf>,
+    #[serde(default = "d_forge_timeout")]
+    pub timeout_s: u64,
+}
+
+fn d_gitea() -> String {
+    "gitea".into()
+}
+fn d_forge_timeout() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +343,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             deploy: DeployConfig::default(),
             github: None,
+            forges: Vec::new(),
             projects: Vec::new(),
         }
     }
@@ -512,6 +543,37 @@ impl Config {
             }
             if gh.timeout_s == 0 {
                 return Err(ConfigError::key(origin, "github.timeout_s", "must be at least 1 s"));
+            }
+        }
+        let mut forge_names = std::collections::HashSet::new();
+        for (i, f) in self.forges.iter().enumerate() {
+            let key = |k: &str| format!("forges[{i}].{k}");
+            if !valid_name(&f.name) || !forge_names.insert(f.name.as_str()) {
+                return Err(ConfigError::key(
+                    origin,
+                    &key("name"),
+                    format!("{:?}: a unique name of letters, digits, '-', '_' or '.'", f.name),
+                ));
+            }
+            if !matches!(f.kind.as_str(), "gitea" | "forgejo") {
+                return Err(ConfigError::key(origin, &key("kind"), format!("{:?}: \"gitea\" or \"forgejo\"", f.kind)));
+            }
+            if !(f.url.starts_with("https://") || f.url.starts_with("http://"))
+                || f.url.trim_end_matches('/').matches('/').count() != 2
+            {
+                return Err(ConfigError::key(
+                    origin,
+                    &key("url"),
+                    format!("{:?}: the host's address, like https://codeberg.org", f.url),
+                ));
+            }
+            if f.timeout_s == 0 {
+                return Err(ConfigError::key(origin, &key("timeout_s"), "must be at least 1 s"));
+            }
+            for (k, file) in [("token_file", &f.token_file), ("webhook_secret_file", &f.webhook_secret_file)] {
+                if let Some(file) = file {
+                    read_secret(file).map_err(|reason| ConfigError::key(origin, &key(k), reason))?;
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();

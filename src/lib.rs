@@ -15,6 +15,7 @@ pub mod deploy;
 pub mod eval;
 pub mod events;
 pub mod fetch;
+pub mod forge;
 pub mod gcroots;
 pub mod github;
 pub mod history;

@@ -30,6 +30,8 @@ pub enum ServeError {
     #[error(transparent)]
     Github(#[from] crate::github::GithubError),
     #[error(transparent)]
+    Forge(#[from] crate::forge::ForgeError),
+    #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
 }
 
@@ -189,6 +191,11 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
         }
         None => (None, None),
     };
+    let forges = Arc::new(crate::forge::Forge::load_all(&config)?);
+    if !forges.is_empty() && roles.notify {
+        info!(forges = forges.len(), "sending commit statuses to Gitea and Forgejo");
+        periodic.push(tokio::spawn(crate::forge::run(db.clone(), forges.to_vec(), stopped(stop_rx.clone()))));
+    }
     let session_key =
         crate::web::session::SessionKey::load_or_create(&config.state_dir.join("keys").join("session.key"))?;
     let state = AppState {
@@ -202,6 +209,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
         session_key,
         events: events.clone(),
         webhook_secret,
+        forges,
         memo: crate::web::Memos::new(&events),
     };
     // Handlers first: a SIGTERM right after "listening" must stop us cleanly.

@@ -346,9 +346,19 @@ impl Evaluator {
         .await
     }
 
-    /// Credentials for fetching a GitHub project over HTTPS, if Kiln has
-    /// some and the URL is GitHub's.
+    /// Credentials for fetching a project over HTTP(S): its forge's token,
+    /// or GitHub's if Kiln has some and the URL is GitHub's.
     async fn git_auth(&self, p: &Project) -> Option<fetch::GitAuth> {
+        // A forge's token goes to its own projects' URLs only.
+        if let Some(f) = self.config.forges.iter().find(|f| crate::forge::ForgeRef::of(f).repo_of(&p.repo).is_some()) {
+            return match crate::forge::Forge::load(f) {
+                Ok(forge) => forge.git_auth(),
+                Err(e) => {
+                    warn!(project = %p.name, error = %e, "no forge token for fetching");
+                    None
+                }
+            };
+        }
         let creds = self.github.as_ref()?;
         let api = &self.config.github.as_ref()?.api_url;
         let repo = crate::github::repo_of(p)?;

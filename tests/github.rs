@@ -463,6 +463,7 @@ async fn a_github_that_never_answers_fails_the_delivery_after_the_timeout_and_th
         let creds = kiln::github::Credentials::from_config(gh).unwrap().unwrap();
         let creds = &creds;
         let status = |repo: &str, sha: String| Status {
+            forge: None,
             owner: "acme".into(),
             repo: repo.into(),
             sha,

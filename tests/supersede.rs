@@ -209,7 +209,7 @@ async fn closing_a_pull_request_cancels_its_builds() {
             association: "MEMBER".into(),
         };
         let mut tx = db.begin().await.unwrap();
-        let applied = kiln::github::webhook::apply(tx.ex(), "d-1", &event, None).await.unwrap();
+        let applied = kiln::github::webhook::apply(tx.ex(), "d-1", &event, None, None).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(applied.cancelled, vec![open.id]);
         assert_eq!(applied.disabled, vec!["w:pr-9".to_string()]);

@@ -505,6 +505,8 @@ mod tests {
             max_job_statuses: 50,
             checks: true,
             app_id: None,
+            github: true,
+            forges: Vec::new(),
         };
         let cells: Vec<Cell> = (0..3000)
             .map(|i| Cell {

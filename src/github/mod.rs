@@ -111,13 +111,18 @@ pub fn may_send_token(repo_url: &str, api_url: &str) -> bool {
 
 /// The status policy of a configuration, if GitHub is configured.
 pub fn policy(config: &Config) -> Option<statuses::Policy> {
-    let gh = config.github.as_ref()?;
+    if config.github.is_none() && config.forges.is_empty() {
+        return None;
+    }
+    let gh = config.github.clone().unwrap_or_default();
     Some(statuses::Policy {
         base_url: config.base_url(),
         mode: gh.statuses,
         max_job_statuses: gh.max_job_statuses,
-        checks: gh.checks.unwrap_or(gh.app_id.is_some()),
+        checks: config.github.is_some() && gh.checks.unwrap_or(gh.app_id.is_some()),
         app_id: gh.app_id,
+        github: config.github.is_some(),
+        forges: config.forges.iter().map(crate::forge::ForgeRef::of).collect(),
     })
 }
 

@@ -35,11 +35,32 @@ pub struct Policy {
     pub checks: bool,
     /// The App whose check events are Kiln's own.
     pub app_id: Option<u64>,
+    /// Whether GitHub is configured (else only forges' projects get statuses).
+    pub github: bool,
+    /// Gitea and Forgejo hosts: their projects' statuses go there.
+    pub forges: Vec<crate::forge::ForgeRef>,
+}
+
+impl Policy {
+    /// Where a project's statuses go: its forge's name (none: GitHub) and
+    /// repository; none when it is on neither.
+    pub fn repo_of(&self, project: &projects::Project) -> Option<(Option<String>, Repo)> {
+        if let Some((f, r)) = crate::forge::forge_of(&self.forges, &project.repo) {
+            return Some((Some(f.name.clone()), r));
+        }
+        if !self.github {
+            return None;
+        }
+        super::repo_of(project).map(|r| (None, r))
+    }
 }
 
 /// One commit status as GitHub's `POST /repos/{owner}/{repo}/statuses/{sha}` takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// The forge it goes to (`[[forges]]`); none: GitHub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<String>,
     pub owner: String,
     pub repo: String,
     pub sha: String,
@@ -85,9 +106,11 @@ pub(super) struct Target {
     /// The name of its check that never changes (its template's).
     pub stable: String,
     pub eval: evaluations::Evaluation,
+    /// The forge it reports to; none: GitHub.
+    pub forge: Option<String>,
 }
 
-pub(super) async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target>, DbError> {
+pub(super) async fn target(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<Option<Target>, DbError> {
     let Some(eval) = evaluations::get(ex.re(), eval_id).await? else { return Ok(None) };
     let Some(jobset) = jobsets::get_by_id(ex.re(), eval.jobset_id).await? else { return Ok(None) };
     // A closed pull request's jobset is disabled: its commits get no more statuses.
@@ -95,7 +118,7 @@ pub(super) async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target
         return Ok(None);
     }
     let Some(project) = projects::get_by_id(ex.re(), jobset.project_id).await? else { return Ok(None) };
-    let Some(repo) = super::repo_of(&project) else { return Ok(None) };
+    let Some((forge, repo)) = p.repo_of(&project) else { return Ok(None) };
     if !is_sha(&eval.commit_sha) {
         return Ok(None);
     }
@@ -107,6 +130,7 @@ pub(super) async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target
         jobset: jobset.reported_name().to_string(),
         stable: jobset.stable_name().to_string(),
         eval,
+        forge,
     }))
 }
 
@@ -114,11 +138,12 @@ pub(super) async fn target(mut ex: Ex<'_>, eval_id: i64) -> Result<Option<Target
 struct Commit<'a> {
     repo: &'a Repo,
     sha: &'a str,
+    forge: Option<&'a str>,
 }
 
 impl Target {
     fn commit(&self) -> Commit<'_> {
-        Commit { repo: &self.repo, sha: &self.sha }
+        Commit { repo: &self.repo, sha: &self.sha, forge: self.forge.as_deref() }
     }
 }
 
@@ -135,6 +160,7 @@ async fn queue(
     url: String,
 ) -> Result<(), DbError> {
     let s = Status {
+        forge: t.forge.map(str::to_string),
         owner: t.repo.owner.clone(),
         repo: t.repo.name.clone(),
         sha: t.sha.to_string(),
@@ -144,7 +170,8 @@ async fn queue(
         target_url: url,
     };
     let payload = serde_json::to_string(&s).map_err(|e| DbError::Invalid(e.to_string()))?;
-    outbox::enqueue(ex, KIND, &s.target(), &s.context, &payload).await?;
+    let kind = if s.forge.is_some() { crate::forge::KIND } else { KIND };
+    outbox::enqueue(ex, kind, &s.target(), &s.context, &payload).await?;
     Ok(())
 }
 
@@ -157,14 +184,14 @@ pub async fn awaiting_approval(
     jobset: &jobsets::Jobset,
     head_sha: &str,
 ) -> Result<(), DbError> {
-    if p.checks {
+    let Some((forge, repo)) = p.repo_of(project) else { return Ok(()) };
+    if p.checks && forge.is_none() {
         return super::checks::awaiting_approval(ex, p, project, jobset, head_sha).await;
     }
-    let Some(repo) = super::repo_of(project) else { return Ok(()) };
     if !is_sha(head_sha) {
         return Ok(());
     }
-    let t = Commit { repo: &repo, sha: head_sha };
+    let t = Commit { repo: &repo, sha: head_sha, forge: forge.as_deref() };
     let url = format!("{}/jobset/{}/{}", p.base_url, project.name, jobset.name);
     let who = jobset.pr_author.as_deref().unwrap_or("an outside contributor");
     let description = format!("Waiting for approval: @{who} is not a member; a maintainer approves on Kiln");
@@ -174,8 +201,8 @@ pub async fn awaiting_approval(
 /// An evaluation started: its summary is pending.
 pub async fn eval_started(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
     evaluations::lock(ex.re(), &[eval_id]).await?;
-    let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
-    if p.checks {
+    let Some(t) = target(ex.re(), p, eval_id).await? else { return Ok(()) };
+    if p.checks && t.forge.is_none() {
         return super::checks::started(ex, p, &t).await;
     }
     let url = format!("{}/eval/{eval_id}", p.base_url);
@@ -186,9 +213,9 @@ pub async fn eval_started(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<()
 /// by the policy, every job's status.
 pub async fn eval_finished(mut ex: Ex<'_>, p: &Policy, eval_id: i64) -> Result<(), DbError> {
     evaluations::lock(ex.re(), &[eval_id]).await?;
-    let Some(t) = target(ex.re(), eval_id).await? else { return Ok(()) };
+    let Some(t) = target(ex.re(), p, eval_id).await? else { return Ok(()) };
     let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
-    if p.checks {
+    if p.checks && t.forge.is_none() {
         return super::checks::report(ex, p, &t, &cells, None).await;
     }
     let per_job = p.per_job(cells.len());
@@ -213,13 +240,13 @@ pub async fn build_changed(mut ex: Ex<'_>, p: &Policy, build_id: i64) -> Result<
     // In id order, so two transactions never wait on each other in a circle.
     evaluations::lock(ex.re(), &evals).await?;
     for eval_id in evals {
-        let Some(t) = target(ex.re(), eval_id).await? else { continue };
+        let Some(t) = target(ex.re(), p, eval_id).await? else { continue };
         // Statuses wait for the evaluation's end; it writes them all then.
         if t.eval.status != "succeeded" {
             continue;
         }
         let cells = evaluations::cells(ex.re(), &[eval_id]).await?;
-        if p.checks {
+        if p.checks && t.forge.is_none() {
             super::checks::report(ex.re(), p, &t, &cells, Some(build_id)).await?;
             continue;
         }
@@ -325,6 +352,8 @@ mod tests {
             max_job_statuses: 50,
             checks: false,
             app_id: None,
+            github: true,
+            forges: Vec::new(),
         };
         assert_eq!(p.per_job(50), PerJob::All);
         assert_eq!(p.per_job(51), PerJob::Failures);

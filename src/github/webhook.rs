@@ -299,6 +299,7 @@ pub async fn apply(
     delivery: &str,
     event: &Event,
     statuses: Option<&super::statuses::Policy>,
+    forge: Option<&crate::forge::ForgeRef>,
 ) -> Result<Applied, WebhookError> {
     if !webhook_deliveries::record(ex.re(), delivery).await? {
         return Ok(Applied { duplicate: true, ..Default::default() });
@@ -318,7 +319,13 @@ pub async fn apply(
         Event::Ping | Event::Other => return Ok(applied),
     };
     for p in projects::list(ex.re()).await? {
-        if !p.enabled || !super::repo_of(&p).is_some_and(|r| r.same(repo)) {
+        // A forge's event is about its projects; GitHub's about GitHub's.
+        let on = match forge {
+            Some(f) => f.repo_of(&p.repo),
+            None => super::repo_of(&p)
+                .filter(|_| statuses.is_none_or(|s| crate::forge::forge_of(&s.forges, &p.repo).is_none())),
+        };
+        if !p.enabled || !on.is_some_and(|r| r.same(repo)) {
             continue;
         }
         let js = jobsets::list_for_project(ex.re(), p.id).await?;

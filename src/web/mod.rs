@@ -44,6 +44,8 @@ pub struct AppState {
     pub events: crate::events::Events,
     /// The GitHub webhook secret, when `github.webhook_secret_file` is set.
     pub webhook_secret: Option<Arc<String>>,
+    /// Gitea and Forgejo hosts, with their secrets.
+    pub forges: Arc<Vec<crate::forge::Forge>>,
     pub memo: Memos,
 }
 
@@ -86,6 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/webhooks/github",
             post(webhooks::github).layer(axum::extract::DefaultBodyLimit::max(crate::github::webhook::MAX_BODY)),
+        )
+        .route(
+            "/api/webhooks/forge/{forge}",
+            post(webhooks::forge).layer(axum::extract::DefaultBodyLimit::max(crate::github::webhook::MAX_BODY)),
         )
         .route("/api/events", get(live::events))
         .route("/api/openapi.json", get(openapi::openapi_json))

@@ -49,6 +49,7 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
         actions::machine_action,
         api::push,
         webhooks::github,
+        webhooks::forge,
         badges::jobset,
         badges::job,
         builds::job_latest,

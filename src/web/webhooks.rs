@@ -62,9 +62,20 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
     if event == Event::Other {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    apply(&s, &delivery, &event_type, &event, None).await
+}
+
+/// Applies a verified event and tells the queue and evaluator what it did.
+async fn apply(
+    s: &AppState,
+    delivery: &str,
+    event_type: &str,
+    event: &Event,
+    forge: Option<&crate::forge::ForgeRef>,
+) -> Result<Response, WebError> {
     let mut tx = s.db.begin().await?;
     let policy = crate::github::policy(&s.config);
-    let applied = match webhook::apply(tx.ex(), &delivery, &event, policy.as_ref()).await {
+    let applied = match webhook::apply(tx.ex(), delivery, event, policy.as_ref(), forge).await {
         Ok(a) => a,
         Err(WebhookError::Db(e)) => return Err(e.into()),
         Err(e) => return Err(WebError::BadRequest(e.to_string())),
@@ -100,4 +111,50 @@ pub async fn github(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
         s.memo.forget();
     }
     Ok(Json(applied).into_response())
+}
+
+#[utoipa::path(post, path = "/api/webhooks/forge/{forge}", tag = "github",
+    description = "Gitea and Forgejo webhooks (push, pull_request), signed with the forge's secret.",
+    params(
+        ("forge" = String, Path, description = "the forge's name in [[forges]]"),
+        ("X-Gitea-Event" = String, Header, description = "the event type (Forgejo: X-Forgejo-Event)"),
+        ("X-Gitea-Delivery" = String, Header, description = "the delivery id (Forgejo: X-Forgejo-Delivery); a redelivery does nothing twice"),
+        ("X-Gitea-Signature" = String, Header, description = "hex HMAC-SHA256 of the body with the forge's webhook secret (Forgejo: X-Forgejo-Signature)"),
+    ),
+    request_body(content = String, content_type = "application/json", description = "the forge's event payload"),
+    responses(
+        (status = 200, description = "handled (also for unknown repositories, which are ignored)", body = Applied),
+        (status = 204, description = "an event type Kiln does not use"),
+        (status = 400, description = "a malformed payload or missing headers", body = ErrorBody),
+        (status = 401, description = "a missing or wrong signature, or no webhook secret for this forge", body = ErrorBody),
+        (status = 404, description = "no such forge", body = ErrorBody),
+    ))]
+pub async fn forge(
+    State(s): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebError> {
+    let Some(f) = s.forges.iter().find(|f| f.at.name == name) else {
+        return Err(WebError::NotFound(format!("forge {name}")));
+    };
+    // Forgejo sends both its own headers and Gitea's.
+    let h = |forgejo: &str, gitea: &str| header(&headers, forgejo).or_else(|| header(&headers, gitea));
+    if let Err(e) = f.verify(&body, h("x-forgejo-signature", "x-gitea-signature")) {
+        warn!(forge = %name, error = %e, "webhook refused");
+        return Err(WebError::Unsigned(e.to_string()));
+    }
+    let event_type = h("x-forgejo-event", "x-gitea-event")
+        .ok_or_else(|| WebError::BadRequest("missing X-Gitea-Event".into()))?
+        .to_string();
+    let delivery = h("x-forgejo-delivery", "x-gitea-delivery")
+        .filter(|d| !d.is_empty() && d.len() <= 100)
+        .ok_or_else(|| WebError::BadRequest("missing X-Gitea-Delivery".into()))?;
+    // Delivery ids are the forge's own: kept apart from GitHub's.
+    let delivery = format!("{name}:{delivery}");
+    let event = crate::forge::parse(&event_type, &body).map_err(|e| WebError::BadRequest(e.to_string()))?;
+    if event == Event::Other {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    apply(&s, &delivery, &event_type, &event, Some(&f.at)).await
 }

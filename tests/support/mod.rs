@@ -24,6 +24,7 @@ use kiln::db::Db;
 use tempfile::TempDir;
 
 pub mod browser;
+pub mod gitea;
 pub mod github;
 pub mod inproc;
 pub mod pg;
