@@ -110,12 +110,7 @@ impl Forge {
     pub fn verify(&self, body: &[u8], signature: Option<&str>) -> Result<(), WebhookError> {
         let secret = self.secret.as_deref().ok_or(WebhookError::NoSignature)?;
         let sig = signature.ok_or(WebhookError::NoSignature)?;
-        let given = crate::nix::hash::from_hex(sig.trim().trim_start_matches("sha256="))
-            .filter(|b| b.len() == 32)
-            .ok_or(WebhookError::BadSignature)?;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-        mac.update(body);
-        mac.verify_slice(&given).map_err(|_| WebhookError::BadSignature)
+        crate::github::webhook::verify_hex(secret.as_bytes(), body, sig.trim())
     }
 }
 

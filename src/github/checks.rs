@@ -10,7 +10,6 @@
 //! run's id is in `check_runs`), and sends annotations once, 50 a request.
 //! A re-run forgets the run, so the next state makes a new one.
 
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 
 use crate::db::builds::BuildStatus;
@@ -18,7 +17,7 @@ use crate::db::evaluations::Cell;
 use crate::db::{Db, DbError, Ex, check_runs, jobsets, now, outbox, projects};
 
 use super::sender::{Outcome, classify};
-use super::statuses::{Policy, Target, is_sha};
+use super::statuses::{Policy, Tally, Target, is_sha};
 use super::{Credentials, Repo};
 
 /// The outbox `kind` of a check run's state.
@@ -197,24 +196,10 @@ fn outcome(t: &Target, cells: &[Cell]) -> (&'static str, Option<&'static str>, S
         let first = why.lines().find(|l| !l.trim().is_empty()).unwrap_or(why);
         return ("completed", Some("failure"), cut(&format!("Evaluation failed: {first}"), 200));
     }
-    let errors = cells.iter().filter(|c| c.error.is_some()).count();
-    let builds: Vec<&Cell> = cells.iter().filter(|c| c.build_id.is_some()).collect();
-    let done = builds.iter().filter(|c| c.finished == Some(true)).count();
-    let ok = builds.iter().filter(|c| c.finished == Some(true) && c.build_status == Some(0)).count();
-    let bad = done - ok;
-    let mut parts = vec![format!("{ok} succeeded")];
-    if bad > 0 {
-        parts.push(format!("{bad} failed"));
-    }
-    if errors > 0 {
-        parts.push(format!("{errors} evaluation errors"));
-    }
-    if done < builds.len() {
-        ("in_progress", None, format!("{done} of {} built: {}", builds.len(), parts.join(", ")))
-    } else if bad > 0 || errors > 0 {
-        ("completed", Some("failure"), parts.join(", "))
-    } else {
-        ("completed", Some("success"), format!("{ok} jobs succeeded"))
+    match super::statuses::tally(cells) {
+        Tally::Building(d) => ("in_progress", None, d),
+        Tally::Failed(d) => ("completed", Some("failure"), d),
+        Tally::Succeeded(d) => ("completed", Some("success"), d),
     }
 }
 
@@ -392,7 +377,7 @@ pub async fn deliver(db: &Db, creds: &Credentials, run: &CheckRun) -> Result<Out
     let (status, headers, text) = match &reuse {
         Some(k) => {
             let route = format!("/repos/{}/{}/check-runs/{}", run.owner, run.repo, k.run_id);
-            match request(&client, http::Method::PATCH, route, &body).await {
+            match super::sender::request(&client, http::Method::PATCH, route, &body).await {
                 Ok(r) => r,
                 Err(e) => return Ok(Outcome::Retry(e)),
             }
@@ -400,7 +385,7 @@ pub async fn deliver(db: &Db, creds: &Credentials, run: &CheckRun) -> Result<Out
         None => {
             body["head_sha"] = serde_json::json!(run.sha);
             let route = format!("/repos/{}/{}/check-runs", run.owner, run.repo);
-            match request(&client, http::Method::POST, route, &body).await {
+            match super::sender::request(&client, http::Method::POST, route, &body).await {
                 Ok(r) => r,
                 Err(e) => return Ok(Outcome::Retry(e)),
             }
@@ -426,7 +411,7 @@ pub async fn deliver(db: &Db, creds: &Credentials, run: &CheckRun) -> Result<Out
         let more = chunk(sent);
         let body = serde_json::json!({"output": {"title": run.title, "summary": run.summary, "annotations": more}});
         let route = format!("/repos/{}/{}/check-runs/{run_id}", run.owner, run.repo);
-        let (status, headers, text) = match request(&client, http::Method::PATCH, route, &body).await {
+        let (status, headers, text) = match super::sender::request(&client, http::Method::PATCH, route, &body).await {
             Ok(r) => r,
             Err(e) => return Ok(Outcome::Retry(e)),
         };
@@ -461,27 +446,6 @@ fn classify_check(status: u16, headers: &http::HeaderMap, text: &str) -> Outcome
 
 /// What `/machines` shows when GitHub refused check runs for want of permission.
 pub const PERMISSION_HINT: &str = "the GitHub App lacks the permission \"Checks: read and write\"";
-
-async fn request(
-    client: &octocrab::Octocrab,
-    method: http::Method,
-    route: String,
-    body: &serde_json::Value,
-) -> Result<(u16, http::HeaderMap, String), String> {
-    let resp = if method == http::Method::PATCH {
-        client._patch(route, Some(body)).await
-    } else {
-        client._post(route, Some(body)).await
-    }
-    .map_err(|e| format!("cannot reach GitHub: {e}"))?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = match resp.into_body().collect().await {
-        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-        Err(_) => String::new(),
-    };
-    Ok((status, headers, text))
-}
 
 #[cfg(test)]
 mod tests {

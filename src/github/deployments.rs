@@ -128,7 +128,8 @@ pub async fn deliver(db: &Db, creds: &Credentials, s: &State) -> Result<Outcome,
                 "payload": { "kiln_deployment": s.deployment },
             });
             let route = format!("/repos/{}/{}/deployments", s.owner, s.repo);
-            let (status, headers, text) = match post(&client, route, &body).await {
+            let (status, headers, text) = match super::sender::request(&client, http::Method::POST, route, &body).await
+            {
                 Ok(r) => r,
                 Err(e) => return Ok(Outcome::Retry(e)),
             };
@@ -150,26 +151,10 @@ pub async fn deliver(db: &Db, creds: &Credentials, s: &State) -> Result<Outcome,
         "environment": s.environment,
     });
     let route = format!("/repos/{}/{}/deployments/{github_id}/statuses", s.owner, s.repo);
-    Ok(match post(&client, route, &body).await {
+    Ok(match super::sender::request(&client, http::Method::POST, route, &body).await {
         Ok((status, headers, text)) => classify(status, &headers, &text, now()),
         Err(e) => Outcome::Retry(e),
     })
-}
-
-async fn post(
-    client: &octocrab::Octocrab,
-    route: String,
-    body: &serde_json::Value,
-) -> Result<(u16, http::HeaderMap, String), String> {
-    use http_body_util::BodyExt;
-    let resp = client._post(route, Some(body)).await.map_err(|e| format!("cannot reach GitHub: {e}"))?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = match resp.into_body().collect().await {
-        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-        Err(_) => String::new(),
-    };
-    Ok((status, headers, text))
 }
 
 #[cfg(test)]

@@ -190,6 +190,29 @@ pub async fn deliver(creds: &Credentials, s: &Status) -> Outcome {
     classify(status, &headers, &text, now())
 }
 
+/// Sends one JSON request (POST or PATCH) to GitHub: its status, headers
+/// and body, or why GitHub could not be reached.
+pub async fn request(
+    client: &octocrab::Octocrab,
+    method: http::Method,
+    route: String,
+    body: &serde_json::Value,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let resp = if method == http::Method::PATCH {
+        client._patch(route, Some(body)).await
+    } else {
+        client._post(route, Some(body)).await
+    }
+    .map_err(|e| format!("cannot reach GitHub: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = match resp.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => String::new(),
+    };
+    Ok((status, headers, text))
+}
+
 /// GitHub's answer, as what to do next.
 pub fn classify(status: u16, headers: &http::HeaderMap, body: &str, at: i64) -> Outcome {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);

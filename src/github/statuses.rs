@@ -302,13 +302,15 @@ async fn job_status(ex: Ex<'_>, p: &Policy, t: &Target, c: &Cell) -> Result<(), 
     queue(ex, &t.commit(), state, context, &description, url).await
 }
 
-async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(), DbError> {
-    let url = format!("{}/eval/{}", p.base_url, t.eval.id);
-    let context = summary_context(&t.jobset);
-    if t.eval.status == "failed" {
-        let why = t.eval.error.as_deref().unwrap_or("evaluation failed");
-        return queue(ex, &t.commit(), "error", context, &format!("Evaluation failed: {why}"), url).await;
-    }
+/// Where an evaluation's jobs stand, with the counts in words.
+pub(super) enum Tally {
+    Building(String),
+    Failed(String),
+    Succeeded(String),
+}
+
+/// Counts an evaluation's builds and errors (for its summary status or run).
+pub(super) fn tally(cells: &[Cell]) -> Tally {
     let errors = cells.iter().filter(|c| c.error.is_some()).count();
     let builds: Vec<&Cell> = cells.iter().filter(|c| c.build_id.is_some()).collect();
     let done = builds.iter().filter(|c| c.finished == Some(true)).count();
@@ -321,12 +323,26 @@ async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(
     if errors > 0 {
         parts.push(format!("{errors} evaluation errors"));
     }
-    let (state, description) = if done < builds.len() {
-        ("pending", format!("{done} of {} built: {}", builds.len(), parts.join(", ")))
+    if done < builds.len() {
+        Tally::Building(format!("{done} of {} built: {}", builds.len(), parts.join(", ")))
     } else if bad > 0 || errors > 0 {
-        ("failure", parts.join(", "))
+        Tally::Failed(parts.join(", "))
     } else {
-        ("success", format!("{ok} jobs succeeded"))
+        Tally::Succeeded(format!("{ok} jobs succeeded"))
+    }
+}
+
+async fn summary(ex: Ex<'_>, p: &Policy, t: &Target, cells: &[Cell]) -> Result<(), DbError> {
+    let url = format!("{}/eval/{}", p.base_url, t.eval.id);
+    let context = summary_context(&t.jobset);
+    if t.eval.status == "failed" {
+        let why = t.eval.error.as_deref().unwrap_or("evaluation failed");
+        return queue(ex, &t.commit(), "error", context, &format!("Evaluation failed: {why}"), url).await;
+    }
+    let (state, description) = match tally(cells) {
+        Tally::Building(d) => ("pending", d),
+        Tally::Failed(d) => ("failure", d),
+        Tally::Succeeded(d) => ("success", d),
     };
     queue(ex, &t.commit(), state, context, &description, url).await
 }
