@@ -478,6 +478,40 @@ pub async fn latest_successful(ex: Ex<'_>, jobset_id: i64, job: &str) -> Result<
     Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).fetch_optional(&mut *c).await?))
 }
 
+/// Hydra's `latest-finished`: the newest successful build of a job from an
+/// evaluation whose builds have all finished; with `system`, Hydra's
+/// `latest-for` instead: the newest successful build for that system.
+pub async fn latest_finished(ex: Ex<'_>, jobset_id: i64, job: &str, system: Option<&str>) -> Result<Option<Build>> {
+    if let Some(system) = system {
+        let sql = concat!(
+            "SELECT ",
+            cols!(),
+            " FROM builds WHERE jobset_id = $1 AND job = $2 AND finished = TRUE AND build_status = 0 AND system = $3
+             ORDER BY id DESC LIMIT 1"
+        );
+        return Ok(
+            run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).bind(system).fetch_optional(&mut *c).await?),
+        );
+    }
+    let sql = concat!(
+        "SELECT ",
+        cols!(),
+        " FROM builds b WHERE b.jobset_id = $1 AND b.job = $2 AND b.finished = TRUE AND b.build_status = 0
+           AND EXISTS (SELECT 1 FROM eval_members m WHERE m.build_id = b.id AND NOT EXISTS (
+               SELECT 1 FROM eval_members m2 JOIN builds b2 ON b2.id = m2.build_id
+               WHERE m2.eval_id = m.eval_id AND b2.finished = FALSE))
+         ORDER BY b.id DESC LIMIT 1"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(job).fetch_optional(&mut *c).await?))
+}
+
+/// When builds finished since `since` (Unix seconds), for counts per period.
+pub async fn stop_times_since(ex: Ex<'_>, since: i64) -> Result<Vec<i64>> {
+    Ok(run!(ex, c => sqlx::query_scalar(
+        "SELECT stop_time FROM builds WHERE finished = TRUE AND stop_time >= $1 ORDER BY stop_time")
+        .bind(since).fetch_all(&mut *c).await?))
+}
+
 /// Pins a build (and so its outputs' closure) against garbage collection.
 pub async fn set_keep(ex: Ex<'_>, id: i64, keep: bool) -> Result<()> {
     run!(ex, c => sqlx::query("UPDATE builds SET keep = $2 WHERE id = $1").bind(id).bind(keep).execute(&mut *c).await?.rows_affected());
@@ -556,6 +590,26 @@ pub async fn recent(ex: Ex<'_>, limit: i64) -> Result<Vec<Listed>> {
     let sql =
         concat!("SELECT ", listed_cols!(), " WHERE b.finished = TRUE ORDER BY b.stop_time DESC, b.id DESC LIMIT $1");
     Ok(run!(ex, c => sqlx::query_as(sql).bind(limit).fetch_all(&mut *c).await?))
+}
+
+/// Finished builds, newest first, of a project, jobset, job or system if given.
+pub async fn latest_filtered(
+    ex: Ex<'_>,
+    limit: i64,
+    project: Option<&str>,
+    jobset: Option<&str>,
+    job: Option<&str>,
+    system: Option<&str>,
+) -> Result<Vec<Listed>> {
+    let sql = concat!(
+        "SELECT ",
+        listed_cols!(),
+        " WHERE b.finished = TRUE AND ($2 IS NULL OR p.name = $2) AND ($3 IS NULL OR j.name = $3)
+           AND ($4 IS NULL OR b.job = $4) AND ($5 IS NULL OR b.system = $5)
+         ORDER BY b.stop_time DESC, b.id DESC LIMIT $1"
+    );
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(limit).bind(project).bind(jobset).bind(job).bind(system)
+        .fetch_all(&mut *c).await?))
 }
 
 /// A job's builds, newest first, before `before` (for paging).
@@ -650,7 +704,7 @@ pub async fn count_unfinished(ex: Ex<'_>) -> Result<i64> {
 
 /// Builds whose job name, derivation or output path contains `needle`.
 pub async fn search(ex: Ex<'_>, needle: &str, limit: i64) -> Result<Vec<Listed>> {
-    let pattern = format!("%{}%", needle.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    let pattern = like_pattern(needle);
     let sql = concat!(
         "SELECT ",
         listed_cols!(),
@@ -659,6 +713,16 @@ pub async fn search(ex: Ex<'_>, needle: &str, limit: i64) -> Result<Vec<Listed>>
          ORDER BY b.id DESC LIMIT $2"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(pattern).bind(limit).fetch_all(&mut *c).await?))
+}
+
+/// Builds whose derivation path contains `needle` (Hydra's `buildsdrv`).
+pub async fn search_drv(ex: Ex<'_>, needle: &str, limit: i64) -> Result<Vec<Listed>> {
+    let sql = concat!("SELECT ", listed_cols!(), " WHERE b.drv_path LIKE $1 ESCAPE '\\' ORDER BY b.id DESC LIMIT $2");
+    Ok(run!(ex, c => sqlx::query_as(sql).bind(like_pattern(needle)).bind(limit).fetch_all(&mut *c).await?))
+}
+
+fn like_pattern(needle: &str) -> String {
+    format!("%{}%", needle.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
 }
 
 /// Finished builds per Hydra status.

@@ -135,6 +135,34 @@ pub async fn latest(ex: Ex<'_>, jobset_id: i64, limit: i64) -> Result<Vec<Evalua
     Ok(run!(ex, c => sqlx::query_as(sql).bind(jobset_id).bind(limit).fetch_all(&mut *c).await?))
 }
 
+/// One page of a jobset's evaluations, newest first, and how many it has.
+pub async fn page(mut ex: Ex<'_>, jobset_id: i64, offset: i64, limit: i64) -> Result<(Vec<Evaluation>, i64)> {
+    let sql = concat!("SELECT ", cols!(), " FROM evaluations WHERE jobset_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3");
+    let list =
+        run!(ex.re(), c => sqlx::query_as(sql).bind(jobset_id).bind(limit).bind(offset).fetch_all(&mut *c).await?);
+    let total = run!(ex, c => sqlx::query_scalar("SELECT COUNT(*) FROM evaluations WHERE jobset_id = $1")
+        .bind(jobset_id).fetch_one(&mut *c).await?);
+    Ok((list, total))
+}
+
+/// The build of each member of these evaluations: (evaluation, build), by build id.
+pub async fn build_ids(ex: Ex<'_>, eval_ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+    if eval_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT eval_id, build_id FROM eval_members WHERE build_id IS NOT NULL AND eval_id IN {} ORDER BY build_id",
+        super::builds::values_placeholders(ex.backend(), 1, eval_ids.len(), 1)
+    ));
+    Ok(run!(ex, c => {
+        let mut q = sqlx::query_as(sql);
+        for id in eval_ids {
+            q = q.bind(*id);
+        }
+        q.fetch_all(&mut *c).await?
+    }))
+}
+
 /// The members of an evaluation named `jobs` (a deployment's hosts and
 /// required jobs): `(job, build, error)` for each that exists.
 pub async fn members_named(mut ex: Ex<'_>, eval_id: i64, jobs: &[String]) -> Result<Vec<Member>> {

@@ -22,8 +22,9 @@ pub struct ProjectView {
     name: String,
     displayname: String,
     description: String,
-    enabled: bool,
-    hidden: bool,
+    /// 1 or 0, as Hydra answers.
+    enabled: i64,
+    hidden: i64,
     repo: String,
     github: Option<String>,
     declared_in: String,
@@ -32,13 +33,13 @@ pub struct ProjectView {
     lastsynced: Option<i64>,
 }
 
-fn project_view(p: Project, jobsets: Vec<String>) -> ProjectView {
+pub(super) fn project_view(p: Project, jobsets: Vec<String>) -> ProjectView {
     ProjectView {
         name: p.name,
         displayname: p.display_name,
         description: p.description,
-        enabled: p.enabled,
-        hidden: p.hidden,
+        enabled: p.enabled as i64,
+        hidden: p.hidden as i64,
         repo: p.repo,
         github: p.github_repo,
         declared_in: p.declared_in,
@@ -297,20 +298,88 @@ pub async fn get_jobset(
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct EvalsView {
-    evals: Vec<EvalView>,
+    evals: Vec<EvalListed>,
+    /// Hydra's paging links: `?page=N`.
+    first: String,
+    next: Option<String>,
+    prev: Option<String>,
+    last: String,
 }
 
-#[utoipa::path(get, path = "/jobset/{project}/{jobset}/evals", tag = "projects", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")),
-    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the jobset's latest 100 evaluations", body = EvalsView), (status = 404, description = "not found", body = ErrorBody)))]
+/// An evaluation in the list, with what Hydra's list has besides.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EvalListed {
+    #[serde(flatten)]
+    eval: EvalView,
+    /// Build ids of its jobs.
+    builds: Vec<i64>,
+    /// Hydra's fetch time; Kiln's fetch is part of the evaluation.
+    checkouttime: i64,
+    /// Hydra's inputs: the flake's repository at the evaluated commit.
+    jobsetevalinputs: BTreeMap<String, EvalInput>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EvalInput {
+    #[serde(rename = "type")]
+    kind: String,
+    uri: String,
+    revision: String,
+    value: Option<String>,
+    dependency: Option<i64>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    /// From 1; 20 evaluations a page, newest first.
+    page: Option<i64>,
+}
+
+const EVALS_PER_PAGE: i64 = 20;
+
+#[utoipa::path(get, path = "/jobset/{project}/{jobset}/evals", tag = "projects", params(("project" = String, Path, description = "project name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), ("jobset" = String, Path, description = "jobset name", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$"), PageQuery),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the jobset's evaluations, 20 a page, newest first, as Hydra lists them", body = EvalsView), (status = 404, description = "not found", body = ErrorBody)))]
 pub async fn get_jobset_evals(
     State(s): State<AppState>,
     Path((project, name)): Path<(String, String)>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<EvalsView>, WebError> {
     let j = find_jobset(&s, &project, &name).await?;
     let mut c = s.db.conn().await?;
-    let evals =
-        evaluations::latest(c.ex(), j.id, 100).await?.into_iter().map(|e| eval_view(e, &project, &name)).collect();
-    Ok(Json(EvalsView { evals }))
+    let repo = projects::get_by_id(c.ex(), j.project_id).await?.map(|p| p.repo).unwrap_or_default();
+    let page = q.page.unwrap_or(1).max(1);
+    let (list, total) = evaluations::page(c.ex(), j.id, (page - 1) * EVALS_PER_PAGE, EVALS_PER_PAGE).await?;
+    let ids: Vec<i64> = list.iter().map(|e| e.id).collect();
+    let mut builds: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (eval, build) in evaluations::build_ids(c.ex(), &ids).await? {
+        builds.entry(eval).or_default().push(build);
+    }
+    let evals = list
+        .into_iter()
+        .map(|e| {
+            let input = EvalInput {
+                kind: "git".into(),
+                uri: repo.clone(),
+                revision: e.commit_sha.clone(),
+                value: None,
+                dependency: None,
+            };
+            EvalListed {
+                builds: builds.remove(&e.id).unwrap_or_default(),
+                checkouttime: 0,
+                jobsetevalinputs: BTreeMap::from([("src".to_string(), input)]),
+                eval: eval_view(e, &project, &name),
+            }
+        })
+        .collect();
+    let last = ((total + EVALS_PER_PAGE - 1) / EVALS_PER_PAGE).max(1);
+    Ok(Json(EvalsView {
+        evals,
+        first: "?page=1".into(),
+        next: (page < last).then(|| format!("?page={}", page + 1)),
+        prev: (page > 1).then(|| format!("?page={}", page - 1)),
+        last: format!("?page={last}"),
+    }))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

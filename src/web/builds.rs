@@ -120,6 +120,14 @@ pub struct BuildView {
     nrbuiltsteps: i64,
     /// Steps of the build's closure substituted from upstream caches.
     nrsubstitutedsteps: i64,
+    /// Hydra's: files the build declared in `nix-support/hydra-build-products`.
+    buildproducts: BTreeMap<String, serde_json::Value>,
+    /// Hydra's: `nix-support/hydra-metrics`, by name.
+    buildmetrics: BTreeMap<String, serde_json::Value>,
+    /// Hydra's release name (`meta.releaseName`); Kiln sets none.
+    releasename: Option<String>,
+    /// Hydra's: the build is an aggregate of others.
+    isaggregate: i64,
 }
 
 async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
@@ -160,7 +168,15 @@ async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
         buildoutputs: outputs.into_iter().map(|o| (o.name, OutputView { path: o.path })).collect(),
         jobsetevals: evals,
         error: b.error,
+        buildproducts: BTreeMap::new(),
+        buildmetrics: BTreeMap::new(),
+        releasename: None,
+        isaggregate: b.is_aggregate as i64,
     })
+}
+
+pub(super) async fn build_json(s: &AppState, id: i64) -> Result<BuildView, WebError> {
+    build_view(s, id).await
 }
 
 pub async fn get_build(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Json<BuildView>, WebError> {

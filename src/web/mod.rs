@@ -24,6 +24,7 @@ pub mod auth;
 pub mod badges;
 pub mod builds;
 pub mod cache;
+pub mod hydra;
 pub mod live;
 pub mod memo;
 pub mod openapi;
@@ -94,6 +95,16 @@ pub fn router(state: AppState) -> Router {
             post(webhooks::forge).layer(axum::extract::DefaultBodyLimit::max(crate::github::webhook::MAX_BODY)),
         )
         .route("/api/events", get(live::events))
+        .route("/api/jobsets", get(hydra::jobsets))
+        .route("/api/latestbuilds", get(hydra::latest_builds))
+        .route("/api/queue", get(hydra::queue))
+        .route("/api/nrbuilds", get(hydra::nr_builds))
+        .route("/queue-summary", get(hydra::queue_summary))
+        .route("/job/{project}/{jobset}/{job}/latest-finished", get(hydra::latest_finished))
+        .route("/job/{project}/{jobset}/{job}/latest-for/{system}", get(hydra::latest_for))
+        .route("/job/{project}/{jobset}/{job}/shield", get(hydra::shield))
+        .route("/eval/{id}/job/{job}", get(hydra::eval_job))
+        .route("/build/{id}/constituents", get(hydra::constituents))
         .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))
@@ -129,8 +140,16 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Whether the client asked for JSON (`Accept: application/json`).
+/// Whether to answer JSON: `Accept` asks for it, or (as Hydra reads it, and
+/// as hydra-cli sends its GETs) the request says `Content-Type: application/json`.
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"))
+    let says = |h| {
+        headers
+            .get(h)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"))
+    };
+    says(header::ACCEPT) || says(header::CONTENT_TYPE)
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{actions, api, badges, builds, live, pages, webhooks};
+use super::{actions, api, badges, builds, hydra, live, pages, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -50,6 +50,16 @@ use super::{actions, api, badges, builds, live, pages, webhooks};
         api::push,
         webhooks::github,
         webhooks::forge,
+        hydra::jobsets,
+        hydra::latest_builds,
+        hydra::queue,
+        hydra::nr_builds,
+        hydra::queue_summary,
+        hydra::latest_finished,
+        hydra::latest_for,
+        hydra::shield,
+        hydra::eval_job,
+        hydra::constituents,
         badges::jobset,
         badges::job,
         builds::job_latest,

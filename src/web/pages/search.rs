@@ -2,13 +2,21 @@
 
 use super::*;
 
-/// Search results as JSON.
+/// Search results as JSON, in Hydra's shape.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct SearchView {
-    projects: Vec<String>,
-    /// `project:jobset` names.
-    jobsets: Vec<String>,
+    projects: Vec<crate::web::api::ProjectView>,
+    jobsets: Vec<JobsetRef>,
+    /// Builds whose job or output path matches.
     builds: Vec<build_api::BuildSummary>,
+    /// Builds whose derivation path matches.
+    buildsdrv: Vec<build_api::BuildSummary>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobsetRef {
+    project: String,
+    name: String,
 }
 
 #[derive(Template)]
@@ -24,7 +32,9 @@ struct SearchPage {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct SearchQuery {
-    /// At least two characters.
+    /// At least two characters (Hydra's name for it).
+    query: Option<String>,
+    /// The same, as Kiln's own pages send it.
     q: Option<String>,
 }
 
@@ -36,7 +46,7 @@ pub async fn search(
     Query(q): Query<SearchQuery>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
-    let q = q.q.unwrap_or_default().trim().to_string();
+    let q = q.query.or(q.q).unwrap_or_default().trim().to_string();
     let mut c = s.db.conn().await?;
     let (mut found_projects, mut found_jobsets, mut found) = (Vec::new(), Vec::new(), Vec::new());
     if q.len() >= 2 {
@@ -54,10 +64,17 @@ pub async fn search(
         found = builds::search(c.ex(), &q, 50).await?;
     }
     if wants_json(&headers) {
+        let mut projects = Vec::new();
+        for p in &found_projects {
+            let names = jobsets::list_for_project(c.ex(), p.id).await?.into_iter().map(|j| j.name).collect();
+            projects.push(crate::web::api::project_view(p.clone(), names));
+        }
+        let buildsdrv = if q.len() >= 2 { builds::search_drv(c.ex(), &q, 50).await? } else { Vec::new() };
         return Ok(axum::Json(SearchView {
-            projects: found_projects.into_iter().map(|p| p.name).collect(),
-            jobsets: found_jobsets.iter().map(|(p, j)| format!("{p}:{j}")).collect(),
+            projects,
+            jobsets: found_jobsets.iter().map(|(p, j)| JobsetRef { project: p.clone(), name: j.clone() }).collect(),
             builds: found.into_iter().map(Into::into).collect(),
+            buildsdrv: buildsdrv.into_iter().map(Into::into).collect(),
         })
         .into_response());
     }

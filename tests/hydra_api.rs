@@ -1,0 +1,211 @@
+//! Hydra's clients keep working: the requests that Hydra's API description
+//! (`hydra-api.yaml`), its API tests and hydra-cli make, against a running
+//! Kiln with real evaluations and builds, answered with Hydra's keys and
+//! value types.
+
+mod support;
+
+use serde_json::Value;
+use support::*;
+
+const TOKEN: &str = "hydra-token";
+
+/// A project `hy` whose jobset `main` has a job that succeeds, one that
+/// fails and an aggregate of the first; returns once all are built.
+async fn built() -> (Kiln, Api, String) {
+    let tag = unique("hy");
+    let drv = |name: &str, script: &str, extra: &str| {
+        format!(
+            r#"{name} = derivation {{ name = "{name}-{tag}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "{script}" ]; {extra} }};"#
+        )
+    };
+    let flake = Flake::new(
+        &format!(
+            "{{ outputs = _: let {} {} {} in {{ hydraJobs = {{ inherit ok bad agg; }}; }}; }}",
+            drv("ok", "echo ok > $out", ""),
+            drv("bad", "exit 1", ""),
+            drv("agg", "echo agg > $out", r#"_hydraAggregate = true; constituents = [ "ok" ];"#)
+        ),
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!("api_token_files = [\"token\"]\n[[projects]]\nname = \"hy\"\nrepo = \"{}\"\n", flake.path().display()),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, Some(TOKEN));
+    wait_for(120, "the builds to finish", || async {
+        let (_, v) = api.get("/jobset/hy/main/evals").await;
+        let ids = v["evals"].as_array()?.first()?["builds"].as_array()?.clone();
+        let mut done = 0;
+        for id in &ids {
+            if api.get(&format!("/build/{id}")).await.1["finished"] == 1 {
+                done += 1;
+            }
+        }
+        (ids.len() == 3 && done == 3).then_some(())
+    })
+    .await;
+    (kiln, api, tag)
+}
+
+/// A GET as hydra-cli sends it: `Content-Type: application/json`, no `Accept`.
+async fn hydra_cli_get(kiln: &Kiln, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}{path}", kiln.url))
+        .header("Content-Type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {}", &text[..text.len().min(200)])))
+}
+
+async fn location(kiln: &Kiln, path: &str) -> (u16, String) {
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}{path}", kiln.url))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.headers().get("location").map(|l| l.to_str().unwrap().to_string()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn hydras_documented_requests_get_hydras_answers() {
+    let (kiln, api, _tag) = built().await;
+
+    // Content negotiation as Hydra's: a GET with a JSON Content-Type gets JSON.
+    let (code, projects) = hydra_cli_get(&kiln, "/").await;
+    assert_eq!(code, 200);
+    let p = projects.as_array().unwrap().iter().find(|p| p["name"] == "hy").unwrap().clone();
+    assert_eq!((p["enabled"].clone(), p["hidden"].clone()), (Value::from(1), Value::from(0)), "{p}");
+    assert_eq!(p["jobsets"], serde_json::json!(["main"]));
+    let (_, project) = hydra_cli_get(&kiln, "/project/hy").await;
+    assert_eq!(project["name"], "hy");
+
+    // The evaluations, with their builds and inputs, paged as Hydra pages them.
+    let (_, evals) = hydra_cli_get(&kiln, "/jobset/hy/main/evals").await;
+    assert_eq!((evals["first"].as_str(), evals["last"].as_str()), (Some("?page=1"), Some("?page=1")), "{evals}");
+    let e = &evals["evals"][0];
+    for k in ["id", "timestamp", "checkouttime", "evaltime", "hasnewbuilds", "flake", "builds", "jobsetevalinputs"] {
+        assert!(e.get(k).is_some(), "evaluation without {k}: {e}");
+    }
+    assert_eq!(e["hasnewbuilds"], 1);
+    let builds: Vec<i64> = e["builds"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap()).collect();
+    assert_eq!(builds.len(), 3);
+    let input = &e["jobsetevalinputs"]["src"];
+    assert_eq!(input["type"], "git");
+    assert_eq!(input["revision"].as_str().unwrap().len(), 40, "{input}");
+    let eval_id = e["id"].as_i64().unwrap();
+    let (_, page2) = hydra_cli_get(&kiln, "/jobset/hy/main/evals?page=2").await;
+    assert_eq!(page2["evals"], serde_json::json!([]));
+
+    // The jobset overview.
+    let (code, overview) = hydra_cli_get(&kiln, "/api/jobsets?project=hy").await;
+    assert_eq!(code, 200, "{overview}");
+    let main = &overview[0];
+    assert_eq!(main["name"], "main");
+    assert_eq!(
+        (
+            main["nrtotal"].as_i64(),
+            main["nrsucceeded"].as_i64(),
+            main["nrfailed"].as_i64(),
+            main["nrscheduled"].as_i64()
+        ),
+        (Some(3), Some(2), Some(1), Some(0)),
+        "{main}"
+    );
+    assert_eq!(main["haserrormsg"], 0);
+    assert_eq!(hydra_cli_get(&kiln, "/api/jobsets?project=nope").await.0, 404);
+
+    // Builds, with every key of Hydra's.
+    let ok_id = builds_named(&api, &builds, "ok").await;
+    let (_, b) = hydra_cli_get(&kiln, &format!("/build/{ok_id}")).await;
+    for k in [
+        "id",
+        "starttime",
+        "stoptime",
+        "timestamp",
+        "jobsetevals",
+        "finished",
+        "nixname",
+        "buildstatus",
+        "jobset",
+        "priority",
+        "job",
+        "drvpath",
+        "system",
+        "project",
+        "buildproducts",
+        "buildoutputs",
+        "buildmetrics",
+        "releasename",
+    ] {
+        assert!(b.get(k).is_some(), "build without {k}: {b}");
+    }
+    assert_eq!((b["finished"].clone(), b["buildstatus"].clone()), (Value::from(1), Value::from(0)));
+    assert_eq!(b["jobsetevals"], serde_json::json!([eval_id]));
+    assert!(b["buildoutputs"]["out"]["path"].as_str().unwrap().starts_with("/nix/store/"));
+
+    // Search, by Hydra's parameter name, in Hydra's shape.
+    let (_, found) = hydra_cli_get(&kiln, "/search?query=ok-").await;
+    for k in ["projects", "jobsets", "builds", "buildsdrv"] {
+        assert!(found[k].is_array(), "search without {k}: {found}");
+    }
+    assert!(found["builds"].as_array().unwrap().iter().any(|b| b["id"] == ok_id), "{found}");
+    assert!(found["buildsdrv"].as_array().unwrap().iter().any(|b| b["id"] == ok_id), "{found}");
+    let (_, by_project) = hydra_cli_get(&kiln, "/search?query=hy").await;
+    assert_eq!(by_project["projects"][0]["name"], "hy", "{by_project}");
+
+    // The lookups Hydra offers by job, system and evaluation.
+    assert_eq!(location(&kiln, "/job/hy/main/ok/latest-finished").await, (303, format!("/build/{ok_id}")));
+    assert_eq!(location(&kiln, "/job/hy/main/ok/latest-for/x86_64-linux").await, (303, format!("/build/{ok_id}")));
+    assert_eq!(location(&kiln, "/job/hy/main/ok/latest-for/aarch64-linux").await.0, 404);
+    assert_eq!(location(&kiln, "/job/hy/main/bad/latest-finished").await.0, 404, "a failed job has no latest");
+    assert_eq!(location(&kiln, &format!("/eval/{eval_id}/job/ok")).await, (303, format!("/build/{ok_id}")));
+    let agg_id = builds_named(&api, &builds, "agg").await;
+    let (code, parts) = hydra_cli_get(&kiln, &format!("/build/{agg_id}/constituents")).await;
+    assert_eq!(code, 200);
+    assert_eq!(parts.as_array().unwrap().iter().map(|b| b["id"].clone()).collect::<Vec<_>>(), vec![Value::from(ok_id)]);
+    let (_, shield) = hydra_cli_get(&kiln, "/job/hy/main/ok/shield").await;
+    assert_eq!((shield["schemaVersion"].as_i64(), shield["message"].as_str()), (Some(1), Some("passing")), "{shield}");
+    assert_eq!(hydra_cli_get(&kiln, "/job/hy/main/bad/shield").await.1["message"], "failing");
+
+    // The latest builds, the queue and the counts.
+    let (_, latest) = hydra_cli_get(&kiln, "/api/latestbuilds?nr=10&project=hy&jobset=main&job=ok").await;
+    assert_eq!(
+        latest.as_array().unwrap().iter().map(|b| b["id"].clone()).collect::<Vec<_>>(),
+        vec![Value::from(ok_id)]
+    );
+    let (_, all) = hydra_cli_get(&kiln, "/api/latestbuilds?nr=2").await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(hydra_cli_get(&kiln, "/api/queue?nr=5").await.1, serde_json::json!([]));
+    let (_, counts) = hydra_cli_get(&kiln, "/api/nrbuilds?nr=3&period=hour").await;
+    let counts: Vec<i64> = counts.as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+    assert_eq!((counts.len(), *counts.last().unwrap()), (3, 3), "three builds finished this hour: {counts:?}");
+    assert_eq!(hydra_cli_get(&kiln, "/api/nrbuilds?period=fortnight").await.0, 400);
+    let (_, summary) = hydra_cli_get(&kiln, "/queue-summary").await;
+    assert_eq!(summary["jobsets"], serde_json::json!([]));
+    let html = reqwest::get(format!("{}/queue-summary", kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(html.contains("<h1>Queue summary</h1>"));
+}
+
+async fn builds_named(api: &Api, ids: &[i64], job: &str) -> i64 {
+    for id in ids {
+        if api.get(&format!("/build/{id}")).await.1["job"] == job {
+            return *id;
+        }
+    }
+    panic!("no build of {job} among {ids:?}")
+}
