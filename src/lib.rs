@@ -22,6 +22,7 @@ pub mod history;
 pub mod logs;
 pub mod metrics;
 pub mod nix;
+pub mod products;
 pub mod queue;
 pub mod repo_config;
 pub mod serve;

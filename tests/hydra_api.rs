@@ -209,3 +209,62 @@ async fn builds_named(api: &Api, ids: &[i64], job: &str) -> i64 {
     }
     panic!("no build of {job} among {ids:?}")
 }
+
+#[tokio::test]
+async fn build_products_and_metrics_are_read_listed_served_and_charted() {
+    let t = unique("prod");
+    let script = "export PATH=/usr/bin:/bin; mkdir -p $out/dist $out/nix-support; \
+                  printf 'release %s\\n' one two three > $out/dist/tool.txt; \
+                  echo \"file binary-dist $out/dist/tool.txt\" > $out/nix-support/hydra-build-products; \
+                  echo \"doc manual $out/dist index.html\" >> $out/nix-support/hydra-build-products; \
+                  printf 'size 42 bytes\\nlines 3\\n' > $out/nix-support/hydra-metrics";
+    let flake = Flake::new(
+        &format!(r#"{{ outputs = _: {{ hydraJobs = {{ tool = {}; }}; }}; }}"#, drv_expr(&format!("tool-{t}"), script)),
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!("[[projects]]\nname = \"pr\"\nrepo = \"{}\"\n", flake.path().display()),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, None);
+    let build = wait_for(120, "the build", || async {
+        let (_, v) = api.get("/jobset/pr/main/evals").await;
+        let id = v["evals"].as_array()?.first()?["builds"].as_array()?.first()?.as_i64()?;
+        let (_, b) = api.get(&format!("/build/{id}")).await;
+        (b["finished"] == 1).then_some(b)
+    })
+    .await;
+    assert_eq!(build["buildstatus"], 0, "{build}");
+    let out = build["buildoutputs"]["out"]["path"].as_str().unwrap().to_string();
+    // Hydra's shape: products by number, metrics by name.
+    let p = &build["buildproducts"]["1"];
+    assert_eq!(
+        (p["type"].as_str(), p["subtype"].as_str(), p["name"].as_str()),
+        (Some("file"), Some("binary-dist"), Some("tool.txt")),
+        "{build}"
+    );
+    assert_eq!(p["path"], format!("{out}/dist/tool.txt"));
+    assert_eq!(p["filesize"], 38, "the file's size in the output: {p}");
+    assert_eq!(build["buildproducts"]["2"]["defaultpath"], "index.html");
+    assert_eq!(build["buildmetrics"]["size"], serde_json::json!({"name": "size", "value": 42.0, "unit": "bytes"}));
+    assert_eq!(build["buildmetrics"]["lines"]["value"], 3.0);
+
+    // Downloaded from the binary cache, as the build wrote it.
+    let id = build["id"].as_i64().unwrap();
+    let r = reqwest::get(format!("{}/build/{id}/download/1/tool.txt", kiln.url)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "release one\nrelease two\nrelease three\n");
+    // A directory without its default file, or a product that is not there, is not served.
+    assert_eq!(reqwest::get(format!("{}/build/{id}/download/2/dist", kiln.url)).await.unwrap().status(), 404);
+    assert_eq!(reqwest::get(format!("{}/build/{id}/download/9/x", kiln.url)).await.unwrap().status(), 404);
+
+    // The build page lists them; the job page charts the metrics.
+    let page = reqwest::get(format!("{}/build/{id}", kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(page.contains(&format!("/build/{id}/download/1/tool.txt")) && page.contains("38 bytes"), "{page}");
+    assert!(page.contains("id=\"metrics\"") && page.contains("42 bytes"), "{page}");
+    let job = reqwest::get(format!("{}/job/pr/main/tool", kiln.url)).await.unwrap().text().await.unwrap();
+    assert!(job.contains("id=\"metric-size\"") && job.contains(&format!("build {id}: 42 bytes")), "{job}");
+}

@@ -26,6 +26,7 @@ pub mod evaluations;
 pub mod jobsets;
 pub mod machines;
 pub mod outbox;
+pub mod products;
 pub mod projects;
 pub mod steps;
 pub mod webhook_deliveries;

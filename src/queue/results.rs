@@ -89,7 +89,14 @@ impl Runner {
         let (id, uri, secs, log_file) = (r.id, r.uri.as_str(), r.secs, r.log_file.as_deref());
         let Some(drv) = self.steps.get(&id).map(|s| s.drv_path.clone()) else { return Ok(()) };
         match &r.outcome {
-            Ok(Outcome::Built { outputs, failed_output }) => {
+            Ok(Outcome::Built { outputs, failed_output, products, metrics }) => {
+                // Written first, and again if this is applied again (they
+                // replace the step's own): the builds' pages show them.
+                if !products.is_empty() || !metrics.is_empty() {
+                    let mut tx = self.db.begin().await?;
+                    crate::db::products::set(tx.ex(), id, products, metrics).await?;
+                    tx.commit().await?;
+                }
                 if *failed_output {
                     // Hydra's "failed with output": the outputs are kept and
                     // served, the builds that need them fail.

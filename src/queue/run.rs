@@ -15,7 +15,6 @@ use crate::builder::connection::{ConnectError, Connection};
 use crate::builder::serve::{BuildOptions, BuildStatus as NixStatus, ServeError};
 use crate::cache::{Cache, CacheError, Origin, PathInfo};
 use crate::db::builds::BuildStatus;
-use crate::nix::nar::Event as NarEvent;
 use crate::nix::{Hash, StorePath};
 use crate::upstream::Upstreams;
 
@@ -26,8 +25,14 @@ use super::inputs::{InputError, SendError, Source, input_closure, send_path};
 #[derive(Debug)]
 pub enum Outcome {
     /// Built (or already there): output name and path. `failed_output`:
-    /// an output has `nix-support/failed` (Hydra's "failed with output").
-    Built { outputs: Vec<(String, String)>, failed_output: bool },
+    /// an output has `nix-support/failed` (Hydra's "failed with output");
+    /// `products` and `metrics`: what the outputs' `nix-support/` declared.
+    Built {
+        outputs: Vec<(String, String)>,
+        failed_output: bool,
+        products: Vec<crate::products::Product>,
+        metrics: Vec<crate::products::Metric>,
+    },
     /// The derivation's own failure, or a limit it exceeded: not retried.
     Failed { status: BuildStatus, error: String },
     /// The machine's or the connection's fault: retried elsewhere.
@@ -200,6 +205,7 @@ pub async fn run_step(
         Err(e) => return Ok(coordinator_fault(&e)),
     };
     let mut failed_output = false;
+    let (mut products, mut metrics) = (Vec::new(), Vec::new());
     for ((_, path), sp) in outputs.iter().zip(parsed) {
         if have.contains(path) {
             continue;
@@ -223,14 +229,20 @@ pub async fn run_step(
         // Straight from the connection into the cache: never whole in memory.
         let (rx, mut tx) = tokio::io::duplex(1 << 20);
         let ingest = cache.ingest(path_info, rx, expect, Origin::Build);
-        let mut marker = FailedMarker::default();
+        let mut support = crate::products::Support::default();
         let pump = async {
-            let r = conn.serve.dump_store_path(path, &mut tx, &mut |e| marker.see(&e)).await;
+            let r = conn.serve.dump_store_path(path, &mut tx, &mut |e| support.see(&e)).await;
             drop(tx);
             r
         };
         let (ingested, pumped) = tokio::join!(ingest, pump);
-        failed_output |= marker.found;
+        failed_output |= support.failed;
+        if let Some(text) = &support.products {
+            products.extend(crate::products::parse_products(text, path, &support));
+        }
+        if let Some(text) = &support.metrics {
+            metrics.extend(crate::products::parse_metrics(text));
+        }
         // The cache's error explains the pump's (a full disk closes the pipe).
         match ingested {
             Err(CacheError::TooLarge(limit)) => {
@@ -248,7 +260,7 @@ pub async fn run_step(
             Ok(_) => pumped?,
         };
     }
-    Ok(Outcome::Built { outputs, failed_output })
+    Ok(Outcome::Built { outputs, failed_output, products, metrics })
 }
 
 /// Upstream paths that did not arrive, with the step's own inputs that
@@ -274,28 +286,4 @@ fn coordinator_fault(e: &CacheError) -> Outcome {
         format!("the coordinator could not store the output: {e}")
     };
     Outcome::CoordinatorFault { error }
-}
-
-/// Spots `nix-support/failed` at the top of an output as its NAR passes.
-#[derive(Default)]
-struct FailedMarker {
-    path: Vec<Vec<u8>>,
-    found: bool,
-}
-
-impl FailedMarker {
-    fn see(&mut self, e: &NarEvent<'_>) {
-        match e {
-            NarEvent::Directory { name } => self.path.push(name.to_vec()),
-            NarEvent::DirectoryEnd => {
-                self.path.pop();
-            }
-            NarEvent::File { name, .. } | NarEvent::Symlink { name, .. }
-                if *name == b"failed" && self.path.len() == 2 && self.path[1] == b"nix-support" =>
-            {
-                self.found = true;
-            }
-            _ => {}
-        }
-    }
 }

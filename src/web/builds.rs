@@ -143,6 +143,19 @@ async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
         None => Vec::new(),
     };
     let count = |state: &str| steps.iter().filter(|s| s.state == state).count() as i64;
+    let (mut buildproducts, mut buildmetrics) = (BTreeMap::new(), BTreeMap::new());
+    if let Some(top) = b.top_step_id {
+        for p in crate::db::products::products_of(c.ex(), top).await? {
+            let v = serde_json::json!({
+                "type": p.kind, "subtype": p.subtype, "name": p.name, "path": p.path, "defaultpath": p.default_path,
+                "filesize": p.file_size, "sha1hash": null, "sha256hash": null,
+            });
+            buildproducts.insert(p.nr.to_string(), v);
+        }
+        for m in crate::db::products::metrics_of(c.ex(), top).await? {
+            buildmetrics.insert(m.name.clone(), serde_json::json!({"name": m.name, "value": m.value, "unit": m.unit}));
+        }
+    }
     Ok(BuildView {
         nrbuiltsteps: count("succeeded"),
         nrsubstitutedsteps: count("substituted"),
@@ -168,8 +181,8 @@ async fn build_view(s: &AppState, id: i64) -> Result<BuildView, WebError> {
         buildoutputs: outputs.into_iter().map(|o| (o.name, OutputView { path: o.path })).collect(),
         jobsetevals: evals,
         error: b.error,
-        buildproducts: BTreeMap::new(),
-        buildmetrics: BTreeMap::new(),
+        buildproducts,
+        buildmetrics,
         releasename: None,
         isaggregate: b.is_aggregate as i64,
     })

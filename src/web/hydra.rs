@@ -306,3 +306,119 @@ pub async fn shield(
     };
     Ok(Json(Shield { schema_version: 1, label: "build".into(), message: message.into(), color: color.into() }))
 }
+
+#[utoipa::path(get, path = "/build/{id}/download/{nr}/{file}", tag = "hydra",
+    params(("id" = i64, Path, description = "build id"), ("nr" = i64, Path, description = "the product's number"), ("file" = String, Path, description = "its file name (for the browser; the number decides)")),
+    responses((status = 400, description = "a malformed parameter", body = ErrorBody), (status = 200, description = "the product's file, streamed from the binary cache", content_type = "application/octet-stream"), (status = 404, description = "no such product, or it is not in the cache", body = ErrorBody)))]
+pub async fn download(
+    State(s): State<AppState>,
+    Path((id, nr, _file)): Path<(i64, i64, String)>,
+) -> Result<Response, WebError> {
+    let missing = || WebError::NotFound(format!("product {nr} of build {id}"));
+    let product = {
+        let mut c = s.db.conn().await?;
+        let b = builds::get(c.ex(), id).await?.ok_or_else(missing)?;
+        let top = b.top_step_id.ok_or_else(missing)?;
+        crate::db::products::products_of(c.ex(), top).await?.into_iter().find(|p| p.nr == nr).ok_or_else(missing)?
+    };
+    // `/nix/store/<hash>-<name>` and the file's path inside it.
+    let rest = product.path.strip_prefix("/nix/store/").ok_or_else(missing)?;
+    let (base, rel) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut rel = rel.to_string();
+    if !product.default_path.is_empty() {
+        rel = [rel.as_str(), product.default_path.as_str()]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/");
+    }
+    if rel.split('/').any(|c| c == ".." || c == ".") {
+        return Err(missing());
+    }
+    let sp = crate::nix::StorePath::parse(&format!("/nix/store/{base}")).map_err(|_| missing())?;
+    let ni = s.cache.narinfo(&sp).await.map_err(|e| WebError::Internal(e.to_string()))?.ok_or_else(missing)?;
+    let file = s.cache.storage().path(&ni.url).map_err(|e| WebError::Internal(e.to_string()))?;
+    let f = tokio::fs::File::open(&file).await.map_err(|_| missing())?;
+    let nar =
+        crate::nix::compression::decompressing(&ni.compression, f).map_err(|e| WebError::Internal(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel::<bool>();
+    tokio::spawn(extract(nar, rel, tx, found_tx));
+    if !found_rx.await.unwrap_or(false) {
+        return Err(WebError::NotFound(format!("product {nr} of build {id} is not a file in its output")));
+    }
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let name = product.name.replace(['"', '\\', '\r', '\n'], "_");
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (axum::http::header::CONTENT_DISPOSITION, format!("inline; filename=\"{name}\"")),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Streams the regular file at `rel` (inside the NAR's root) to `tx`;
+/// says on `found` whether it is there before the first byte.
+async fn extract(
+    mut nar: impl tokio::io::AsyncRead + Unpin,
+    rel: String,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    found: tokio::sync::oneshot::Sender<bool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut parser = crate::nix::nar::NarParser::new();
+    let mut path: Vec<String> = Vec::new();
+    let (mut inside, mut done) = (false, false);
+    let mut found = Some(found);
+    let mut buf = vec![0u8; 64 * 1024];
+    while !done {
+        let n = match nar.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut chunks: Vec<bytes::Bytes> = Vec::new();
+        let mut off = 0;
+        while off < n && !done {
+            let fed = parser.feed(&buf[off..n], &mut |e| match e {
+                crate::nix::nar::Event::Directory { name } => path.push(String::from_utf8_lossy(name).into_owned()),
+                crate::nix::nar::Event::DirectoryEnd => {
+                    path.pop();
+                }
+                crate::nix::nar::Event::File { name, .. } => {
+                    let mut p: Vec<&str> = path.iter().skip(1).map(String::as_str).collect();
+                    let name = String::from_utf8_lossy(name);
+                    if !name.is_empty() {
+                        p.push(&name);
+                    }
+                    inside = p.join("/") == rel;
+                    if inside && let Some(f) = found.take() {
+                        let _ = f.send(true);
+                    }
+                }
+                crate::nix::nar::Event::FileData(d) if inside => chunks.push(bytes::Bytes::copy_from_slice(d)),
+                crate::nix::nar::Event::FileEnd if inside => {
+                    inside = false;
+                    done = true;
+                }
+                _ => {}
+            });
+            match fed {
+                Ok(0) | Err(_) => {
+                    done = true;
+                }
+                Ok(k) => off += k,
+            }
+        }
+        for c in chunks {
+            if tx.send(Ok(c)).await.is_err() {
+                return;
+            }
+        }
+    }
+    if let Some(f) = found.take() {
+        let _ = f.send(false);
+    }
+}

@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/job/{project}/{jobset}/{job}/shield", get(hydra::shield))
         .route("/eval/{id}/job/{job}", get(hydra::eval_job))
         .route("/build/{id}/constituents", get(hydra::constituents))
+        .route("/build/{id}/download/{nr}/{file}", get(hydra::download))
         .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))

@@ -60,6 +60,7 @@ use super::{actions, api, badges, builds, hydra, live, pages, webhooks};
         hydra::shield,
         hydra::eval_job,
         hydra::constituents,
+        hydra::download,
         badges::jobset,
         badges::job,
         builds::job_latest,

@@ -24,6 +24,8 @@ struct BuildPage {
     keep: bool,
     /// For an aggregate: its constituents (build id, job, status, class).
     constituents: Vec<(i64, String, String, &'static str)>,
+    products: Vec<crate::db::products::ProductRow>,
+    metrics: Vec<crate::products::Metric>,
 }
 
 #[utoipa::path(get, path = "/build/{id}", tag = "pages", params(("id" = i64, Path, description = "build id", minimum = 1)),
@@ -91,6 +93,12 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         })
         .collect();
     let evals = evaluations::of_build(c.ex(), id).await?;
+    let (products, metrics) = match b.top_step_id {
+        Some(top) => {
+            (crate::db::products::products_of(c.ex(), top).await?, crate::db::products::metrics_of(c.ex(), top).await?)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     html(BuildPage {
         nav: nav(&s, &headers),
         title: format!("Build {id}: {} · Kiln", b.job),
@@ -108,6 +116,8 @@ pub async fn build(State(s): State<AppState>, Path(id): Path<i64>, headers: Head
         running,
         keep: b.keep,
         constituents,
+        products,
+        metrics,
     })
 }
 

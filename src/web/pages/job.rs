@@ -16,6 +16,42 @@ struct JobPage {
     chart_max: String,
     first_failure: Option<i64>,
     older: Option<i64>,
+    /// Each metric from `hydra-metrics` over the job's builds: its name,
+    /// newest value with unit, and chart points (x, y, build id, label).
+    metrics: Vec<MetricChart>,
+}
+
+struct MetricChart {
+    name: String,
+    latest: String,
+    points: Vec<(f64, f64, i64, String)>,
+}
+
+/// The job's metrics as charts, oldest build on the left.
+fn metric_charts(rows: Vec<(i64, String, f64, Option<String>)>) -> Vec<MetricChart> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<(i64, f64, Option<String>)>> = Default::default();
+    for (id, name, value, unit) in rows {
+        by_name.entry(name).or_default().push((id, value, unit));
+    }
+    by_name
+        .into_iter()
+        .map(|(name, values)| {
+            let (lo, hi) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v.1), hi.max(v.1)));
+            let span = if hi > lo { hi - lo } else { 1.0 };
+            let n = values.len().max(2) as f64 - 1.0;
+            let label =
+                |v: f64, u: &Option<String>| format!("{v}{}", u.as_ref().map(|u| format!(" {u}")).unwrap_or_default());
+            let latest = values.last().map(|(_, v, u)| label(*v, u)).unwrap_or_default();
+            let points = values
+                .iter()
+                .enumerate()
+                .map(|(i, (id, v, u))| {
+                    (10.0 + 580.0 * i as f64 / n, 110.0 - 100.0 * (v - lo) / span, *id, label(*v, u))
+                })
+                .collect();
+            MetricChart { name, latest, points }
+        })
+        .collect()
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -59,6 +95,7 @@ pub async fn job(
         .map(|(i, (id, d))| (10.0 + 580.0 * i as f64 / n, 110.0 - 100.0 * *d as f64 / max as f64, *id, duration(*d)))
         .collect();
     let older = (list.len() == 50).then(|| list.last().map(|b| b.id)).flatten();
+    let metrics = metric_charts(crate::db::products::job_metrics(c.ex(), j.id, &job, 100).await?);
     html(JobPage {
         nav: nav(&s, &headers),
         title: format!("{job} in {project}:{jobset} · Kiln"),
@@ -70,5 +107,6 @@ pub async fn job(
         chart,
         first_failure,
         older,
+        metrics,
     })
 }
