@@ -268,3 +268,75 @@ async fn build_products_and_metrics_are_read_listed_served_and_charted() {
     let job = reqwest::get(format!("{}/job/pr/main/tool", kiln.url)).await.unwrap().text().await.unwrap();
     assert!(job.contains("id=\"metric-size\"") && job.contains(&format!("build {id}: 42 bytes")), "{job}");
 }
+
+#[tokio::test]
+async fn nix_channel_subscribes_to_the_newest_evaluation_whose_every_job_succeeded() {
+    let t = unique("chan");
+    let flake = Flake::new(
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs = {{ hello = {}; tools.fmt = {}; }}; }}; }}"#,
+            drv_expr(&format!("hello-{t}"), "echo hello > $out"),
+            drv_expr(&format!("fmt-{t}"), "echo fmt > $out")
+        ),
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!("[[projects]]\nname = \"ch\"\nrepo = \"{}\"\n", flake.path().display()),
+    )
+    .unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let api = Api::new(&kiln.url, None);
+    let channel = wait_for(120, "a green evaluation's channel", || async {
+        let (code, v) = api.get("/jobset/ch/main/channel/latest").await;
+        (code == 200).then_some(v)
+    })
+    .await;
+    assert_eq!(channel["builds"].as_array().unwrap().len(), 2, "{channel}");
+    let hello = channel["builds"].as_array().unwrap().iter().find(|b| b["job"] == "hello").unwrap()["outputs"]["out"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // nix-channel, as a user runs it, in its own state directory (its
+    // profiles), on the machine's store.
+    let home = tempfile::tempdir().unwrap();
+    let state = home.path().join("state");
+    let user = run("id", &["-un"], home.path()).trim().to_string();
+    std::fs::create_dir_all(state.join("profiles/per-user").join(user)).unwrap();
+    let nix_channel = |args: &[&str]| {
+        let out = std::process::Command::new("nix-channel")
+            .args(args)
+            .env("HOME", home.path())
+            .env("NIX_STATE_DIR", &state)
+            .env(
+                "NIX_CONFIG",
+                "experimental-features = nix-command\nstore = local?state=/nix/var/nix\nsubstituters =\n",
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix-channel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = format!("{}/jobset/ch/main/channel/latest", kiln.url);
+    nix_channel(&["--add", &url, "kilnch"]);
+    nix_channel(&["--update", "kilnch"]);
+    let unpacked = home.path().join(".nix-defexpr/channels/kilnch");
+    let out = std::process::Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "-E", "with import <kilnch> {}; [ hello.outPath tools.fmt.name ]"])
+        .env("NIX_PATH", format!("kilnch={}", unpacked.display()))
+        .env("NIX_CONFIG", "experimental-features = nix-command\nsubstituters =\n")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&hello) && text.contains(&format!("fmt-{t}")), "{text}");
+    // The channel names its binary cache.
+    let cache = reqwest::get(format!("{url}/binary-cache-url")).await.unwrap().text().await.unwrap();
+    assert!(cache.starts_with("http"), "{cache}");
+    // A job's own channel.
+    let (code, one) = api.get("/job/ch/main/hello/channel/latest").await;
+    assert_eq!((code, one["builds"].as_array().map(Vec::len)), (200, Some(1)), "{one}");
+    assert_eq!(api.get("/jobset/ch/main/channel/latest/other.txt").await.0, 404);
+}

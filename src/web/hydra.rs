@@ -207,7 +207,7 @@ pub async fn queue_summary(State(s): State<AppState>, headers: HeaderMap) -> Res
     Ok(axum::response::Html(page).into_response())
 }
 
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod badges;
 pub mod builds;
 pub mod cache;
+pub mod channel;
 pub mod hydra;
 pub mod live;
 pub mod memo;
@@ -106,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         .route("/eval/{id}/job/{job}", get(hydra::eval_job))
         .route("/build/{id}/constituents", get(hydra::constituents))
         .route("/build/{id}/download/{nr}/{file}", get(hydra::download))
+        .route("/jobset/{project}/{jobset}/channel/latest", get(channel::jobset_latest))
+        .route("/jobset/{project}/{jobset}/channel/latest/{file}", get(channel::jobset_latest_file))
+        .route("/job/{project}/{jobset}/{job}/channel/latest", get(channel::job_latest))
+        .route("/job/{project}/{jobset}/{job}/channel/latest/{file}", get(channel::job_latest_file))
         .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/build/{id}", get(pages::build))
         .route("/build/{id}/log", get(pages::build_log))

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{actions, api, badges, builds, hydra, live, pages, webhooks};
+use super::{actions, api, badges, builds, channel, hydra, live, pages, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -61,6 +61,10 @@ use super::{actions, api, badges, builds, hydra, live, pages, webhooks};
         hydra::eval_job,
         hydra::constituents,
         hydra::download,
+        channel::jobset_latest,
+        channel::jobset_latest_file,
+        channel::job_latest,
+        channel::job_latest_file,
         badges::jobset,
         badges::job,
         builds::job_latest,
