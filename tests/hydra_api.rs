@@ -340,3 +340,35 @@ async fn nix_channel_subscribes_to_the_newest_evaluation_whose_every_job_succeed
     assert_eq!((code, one["builds"].as_array().map(Vec::len)), (200, Some(1)), "{one}");
     assert_eq!(api.get("/jobset/ch/main/channel/latest/other.txt").await.0, 404);
 }
+
+/// Schemathesis, driven by Hydra's shapes (`tests/data/hydra-shared-api.yaml`),
+/// against a Kiln with real builds: every answer of the routes Kiln shares
+/// with Hydra conforms to what Hydra's clients read.
+#[tokio::test]
+async fn schemathesis_finds_every_shared_route_answering_in_hydras_shapes() {
+    let (kiln, _api, _tag) = built().await;
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hydra-shared-api.yaml");
+    let reports = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(schemathesis())
+        .args(["run", spec.to_str().unwrap(), "--url", &kiln.url])
+        // Kiln is more lenient than this document (it clamps `nr`, pages past
+        // the end are empty): valid requests, and the shape of every answer.
+        .args(["--mode", "positive", "--max-examples", "30", "--workers", "1", "--request-timeout", "20"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        ])
+        .args(["--seed", &std::env::var("ST_SEED").unwrap_or_else(|_| "42".into())])
+        // As hydra-cli asks: a JSON content type, no Accept.
+        .args(["-H", "Content-Type: application/json"])
+        .arg("--report-dir")
+        .arg(reports.path())
+        .env("NO_COLOR", "1")
+        .current_dir(reports.path())
+        .output()
+        .await
+        .expect("run schemathesis");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found answers Hydra's clients would not read:\n{text}");
+    assert!(text.contains("passed"), "{text}");
+}

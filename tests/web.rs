@@ -339,17 +339,6 @@ async fn a_private_kiln_shows_nothing_to_anonymous_requests() {
     assert_eq!(api.get("/nix-cache-info").await.0, 200);
 }
 
-/// The schemathesis command: `SCHEMATHESIS` or the virtualenv that
-/// `scripts/test` installs. Missing is a failure, not a skip.
-fn schemathesis() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("SCHEMATHESIS") {
-        return p.into();
-    }
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/schemathesis");
-    assert!(p.exists(), "schemathesis is not installed: run scripts/test, or set SCHEMATHESIS");
-    p
-}
-
 #[tokio::test]
 async fn the_openapi_document_describes_the_api_and_schemathesis_finds_no_failure() {
     let (kiln, api, _flake) = built_kiln("").await;

@@ -682,3 +682,14 @@ pub fn build_closure(tag: &str) -> (String, Vec<String>) {
     let closure = nix("nix-store", &["-qR", &top]).lines().map(str::to_string).collect();
     (top, closure)
 }
+
+/// The schemathesis command: `SCHEMATHESIS` or the virtualenv that
+/// `scripts/test` installs. Missing is a failure, not a skip.
+pub fn schemathesis() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SCHEMATHESIS") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/schemathesis");
+    assert!(p.exists(), "schemathesis is not installed: run scripts/test, or set SCHEMATHESIS");
+    p
+}
