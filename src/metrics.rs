@@ -22,7 +22,12 @@ pub fn count(c: &AtomicU64, n: u64) {
 
 /// Histogram bounds in seconds: a step or an evaluation takes from
 /// seconds to hours.
-const BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 10800.0];
+pub const BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 10800.0];
+
+/// The bucket of [`BUCKETS`] a value falls in (`BUCKETS.len()`: above the last bound).
+pub fn bucket_of(v: f64) -> usize {
+    BUCKETS.iter().position(|b| v <= *b).unwrap_or(BUCKETS.len())
+}
 
 /// The exposition, appended to as metrics are gathered.
 struct Out(String);
@@ -108,9 +113,10 @@ pub async fn render(db: &Db, queue: &crate::queue::Status) -> Result<String, DbE
         o.sample("kiln_builds_finished", &[("status", label)], n as f64);
     }
 
-    let (counts, sum) = db::steps::duration_histogram(c.ex(), BUCKETS).await?;
+    let n = BUCKETS.len() + 1;
+    let (counts, sum) = db::histograms::read(c.ex(), db::histograms::STEP_DURATION, n).await?;
     o.histogram("kiln_step_duration_seconds", "How long finished steps took to build.", &counts, sum);
-    let (counts, sum) = db::evaluations::duration_histogram(c.ex(), BUCKETS).await?;
+    let (counts, sum) = db::histograms::read(c.ex(), db::histograms::EVALUATION_DURATION, n).await?;
     o.histogram("kiln_evaluation_duration_seconds", "How long finished evaluations took.", &counts, sum);
 
     o.one(

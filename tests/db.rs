@@ -465,3 +465,20 @@ async fn a_pull_request_from_an_outside_contributor_is_approved_once_or_per_push
     })
     .await;
 }
+
+#[tokio::test]
+async fn duration_histograms_count_observations_per_bucket_with_their_sum() {
+    each_backend(|db| async move {
+        use kiln::db::histograms;
+        let mut c = db.conn().await.unwrap();
+        for secs in [0.5, 3.0, 4.0, 20000.0] {
+            histograms::observe(c.ex(), histograms::STEP_DURATION, secs).await.unwrap();
+        }
+        histograms::observe(c.ex(), histograms::EVALUATION_DURATION, 2.0).await.unwrap();
+        let (counts, sum) = histograms::read(c.ex(), histograms::STEP_DURATION, 9).await.unwrap();
+        assert_eq!(counts, vec![1, 2, 0, 0, 0, 0, 0, 0, 1], "1 s, 5 s, …, above 10800 s");
+        assert!((sum - 20007.5).abs() < 1e-6, "{sum}");
+        assert_eq!(histograms::read(c.ex(), histograms::EVALUATION_DURATION, 9).await.unwrap().0[1], 1);
+    })
+    .await;
+}

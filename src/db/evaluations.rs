@@ -102,9 +102,9 @@ pub async fn create(ex: Ex<'_>, e: &NewEvaluation<'_>) -> Result<Evaluation> {
 }
 
 /// Marks an evaluation finished: `failed` when `o.error` is set.
-pub async fn finish(ex: Ex<'_>, id: i64, duration_ms: i64, o: &Outcome<'_>) -> Result<()> {
+pub async fn finish(mut ex: Ex<'_>, id: i64, duration_ms: i64, o: &Outcome<'_>) -> Result<()> {
     let status = if o.error.is_some() { "failed" } else { "succeeded" };
-    run!(ex, c => sqlx::query(
+    run!(ex.re(), c => sqlx::query(
         "UPDATE evaluations SET status = $2, finished_at = $3, duration_ms = $4, lock_hash = $5, jobs = $6,
              error_jobs = $7, new_builds = $8, error = $9, stderr = $10, prev_eval_id = $11, jobs_new = $12,
              jobs_removed = $13, jobs_changed = $14, errors_new = $15 WHERE id = $1")
@@ -113,6 +113,7 @@ pub async fn finish(ex: Ex<'_>, id: i64, duration_ms: i64, o: &Outcome<'_>) -> R
         .bind(o.diff.new.len() as i64).bind(o.diff.removed.len() as i64).bind(o.diff.changed.len() as i64)
         .bind(o.diff.new_errors.len() as i64)
         .execute(&mut *c).await?.rows_affected());
+    super::histograms::observe(ex, super::histograms::EVALUATION_DURATION, duration_ms as f64 / 1000.0).await?;
     Ok(())
 }
 
@@ -445,16 +446,4 @@ pub async fn lock(mut ex: Ex<'_>, ids: &[i64]) -> Result<()> {
             .bind(*id).execute(&mut *c).await?.rows_affected());
     }
     Ok(())
-}
-
-/// Counts per duration bucket (`bounds` in seconds; the last count is
-/// above the last bound) and the sum in seconds of finished evaluations.
-pub async fn duration_histogram(ex: Ex<'_>, bounds: &[f64]) -> Result<(Vec<i64>, f64)> {
-    super::histogram(
-        ex,
-        "(duration_ms / 1000.0)",
-        "evaluations WHERE status <> 'running' AND duration_ms IS NOT NULL",
-        bounds,
-    )
-    .await
 }

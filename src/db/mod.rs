@@ -23,6 +23,7 @@ pub mod deployment_hosts;
 pub mod deployments;
 pub mod environments;
 pub mod evaluations;
+pub mod histograms;
 pub mod jobsets;
 pub mod machines;
 pub mod outbox;
@@ -269,31 +270,4 @@ pub(crate) async fn sqlite_json_rows<T: serde::de::DeserializeOwned>(
     }
     let text = q.fetch_one(&mut *c).await?;
     serde_json::from_str(&text).map_err(|e| DbError::Invalid(format!("JSON rows: {e}")))
-}
-
-/// Counts of `value` (seconds) per bucket of `bounds` (the last count is
-/// above the last bound) and their sum, over `FROM from`: one query for a
-/// Prometheus histogram. The tables' modules give the expression and rows.
-pub(crate) async fn histogram(ex: Ex<'_>, value: &str, from: &str, bounds: &[f64]) -> Result<(Vec<i64>, f64)> {
-    let count = |cond: String| format!("CAST(COALESCE(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END), 0) AS BIGINT)");
-    let mut cols = Vec::new();
-    let mut lower: Option<f64> = None;
-    for b in bounds {
-        let lo = lower.map(|l| format!("{value} > {l} AND ")).unwrap_or_default();
-        cols.push(count(format!("{lo}{value} <= {b}")));
-        lower = Some(*b);
-    }
-    cols.push(count(format!("{value} > {}", lower.unwrap_or(0.0))));
-    cols.push(format!("CAST(COALESCE(SUM({value}), 0) AS DOUBLE PRECISION)"));
-    let sql = sqlx::AssertSqlSafe(format!("SELECT {} FROM {from}", cols.join(", ")));
-    let n = bounds.len() + 1;
-    Ok(run!(ex, c => {
-        use sqlx::Row;
-        let row = sqlx::query(sql).fetch_one(&mut *c).await?;
-        let mut counts = Vec::with_capacity(n);
-        for i in 0..n {
-            counts.push(row.try_get::<i64, _>(i)?);
-        }
-        (counts, row.try_get::<f64, _>(n)?)
-    }))
 }

@@ -134,17 +134,29 @@ pub async fn set_phase(ex: Ex<'_>, id: i64, phase: &str) -> Result<()> {
 /// failure, 1 or 6: remembered, so other builds of it are cached failures
 /// until a restart) or `aborted` (any other status: timed out, a limit, a
 /// machine or coordinator fault; built again when a build needs it).
-pub async fn finish(ex: Ex<'_>, id: i64, build_status: i64, error: Option<&str>, log_file: Option<&str>) -> Result<()> {
+pub async fn finish(
+    mut ex: Ex<'_>,
+    id: i64,
+    build_status: i64,
+    error: Option<&str>,
+    log_file: Option<&str>,
+) -> Result<()> {
     let state = match build_status {
         0 => "succeeded",
         1 | 6 => "failed",
         _ => "aborted",
     };
-    run!(ex, c => sqlx::query(
+    let took: Option<Option<i64>> = run!(ex.re(), c => sqlx::query_scalar(
         "UPDATE steps SET state = $2, build_status = $3, error = $4, log_file = COALESCE($5, log_file), stop_time = $6,
-             phase = NULL WHERE id = $1")
+             phase = NULL WHERE id = $1 RETURNING stop_time - start_time")
         .bind(id).bind(state).bind(build_status).bind(error).bind(log_file).bind(now())
-        .execute(&mut *c).await?.rows_affected());
+        .fetch_optional(&mut *c).await?);
+    // What /metrics shows of builds: those that ran to a result.
+    if let Some(Some(secs)) = took
+        && state != "aborted"
+    {
+        super::histograms::observe(ex, super::histograms::STEP_DURATION, secs as f64).await?;
+    }
     Ok(())
 }
 
@@ -211,18 +223,6 @@ pub async fn failed_on(ex: Ex<'_>, machine: &str, limit: i64) -> Result<Vec<Step
         " FROM steps WHERE machine = $1 AND state IN ('failed', 'aborted') ORDER BY stop_time DESC LIMIT $2"
     );
     Ok(run!(ex, c => sqlx::query_as(sql).bind(machine).bind(limit).fetch_all(&mut *c).await?))
-}
-
-/// Counts per duration bucket (`bounds` in seconds; the last count is
-/// above the last bound) and the sum in seconds of finished steps.
-pub async fn duration_histogram(ex: Ex<'_>, bounds: &[f64]) -> Result<(Vec<i64>, f64)> {
-    super::histogram(
-        ex,
-        "(stop_time - start_time)",
-        "steps WHERE state IN ('succeeded', 'failed') AND start_time IS NOT NULL AND stop_time IS NOT NULL",
-        bounds,
-    )
-    .await
 }
 
 /// A step to create if its derivation has none.
