@@ -162,6 +162,10 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
         );
         periodic.push(tokio::spawn(deployer.run(stopped(stop_rx.clone()))));
     }
+    // Several processes on one PostgreSQL hear each other's events.
+    if let crate::db::Db::Postgres(pool) = &db {
+        periodic.push(tokio::spawn(crate::events::relay::run(pool.clone(), events.clone(), stopped(stop_rx.clone()))));
+    }
     if roles.web && !config.api_token_files.is_empty() {
         periodic.push(tokio::spawn(watch_token_files(db.clone(), config.clone(), tokens, stopped(stop_rx.clone()))));
     }

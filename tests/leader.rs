@@ -237,3 +237,39 @@ async fn postgresql_restarted_mid_build_the_queue_leads_again_and_finishes_the_b
     assert!(q["runnable"].as_array().is_some_and(|r| r.is_empty()), "{q}");
     assert_eq!(q["unfinished"], 0, "{q}");
 }
+
+/// Events cross processes on PostgreSQL: a web-only node's event stream
+/// (what its live pages follow) tells of a build that finishes on the
+/// node that runs the queue, as it happens, not at a rescan.
+#[tokio::test]
+async fn a_web_node_streams_the_events_of_builds_another_node_runs() {
+    let pg = PgDatabase::create().await;
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let flake = gated_flake(&gate, "relay", false);
+    let worker = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
+    let api = Api::new(&worker.url, None);
+    let slow = slow_build_running(&api).await;
+
+    let web = Kiln::start_with(config(&pg.url, None), &[], &["--roles", "web"]);
+    let mut stream = reqwest::Client::new().get(format!("{}/api/events?build={slow}", web.url)).send().await.unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    // The stream is open (its first bytes came) before the build ends.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let opened = std::time::Instant::now();
+    std::fs::write(&gate, "").unwrap();
+    // Keep-alives come every few seconds: the deadline is for the event.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut seen = String::new();
+    while !seen.contains("event: build_finished") {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no build_finished on the web node: {seen}\n{}", web.log()))
+            .unwrap()
+            .expect("the stream stays open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(&format!("\"build\":{slow}")), "{seen}");
+    assert!(opened.elapsed() < std::time::Duration::from_secs(15), "{:?}", opened.elapsed());
+    assert!(!web.log().contains("runs the queue"), "the web node runs no queue");
+}

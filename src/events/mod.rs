@@ -4,12 +4,18 @@
 //! `/api/events` stream today. Nothing is stored; a listener that falls
 //! behind is told so and reloads what it shows. The durable GitHub outbox is
 //! separate, because a lost status there is a bug and a lost event here is not.
+//! On PostgreSQL, [`relay`] carries them between Kiln processes (LISTEN/NOTIFY),
+//! so a web node's live pages and memos follow what another node does.
 
-use serde::Serialize;
+pub mod relay;
+
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// What happened. `jobset` is the jobset's id, so a page can pick what concerns it.
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     EvalStarted {
@@ -79,6 +85,8 @@ pub struct Events {
     /// Set when the server stops, so open streams end and do not hold up
     /// the graceful shutdown.
     closed: tokio::sync::watch::Sender<bool>,
+    /// Where events also go for other processes (see [`relay`]).
+    relay: Arc<OnceLock<tokio::sync::mpsc::UnboundedSender<Event>>>,
 }
 
 impl Default for Events {
@@ -92,10 +100,19 @@ impl Events {
         // Enough for a burst of cached builds finishing at once; a listener
         // further behind is told it lagged.
         let (tx, _) = broadcast::channel(4096);
-        Events { tx, closed: tokio::sync::watch::Sender::new(false) }
+        Events { tx, closed: tokio::sync::watch::Sender::new(false), relay: Default::default() }
     }
 
+    /// Announces `ev` here and, with a relay, to the other processes.
     pub fn send(&self, ev: Event) {
+        if let Some(r) = self.relay.get() {
+            let _ = r.send(ev.clone());
+        }
+        self.send_local(ev);
+    }
+
+    /// Announces `ev` in this process only (one another process relayed).
+    pub fn send_local(&self, ev: Event) {
         // No listener is not an error.
         let _ = self.tx.send(ev);
     }
