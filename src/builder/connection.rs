@@ -418,6 +418,10 @@ pub async fn open_ssh(
     }
 }
 
+/// How long a log that was behind waits for the stream to go quiet, and at most.
+const CATCH_UP_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+const CATCH_UP_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Copies the process's stderr to the current log target, keeping the last
 /// 8 KiB for error messages. A request to end the log is answered once
 /// everything the pipe held when it was taken up has gone to the target,
@@ -438,6 +442,7 @@ async fn forward_stderr(
                 // Whatever was read before is forwarded already (one loop);
                 // what the pipe holds now can be read without waiting.
                 let mut pending = pipe_holds(fd);
+                let behind = pending > 0;
                 while pending > 0 {
                     let want = pending.min(buf.len());
                     let n = match stderr.read(&mut buf[..want]).await {
@@ -446,6 +451,20 @@ async fn forward_stderr(
                     };
                     forward(&buf[..n], &log, &tail).await;
                     pending -= n;
+                }
+                // A reader that was behind (a big log) left a full pipe, and
+                // over SSH the `ssh` client then holds the rest in its own
+                // buffer while it delivers the result on stdout: take what
+                // comes until the stream has been quiet for a moment.
+                if behind {
+                    let until = tokio::time::Instant::now() + CATCH_UP_MAX;
+                    loop {
+                        let quiet = tokio::time::Instant::now() + CATCH_UP_QUIET;
+                        match tokio::time::timeout_at(quiet.min(until), stderr.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => forward(&buf[..n], &log, &tail).await,
+                            _ => break,
+                        }
+                    }
                 }
                 *log.lock().expect("log target") = None;
                 let _ = ack.send(());
