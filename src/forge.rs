@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -22,7 +21,7 @@ use crate::db::{Db, DbError, now, outbox};
 use crate::github::Repo;
 use crate::github::sender::{Outcome, classify};
 use crate::github::statuses::Status;
-use crate::github::webhook::{Event, WebhookError};
+use crate::github::webhook::{Event, Repository, WebhookError};
 
 /// The outbox `kind` of a forge's commit status.
 pub const KIND: &str = "forge_status";
@@ -114,32 +113,17 @@ impl Forge {
     }
 }
 
-/// The hex signature a forge sends for `body` (for tests and tools).
+/// The hex signature a forge sends for `body` (for tests and tools):
+/// GitHub's, without its `sha256=`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(body);
-    crate::nix::hash::to_hex(&mac.finalize().into_bytes())
-}
-
-#[derive(Deserialize)]
-struct RepoPayload {
-    full_name: String,
-    #[serde(default)]
-    default_branch: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PushPayload {
-    #[serde(rename = "ref")]
-    git_ref: String,
-    repository: RepoPayload,
+    crate::github::webhook::sign(secret, body).trim_start_matches("sha256=").to_string()
 }
 
 #[derive(Deserialize)]
 struct Head {
     sha: String,
     #[serde(default)]
-    repo: Option<RepoPayload>,
+    repo: Option<Repository>,
 }
 
 #[derive(Deserialize)]
@@ -160,7 +144,7 @@ struct Pr {
 struct PrPayload {
     action: String,
     pull_request: Pr,
-    repository: RepoPayload,
+    repository: Repository,
 }
 
 /// A verified body as GitHub's event. A forge has no
@@ -170,17 +154,8 @@ struct PrPayload {
 pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
     let bad = |e: serde_json::Error| WebhookError::Malformed { event: event.to_string(), reason: e.to_string() };
     match event {
-        "push" => {
-            let p: PushPayload = serde_json::from_slice(body).map_err(bad)?;
-            // Gitea says nothing of deletions but an all-zero `after`;
-            // a deleted branch has nothing to evaluate anyway.
-            Ok(Event::Push {
-                branch: p.git_ref.strip_prefix("refs/heads/").map(str::to_string),
-                default_branch: p.repository.default_branch.unwrap_or_default(),
-                repo: p.repository.full_name,
-                deleted: false,
-            })
-        }
+        // Gitea's push is GitHub's, keys and all.
+        "push" => crate::github::webhook::parse(event, body),
         "pull_request" => {
             let p: PrPayload = serde_json::from_slice(body).map_err(bad)?;
             let same_repo =

@@ -106,11 +106,12 @@ pub enum Event {
     Other,
 }
 
+/// The `repository` of an event (GitHub's, Gitea's and Forgejo's alike).
 #[derive(Deserialize)]
-struct RepoPayload {
-    full_name: String,
+pub(crate) struct Repository {
+    pub full_name: String,
     #[serde(default)]
-    default_branch: Option<String>,
+    pub default_branch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -119,7 +120,7 @@ struct PushPayload {
     git_ref: String,
     #[serde(default)]
     deleted: bool,
-    repository: RepoPayload,
+    repository: Repository,
 }
 
 #[derive(Deserialize)]
@@ -146,14 +147,14 @@ struct PrPayload {
 struct PullRequestPayload {
     action: String,
     pull_request: PrPayload,
-    repository: RepoPayload,
+    repository: Repository,
 }
 
 #[derive(Deserialize)]
 struct MergeGroupPayload {
     action: String,
     merge_group: MergeGroupInner,
-    repository: RepoPayload,
+    repository: Repository,
 }
 
 #[derive(Deserialize)]
@@ -192,7 +193,7 @@ struct CheckRunPayload {
     action: String,
     check_run: CheckRunInner,
     requested_action: Option<RequestedAction>,
-    repository: RepoPayload,
+    repository: Repository,
     sender: Option<Sender>,
 }
 
@@ -206,7 +207,7 @@ struct CheckSuiteInner {
 struct CheckSuitePayload {
     action: String,
     check_suite: CheckSuiteInner,
-    repository: RepoPayload,
+    repository: Repository,
 }
 
 /// Parses a verified body by its `X-GitHub-Event`.
