@@ -19,9 +19,10 @@ impl Runner {
         for platform in platforms {
             let mut skip = HashSet::new();
             while let Some(step) = self.best_of(&platform, &skip) {
-                let avoid = self.steps[&step].avoid.clone();
-                let Some(mi) = self.pick_machine(&platform, &avoid, self.resume_on.get(&step).map(String::as_str))
-                else {
+                let s = &self.steps[&step];
+                let (avoid, inputs_on) = (s.avoid.clone(), s.inputs_on.clone());
+                let resume = self.resume_on.get(&step).map(String::as_str);
+                let Some(mi) = self.pick_machine(&platform, &avoid, resume, &inputs_on) else {
                     // This step waits for a machine; lower ones might not.
                     skip.insert(step);
                     if skip.len() > 32 {

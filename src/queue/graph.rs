@@ -22,6 +22,10 @@ pub(super) struct Step {
     pub(super) key: Option<(i64, Key)>,
     /// Said first in its log (why an upstream's copy was not used).
     pub(super) note: Option<String>,
+    /// Machines that built its inputs in this run, one entry per input:
+    /// a machine that already holds them is preferred, so fewer inputs
+    /// cross between builders (see `pick_machine`).
+    pub(super) inputs_on: Vec<Arc<str>>,
 }
 
 pub(super) struct LiveBuild {
@@ -415,6 +419,7 @@ impl Runner {
                 runnable_since: None,
                 key: None,
                 note,
+                inputs_on: Vec::new(),
             },
         );
         self.by_drv.insert(drv.to_string(), row.id);

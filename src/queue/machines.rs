@@ -104,43 +104,15 @@ impl Runner {
         Ok(())
     }
 
-    /// The free machine that fits, lowest load per speed factor, avoiding
-    /// those that failed this step when another one could take it.
-    /// The machine to run a step of `platform` on: the least loaded free
-    /// one, not one of `avoid` while another could take it; `resume` (the
-    /// machine it ran on when the last runner died) while that one is
-    /// usable, waiting for a slot there.
+    /// The machine to run a step of `platform` on (see [`pick`]).
     pub(super) fn pick_machine(
         &self,
         platform: &Platform,
         avoid: &HashSet<String>,
         resume: Option<&str>,
+        inputs_on: &[Arc<str>],
     ) -> Option<usize> {
-        let now = Instant::now();
-        let usable = |m: &MachineState| {
-            m.enabled && m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now)
-        };
-        let free = |m: &MachineState| m.running < m.m.max_jobs.max(1);
-        if let Some((i, m)) =
-            resume.and_then(|uri| self.machines.iter().enumerate().find(|(_, m)| m.m.uri == uri && usable(m)))
-        {
-            return free(m).then_some(i);
-        }
-        let load = |m: &MachineState| m.running as f64 / m.m.max_jobs.max(1) as f64 / m.m.speed_factor;
-        let best = |skip_avoided: bool| {
-            self.machines
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| usable(m) && free(m) && !(skip_avoided && avoid.contains(&m.m.uri)))
-                .min_by(|a, b| load(a.1).partial_cmp(&load(b.1)).unwrap_or(std::cmp::Ordering::Equal))
-                .map(|(i, _)| i)
-        };
-        if let Some(i) = best(true) {
-            return Some(i);
-        }
-        // Only avoided machines are free: wait if another could take it.
-        let other_exists = self.machines.iter().any(|m| usable(m) && !avoid.contains(&m.m.uri));
-        if other_exists { None } else { best(false) }
+        pick(&self.machines, platform, avoid, resume, inputs_on)
     }
 
     /// A machine did its part. Its record in the database is for pages and
@@ -181,5 +153,95 @@ impl Runner {
         if let Err(e) = written.await {
             warn!(machine = uri, error = %e, "cannot record a machine's failure");
         }
+    }
+}
+
+/// The machine to run a step of `platform` on: of the free ones that fit,
+/// the one that built most of its inputs, then the least loaded per speed
+/// factor; not one of `avoid` while another could take it; `resume` (the
+/// machine it ran on when the last runner died) while that one is usable,
+/// waiting for a slot there.
+fn pick(
+    machines: &[MachineState],
+    platform: &Platform,
+    avoid: &HashSet<String>,
+    resume: Option<&str>,
+    inputs_on: &[Arc<str>],
+) -> Option<usize> {
+    let now = Instant::now();
+    let usable =
+        |m: &MachineState| m.enabled && m.m.fits(&platform.0, &platform.1) && m.paused_until.is_none_or(|t| t <= now);
+    let free = |m: &MachineState| m.running < m.m.max_jobs.max(1);
+    if let Some((i, m)) = resume.and_then(|uri| machines.iter().enumerate().find(|(_, m)| m.m.uri == uri && usable(m)))
+    {
+        return free(m).then_some(i);
+    }
+    let load = |m: &MachineState| m.running as f64 / m.m.max_jobs.max(1) as f64 / m.m.speed_factor;
+    // Among free machines, the one that built most of the step's inputs
+    // first: the others would have to copy them in (a NAR import and a
+    // store registration each), which on a chain of small steps costs
+    // more than the build. Then the lowest load.
+    let held = |m: &MachineState| inputs_on.iter().filter(|u| ***u == *m.m.uri).count();
+    let best = |skip_avoided: bool| {
+        machines
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| usable(m) && free(m) && !(skip_avoided && avoid.contains(&m.m.uri)))
+            .min_by(|a, b| {
+                held(b.1).cmp(&held(a.1)).then(load(a.1).partial_cmp(&load(b.1)).unwrap_or(std::cmp::Ordering::Equal))
+            })
+            .map(|(i, _)| i)
+    };
+    if let Some(i) = best(true) {
+        return Some(i);
+    }
+    // Only avoided machines are free: wait if another could take it.
+    let other_exists = machines.iter().any(|m| usable(m) && !avoid.contains(&m.m.uri));
+    if other_exists { None } else { best(false) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machines(slots: &[(u32, u32)]) -> Vec<MachineState> {
+        let text: String = slots
+            .iter()
+            .enumerate()
+            .map(|(i, (max, _))| format!("ssh://b{i} x86_64-linux - {max} 1\n"))
+            .collect();
+        let (list, errors) = crate::builder::machines::parse(&text);
+        assert!(errors.is_empty(), "{errors:?}");
+        list.into_iter()
+            .zip(slots)
+            .map(|(m, (_, running))| MachineState {
+                m,
+                running: *running,
+                failures: 0,
+                paused_until: None,
+                enabled: true,
+                idle: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_step_goes_where_its_inputs_were_built_while_that_machine_has_a_slot() {
+        let platform: Platform = (Arc::from("x86_64-linux"), Vec::new());
+        let none = HashSet::new();
+        let on = |uris: &[&str]| uris.iter().map(|u| Arc::<str>::from(*u)).collect::<Vec<_>>();
+        // b1 is busier than b0, but holds both inputs.
+        let ms = machines(&[(2, 0), (2, 1)]);
+        assert_eq!(pick(&ms, &platform, &none, None, &[]), Some(0), "no inputs: the least loaded");
+        assert_eq!(pick(&ms, &platform, &none, None, &on(&["ssh://b1", "ssh://b1"])), Some(1));
+        // More inputs on b0 than on b1 wins over b1's load.
+        assert_eq!(pick(&ms, &platform, &none, None, &on(&["ssh://b1", "ssh://b0", "ssh://b0"])), Some(0));
+        // b1 is full: the step goes elsewhere rather than wait.
+        let ms = machines(&[(2, 0), (2, 2)]);
+        assert_eq!(pick(&ms, &platform, &none, None, &on(&["ssh://b1", "ssh://b1"])), Some(0));
+        // A machine the step failed on is still avoided.
+        let avoid: HashSet<String> = ["ssh://b1".to_string()].into();
+        let ms = machines(&[(2, 1), (2, 0)]);
+        assert_eq!(pick(&ms, &platform, &avoid, None, &on(&["ssh://b1"])), Some(0));
     }
 }

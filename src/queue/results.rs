@@ -169,9 +169,11 @@ impl Runner {
         let dependents: Vec<i64> =
             self.steps.get(&id).map(|s| s.dependents.iter().copied().collect()).unwrap_or_default();
         self.remove_step(id);
+        let built_on: Arc<str> = Arc::from(uri);
         for d in dependents {
             if let Some(s) = self.steps.get_mut(&d) {
                 s.deps.remove(&id);
+                s.inputs_on.push(built_on.clone());
             }
             self.requeue(d);
         }
