@@ -15,6 +15,8 @@ pub static CACHE_NARINFO_HITS: AtomicU64 = AtomicU64::new(0);
 pub static CACHE_NARINFO_MISSES: AtomicU64 = AtomicU64::new(0);
 pub static CACHE_NAR_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static CACHE_NARS: AtomicU64 = AtomicU64::new(0);
+/// Reads the cache's storage could not answer (a bucket down or slow).
+pub static CACHE_STORAGE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 pub fn count(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -142,6 +144,12 @@ pub async fn render(db: &Db, queue: &crate::queue::Status) -> Result<String, DbE
         "counter",
         "Bytes of NAR files served.",
         CACHE_NAR_BYTES.load(Ordering::Relaxed) as f64,
+    );
+    o.one(
+        "kiln_cache_storage_errors_total",
+        "counter",
+        "Cache reads answered 503 because the storage (a bucket) could not answer.",
+        CACHE_STORAGE_ERRORS.load(Ordering::Relaxed) as f64,
     );
 
     let ob = db::outbox::stats(c.ex()).await?;

@@ -373,7 +373,7 @@ async fn uploads_are_kept_as_sent_after_every_hash_is_checked() {
             let pending = |bytes: &[u8]| {
                 let p = state.path().join("cache/pending").join(url.trim_start_matches("nar/"));
                 std::fs::write(&p, bytes).unwrap();
-                Some(p)
+                Some(format!("pending/{}", url.trim_start_matches("nar/")))
             };
             let other = format!("nar/{}.nar.xz", Hash::sha256(b"other").to_base32());
             let bad: Vec<(&str, NarInfo)> = vec![

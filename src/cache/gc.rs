@@ -78,38 +78,65 @@ pub async fn collect(cache: &Cache, keep_uploads_days: u64, dry_run: bool) -> Re
             continue;
         }
         // Narinfo first: from here on no client is sent to the NAR.
-        cache.storage().delete(&format!("{hash}.narinfo"))?;
+        cache.storage().delete(&format!("{hash}.narinfo")).await?;
         let mut c = cache.db().conn().await?;
         cache_paths::delete(c.ex(), hash).await?;
     }
     // Another path may share a NAR (same contents); only the unclaimed go.
-    for (name, size, age) in cache.storage().list("nar")? {
+    // Objects are deleted in batches (a bucket takes 1,000 a request).
+    let storage = cache.storage();
+    let mut doomed = Vec::new();
+    for (name, size, age) in storage.list("nar").await? {
         let key = format!("nar/{name}");
         let stale_temp = name.starts_with(TEMP_PREFIX) && age > PENDING_EXPIRY_S;
         let orphan = !name.starts_with(TEMP_PREFIX) && !live_nars.contains(key.as_str()) && age > GRACE_S;
         if stale_temp || orphan {
             report.deleted_files += 1;
             report.freed_bytes += size;
-            if !dry_run {
-                let _ = std::fs::remove_file(cache.storage().root().join(&key));
+            if stale_temp {
+                if !dry_run {
+                    storage.remove_temp("nar", &name);
+                }
+            } else {
+                doomed.push(key);
             }
         }
     }
     let known: HashSet<&str> = all.iter().map(|(h, ..)| h.as_str()).collect();
     for dir in ["pending", ""] {
-        for (name, size, age) in cache.storage().list(dir)? {
+        for (name, size, age) in storage.list(dir).await? {
             let stray_narinfo = dir.is_empty()
                 && name.ends_with(".narinfo")
                 && age > GRACE_S
                 && name.strip_suffix(".narinfo").is_none_or(|h| !known.contains(h));
-            let expired = (dir == "pending" || name.starts_with(TEMP_PREFIX)) && age > PENDING_EXPIRY_S;
+            let temp = name.starts_with(TEMP_PREFIX);
+            let expired = (dir == "pending" || temp) && age > PENDING_EXPIRY_S;
             if stray_narinfo || expired {
                 report.deleted_files += 1;
                 report.freed_bytes += size;
-                if !dry_run {
-                    let _ = std::fs::remove_file(cache.storage().root().join(dir).join(&name));
+                if temp {
+                    if !dry_run {
+                        storage.remove_temp(dir, &name);
+                    }
+                } else {
+                    doomed.push(if dir.is_empty() { name } else { format!("{dir}/{name}") });
                 }
             }
+        }
+    }
+    // A bucket's temporary files are in the local spool.
+    for (name, size, age) in storage.spool_temps() {
+        if age > PENDING_EXPIRY_S {
+            report.deleted_files += 1;
+            report.freed_bytes += size;
+            if !dry_run {
+                storage.remove_temp("", &name);
+            }
+        }
+    }
+    if !dry_run {
+        for chunk in doomed.chunks(1000) {
+            storage.delete_many(chunk.to_vec()).await?;
         }
     }
     Ok(report)

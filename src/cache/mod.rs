@@ -139,7 +139,12 @@ struct Written {
 
 impl Cache {
     pub fn open(config: &Config, db: Db, key: SigningKey) -> Result<Cache, CacheError> {
-        let storage = Storage::open(&config.cache_dir())?;
+        let storage = match config.cache.storage {
+            crate::config::StorageKind::Local => Storage::open(&config.cache_dir())?,
+            crate::config::StorageKind::S3 => {
+                Storage::open_s3(&config.cache.s3, &config.state_dir.join("cache-spool"))?
+            }
+        };
         let cache = Cache {
             inner: Arc::new(Inner {
                 storage,
@@ -158,7 +163,9 @@ impl Cache {
                 },
             }),
         };
-        cache.inner.storage.put_bytes("nix-cache-info", cache.cache_info().as_bytes())?;
+        // For `nix copy --from file://…` (or `s3://…`) straight off the
+        // storage; Kiln itself answers /nix-cache-info from memory.
+        cache.inner.storage.put_info("nix-cache-info", cache.cache_info().into_bytes())?;
         Ok(cache)
     }
 
@@ -210,12 +217,11 @@ impl Cache {
         let hashes: Vec<&str> = paths.iter().map(|p| p.hash_part()).collect();
         let mut c = self.inner.db.conn().await?;
         let own: HashSet<String> = cache_paths::own(c.ex(), &hashes).await?.into_iter().collect();
-        Ok(paths
-            .iter()
-            .filter(|p| own.contains(p.hash_part()))
-            .filter(|p| self.inner.storage.exists(&format!("{}.narinfo", p.hash_part())))
-            .map(|p| p.to_string())
-            .collect())
+        drop(c);
+        let candidates: Vec<&StorePath> = paths.iter().filter(|p| own.contains(p.hash_part())).collect();
+        let keys = candidates.iter().map(|p| format!("{}.narinfo", p.hash_part())).collect();
+        let present = self.inner.storage.exists_many(keys).await?;
+        Ok(candidates.into_iter().zip(present).filter(|(_, there)| *there).map(|(p, _)| p.to_string()).collect())
     }
 
     /// Whether one path is in the cache as Kiln's own; see [`Cache::own_paths`].
@@ -341,12 +347,8 @@ impl Cache {
     }
 
     async fn write_narinfo(&self, ni: &NarInfo) -> Result<(), CacheError> {
-        let text = ni.render();
-        let storage = self.inner.storage.clone();
         let key = format!("{}.narinfo", ni.store_path.hash_part());
-        tokio::task::spawn_blocking(move || storage.put_bytes(&key, text.as_bytes()))
-            .await
-            .map_err(|e| CacheError::Io(std::io::Error::other(e)))??;
+        self.inner.storage.put_bytes(&key, ni.render().into_bytes()).await?;
         Ok(())
     }
 
@@ -359,17 +361,17 @@ impl Cache {
             let mut c = self.inner.db.conn().await?;
             cache_paths::present(c.ex(), &hashes).await?.into_iter().collect()
         };
-        let mut files = Vec::new();
-        for p in paths.iter().filter(|p| present.contains(p.hash_part())) {
-            files.push((p.to_string(), self.inner.storage.path(&format!("{}.narinfo", p.hash_part()))?));
-        }
-        let read = tokio::task::spawn_blocking(move || {
-            files
-                .into_iter()
-                .filter_map(|(p, f)| Some((p, NarInfo::parse(&std::fs::read_to_string(f).ok()?).ok()?)))
-                .collect::<HashMap<String, NarInfo>>()
-        });
-        read.await.map_err(|e| CacheError::Io(std::io::Error::other(e)))
+        let keys: Vec<(String, String)> = paths
+            .iter()
+            .filter(|p| present.contains(p.hash_part()))
+            .map(|p| (p.to_string(), format!("{}.narinfo", p.hash_part())))
+            .collect();
+        let read = self.inner.storage.read_many(keys.iter().map(|(_, k)| k.clone()).collect()).await?;
+        Ok(keys
+            .into_iter()
+            .zip(read)
+            .filter_map(|((p, _), bytes)| Some((p, NarInfo::parse(std::str::from_utf8(bytes.as_deref()?).ok()?).ok()?)))
+            .collect())
     }
 
     /// The narinfo of a path in the cache.

@@ -3,7 +3,6 @@
 //! signs it too only when a trusted upload key did (decision 014).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
 
 use super::write::RemoveOnDrop;
 use super::*;
@@ -11,7 +10,7 @@ use crate::nix::hash::Sha256Stream;
 
 impl Cache {
     /// Stores what `nix copy --to` uploaded, as the uploader made it: the
-    /// NAR file in `pending` (compressed as the narinfo says) must
+    /// NAR file at the `pending` key (compressed as the narinfo says) must
     /// decompress to a valid NAR with the narinfo's NarHash and NarSize,
     /// hash to its FileHash and FileSize (when given) and to the name in
     /// its URL; it is then kept under that URL, so the uploader's own Nix,
@@ -24,7 +23,7 @@ impl Cache {
     pub async fn ingest_upload(
         &self,
         uploaded: NarInfo,
-        pending: Option<PathBuf>,
+        pending: Option<String>,
     ) -> Result<(NarInfo, bool), CacheError> {
         if let Some(existing) = self.kept(&uploaded.store_path, Origin::Upload).await? {
             return Ok((existing, false));
@@ -92,12 +91,12 @@ fn check_nar(nar: impl Read, hash: &Hash, size: u64) -> Result<(), CacheError> {
 }
 
 impl Inner {
-    /// Claims an uploaded NAR file from `pending` (so a second upload of the
+    /// Claims an uploaded NAR file from its `pending` key (so a second upload of the
     /// same name cannot swap it while it is checked), checks it against the
     /// narinfo, and moves it to the narinfo's URL. Without `pending`, the
     /// file already at the URL is checked instead: Nix does not send a NAR
     /// file the cache already has (another path with the same contents).
-    fn store_upload(&self, ni: &NarInfo, pending: Option<&Path>) -> Result<Written, CacheError> {
+    fn store_upload(&self, ni: &NarInfo, pending: Option<&str>) -> Result<Written, CacheError> {
         let key = ni.url.clone();
         let ext = nar_extension(&ni.compression)?;
         if !key.ends_with(&format!(".nar{ext}")) {
@@ -106,14 +105,18 @@ impl Inner {
                 ni.compression
             )));
         }
-        let (tmp, guard) = match pending {
+        let missing =
+            |k: &str| CacheError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{k} is gone")));
+        // `guard` removes the file this check reads when it is a copy.
+        let (tmp, claimed, _guard) = match pending {
             Some(pending) => {
-                let (_, tmp) = self.storage.temp_for(&key)?;
-                let guard = RemoveOnDrop(Some(tmp.clone()));
-                std::fs::rename(pending, &tmp).map_err(CacheError::Io)?;
-                (tmp, Some(guard))
+                let tmp = self.storage.claim_blocking(pending, &key)?.ok_or_else(|| missing(pending))?;
+                (tmp.clone(), true, RemoveOnDrop(Some(tmp)))
             }
-            None => (self.storage.path(&key)?, None),
+            None => {
+                let (file, copy) = self.storage.fetch_blocking(&key)?.ok_or_else(|| missing(&key))?;
+                (file.clone(), false, RemoveOnDrop(copy.then_some(file)))
+            }
         };
         let f = std::fs::File::open(&tmp).map_err(CacheError::Io)?;
         let mut file =
@@ -144,13 +147,8 @@ impl Inner {
         if key != named {
             return Err(CacheError::FileMismatch(format!("URL {key} should be {named} for these bytes")));
         }
-        if let Some(guard) = guard {
-            if self.storage.exists(&key) {
-                drop(guard);
-            } else {
-                self.storage.commit(&tmp, &key)?;
-                std::mem::forget(guard);
-            }
+        if claimed && !self.storage.exists_blocking(&key)? {
+            self.storage.commit_blocking(&tmp, &key)?;
         }
         Ok(Written { nar_hash: ni.nar_hash.clone(), nar_size: ni.nar_size, file_hash, file_size, key })
     }

@@ -61,11 +61,11 @@ impl Inner {
         file.sync_all().map_err(store_err)?;
         drop(file);
         let key = format!("nar/{}.nar{ext}", file_hash.to_base32());
-        if self.storage.exists(&key) {
+        if self.storage.exists_blocking(&key)? {
             // Same bytes already stored (content-addressed): keep the old file.
             drop(guard);
         } else {
-            self.storage.commit(&tmp, &key)?;
+            self.storage.commit_blocking(&tmp, &key)?;
             std::mem::forget(guard);
         }
         Ok(Written { nar_hash, nar_size, file_hash, file_size, key })

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod cache;
 mod forges;
+pub use cache::*;
 pub use forges::*;
 
 #[derive(Debug, Error)]
@@ -163,34 +165,6 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// Where the cache's files live. Default: `<state_dir>/cache`.
-    pub dir: Option<PathBuf>,
-    /// Default: `<state_dir>/keys/cache.sec`, generated on first start.
-    pub secret_key_file: Option<PathBuf>,
-    /// Name of a generated key (`<name>:<base64>`).
-    pub key_name: String,
-    pub compression: Compression,
-    pub zstd_level: i32,
-    /// `Priority:` in nix-cache-info; lower is preferred by clients.
-    pub priority: u32,
-    /// Largest NAR accepted from `nix copy --to` (compressed or not).
-    pub max_upload_mib: u64,
-    /// Uploaded paths are kept at least this long by garbage collection.
-    pub keep_uploads_days: u64,
-    /// Seconds between garbage collections in `kiln serve`; 0 turns them off.
-    pub gc_interval_s: u64,
-    /// Refuse uploads whose narinfo is not signed by one of `trusted_upload_keys`.
-    pub require_upload_signatures: bool,
-    /// Public keys (`name:base64`) whose signatures uploads may carry.
-    pub trusted_upload_keys: Vec<String>,
-    /// Keep the upstream paths Kiln's builds used in Kiln's own cache too,
-    /// so deployers need only Kiln.
-    pub mirror_upstream: bool,
-}
-
 /// How long history is kept (see `history.rs`); 0 keeps it forever.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -299,25 +273,6 @@ impl Default for EvalConfig {
             timeout_s: 600,
             max_concurrent: 2,
             evaluator: Evaluator::Builtin,
-        }
-    }
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            dir: None,
-            secret_key_file: None,
-            key_name: "kiln-1".to_string(),
-            compression: Compression::Zstd,
-            zstd_level: 3,
-            priority: 40,
-            max_upload_mib: 4096,
-            keep_uploads_days: 7,
-            gc_interval_s: 3600,
-            require_upload_signatures: false,
-            trusted_upload_keys: Vec::new(),
-            mirror_upstream: false,
         }
     }
 }
@@ -435,6 +390,7 @@ impl Config {
         if self.cache.require_upload_signatures && self.cache.trusted_upload_keys.is_empty() {
             return Err(ConfigError::key(origin, "cache.require_upload_signatures", "needs cache.trusted_upload_keys"));
         }
+        self.cache.validate(origin)?;
         if self.cache.key_name.is_empty() || self.cache.key_name.contains(':') {
             return Err(ConfigError::key(origin, "cache.key_name", "must be non-empty and contain no ':'"));
         }
@@ -689,7 +645,8 @@ mod tests {
             assert!(text.contains(&format!("{k} =")) || text.contains(&format!("[{k}]")), "{k} undocumented");
             if let toml::Value::Table(t) = v {
                 for k2 in t.keys() {
-                    assert!(text.contains(&format!("{k2} =")), "{k}.{k2} undocumented");
+                    let documented = text.contains(&format!("{k2} =")) || text.contains(&format!("[{k}.{k2}]"));
+                    assert!(documented, "{k}.{k2} undocumented");
                 }
             }
         }

@@ -268,10 +268,20 @@ pub(super) async fn send_path(
             sent.map_err(|e| local_side(e, &SendError::Coordinator))
         }
         Source::Cache(ni) => {
-            let file = cache.storage().path(&ni.url).map_err(|e| SendError::Coordinator(e.to_string()))?;
-            let f = tokio::fs::File::open(&file).await.map_err(|e| {
-                SendError::Coordinator(format!("input {path} is in the cache index but its NAR cannot be read: {e}"))
-            })?;
+            let f = match cache.storage().reader(&ni.url).await {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    return Err(SendError::Coordinator(format!(
+                        "input {path} is in the cache index but its NAR {} is missing",
+                        ni.url
+                    )));
+                }
+                Err(e) => {
+                    return Err(SendError::Coordinator(format!(
+                        "input {path} is in the cache index but its NAR cannot be read: {e}"
+                    )));
+                }
+            };
             let mut nar = crate::nix::compression::decompressing(&ni.compression, f)
                 .map_err(|e| SendError::Coordinator(e.to_string()))?;
             conn.serve.add_to_store_nar(info, &mut nar).await.map_err(|e| local_side(e, &SendError::Coordinator))

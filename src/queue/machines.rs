@@ -205,11 +205,8 @@ mod tests {
     use super::*;
 
     fn machines(slots: &[(u32, u32)]) -> Vec<MachineState> {
-        let text: String = slots
-            .iter()
-            .enumerate()
-            .map(|(i, (max, _))| format!("ssh://b{i} x86_64-linux - {max} 1\n"))
-            .collect();
+        let text: String =
+            slots.iter().enumerate().map(|(i, (max, _))| format!("ssh://b{i} x86_64-linux - {max} 1\n")).collect();
         let (list, errors) = crate::builder::machines::parse(&text);
         assert!(errors.is_empty(), "{errors:?}");
         list.into_iter()

@@ -43,19 +43,25 @@ pub async fn cache_info(State(s): State<AppState>) -> Response {
 
 pub async fn get_narinfo(State(s): State<AppState>, Path(file): Path<String>) -> Response {
     let Some(hash) = narinfo_hash(&file) else { return not_found() };
-    let Ok(path) = s.cache.storage().path(&format!("{hash}.narinfo")) else { return not_found() };
-    // A narinfo is a few hundred bytes, nearly always in the page cache:
-    // reading it here is cheaper than handing it to the blocking pool.
-    match std::fs::read(&path) {
-        Ok(bytes) => {
+    match s.cache.storage().read(&format!("{hash}.narinfo")).await {
+        Ok(Some(bytes)) => {
             crate::metrics::count(&crate::metrics::CACHE_NARINFO_HITS, 1);
             ([(header::CONTENT_TYPE, NARINFO_TYPE)], bytes).into_response()
         }
-        Err(_) => {
+        Ok(None) => {
             crate::metrics::count(&crate::metrics::CACHE_NARINFO_MISSES, 1);
             not_found()
         }
+        Err(e) => unavailable(&s, e),
     }
+}
+
+/// The storage could not answer: 503, which Nix retries, never a 404,
+/// which it would remember as a miss for an hour.
+fn unavailable(s: &AppState, e: crate::cache::StorageError) -> Response {
+    crate::metrics::count(&crate::metrics::CACHE_STORAGE_ERRORS, 1);
+    tracing::warn!(storage = s.cache.storage().kind(), error = %e, "cache storage error");
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], "cache storage unavailable\n").into_response()
 }
 
 /// A byte range from a `Range` header, resolved against the file length:
@@ -92,10 +98,12 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
     if !valid_nar_name(&file) {
         return not_found();
     }
-    let Ok(path) = s.cache.storage().path(&format!("nar/{file}")) else { return not_found() };
-    let Ok(f) = std::fs::File::open(&path) else { return not_found() };
-    let Ok(meta) = f.metadata() else { return not_found() };
-    let len = meta.len();
+    let key = format!("nar/{file}");
+    let len = match s.cache.storage().size(&key).await {
+        Ok(Some(len)) => len,
+        Ok(None) => return not_found(),
+        Err(e) => return unavailable(&s, e),
+    };
     let (status, start, count) = match parse_range(&headers, len) {
         Ok(None) => (StatusCode::OK, 0, len),
         Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
@@ -106,9 +114,12 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
     };
     crate::metrics::count(&crate::metrics::CACHE_NARS, 1);
     crate::metrics::count(&crate::metrics::CACHE_NAR_BYTES, count);
-    // One blocking thread reads the whole range and hands over large
-    // chunks: tokio's async file pays a thread hand-off per read.
-    let stream = blocking_file_stream(f, start, count);
+    let stream = match s.cache.storage().read_range(&key, start, count).await {
+        Ok(Some(stream)) => stream,
+        // Deleted between the two looks (garbage collection).
+        Ok(None) => return not_found(),
+        Err(e) => return unavailable(&s, e),
+    };
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -134,51 +145,6 @@ pub async fn get_log(State(s): State<AppState>, Path(drv): Path<String>) -> Resp
         Some(r) => ([(header::CONTENT_TYPE, TEXT)], super::live::stream_reader(r)).into_response(),
         None => not_found(),
     }
-}
-
-/// Streams `count` bytes of `f` from `start`, read on a blocking thread.
-fn blocking_file_stream(
-    mut f: std::fs::File,
-    start: u64,
-    count: u64,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Seek};
-        if let Err(e) = f.seek(std::io::SeekFrom::Start(start)) {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-        let mut left = count;
-        while left > 0 {
-            let mut buf = vec![0u8; left.min(512 * 1024) as usize];
-            match f.read(&mut buf) {
-                Ok(0) => {
-                    let _ = tx.blocking_send(Err(std::io::ErrorKind::UnexpectedEof.into()));
-                    return;
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    left -= n as u64;
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    tokio_stream_from(rx)
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// `PUT /nar/<file>`: an uploaded NAR, held as pending until a narinfo
@@ -223,7 +189,7 @@ pub async fn put_nar(
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
-    s.cache.storage().commit(&tmp, &key).map_err(|e| cache_error(e.into()))?;
+    s.cache.storage().commit(&tmp, &key).await.map_err(|e| cache_error(e.into()))?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -261,18 +227,19 @@ pub async fn put_narinfo(
         .filter(|n| valid_nar_name(n))
         .ok_or_else(|| WebError::BadRequest(format!("narinfo URL {:?} is not nar/<file>", info.url)))?
         .to_string();
-    let pending = s.cache.storage().path(&format!("pending/{nar}")).map_err(|e| cache_error(e.into()))?;
-    let source = if pending.is_file() {
+    let pending = format!("pending/{nar}");
+    let storage = s.cache.storage();
+    let source = if storage.exists(&pending).await.map_err(|e| cache_error(e.into()))? {
         Some(pending.clone())
     } else if s.cache.contains(&info.store_path).await.map_err(cache_error)? {
         return Ok(StatusCode::OK.into_response());
-    } else if s.cache.storage().exists(&info.url) {
+    } else if storage.exists(&info.url).await.map_err(|e| cache_error(e.into()))? {
         None
     } else {
         return Err(WebError::BadRequest(format!("upload nar/{nar} before its narinfo")));
     };
     let r = s.cache.ingest_upload(info, source).await;
-    let _ = tokio::fs::remove_file(&pending).await;
+    let _ = storage.delete(&pending).await;
     match r {
         Ok(_) => Ok(StatusCode::OK.into_response()),
         Err(e) => Err(cache_error(e)),
@@ -285,6 +252,7 @@ fn cache_error(e: CacheError) -> WebError {
             WebError::BadRequest(e.to_string())
         }
         CacheError::TooLarge(n) => WebError::TooLarge(n),
+        CacheError::Storage(e) if e.is_unavailable() => WebError::Unavailable(e.to_string()),
         other => WebError::Internal(other.to_string()),
     }
 }

@@ -338,8 +338,12 @@ pub async fn download(
     }
     let sp = crate::nix::StorePath::parse(&format!("/nix/store/{base}")).map_err(|_| missing())?;
     let ni = s.cache.narinfo(&sp).await.map_err(|e| WebError::Internal(e.to_string()))?.ok_or_else(missing)?;
-    let file = s.cache.storage().path(&ni.url).map_err(|e| WebError::Internal(e.to_string()))?;
-    let f = tokio::fs::File::open(&file).await.map_err(|_| missing())?;
+    let f = match s.cache.storage().reader(&ni.url).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(missing()),
+        Err(e) if e.is_unavailable() => return Err(WebError::Unavailable(e.to_string())),
+        Err(e) => return Err(WebError::Internal(e.to_string())),
+    };
     let nar =
         crate::nix::compression::decompressing(&ni.compression, f).map_err(|e| WebError::Internal(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);

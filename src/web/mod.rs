@@ -358,6 +358,10 @@ pub enum WebError {
     TooLarge(u64),
     #[error("{0}")]
     Conflict(String),
+    /// Something Kiln depends on (the cache's bucket) is out of reach:
+    /// the client should try again.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -379,6 +383,11 @@ impl IntoResponse for WebError {
             WebError::Unsigned(_) => StatusCode::UNAUTHORIZED,
             WebError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             WebError::Conflict(_) => StatusCode::CONFLICT,
+            WebError::Unavailable(_) => {
+                tracing::warn!(error = %self, "request failed");
+                let body = ErrorBody { error: "service unavailable; try again".into() };
+                return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(body)).into_response();
+            }
             WebError::Db(_) | WebError::Render(_) | WebError::Internal(_) => {
                 tracing::error!(error = %self, "request failed");
                 let body = ErrorBody { error: "internal error; see the server log".into() };

@@ -28,6 +28,7 @@ pub mod gitea;
 pub mod github;
 pub mod inproc;
 pub mod pg;
+pub mod s3;
 pub mod upstream;
 
 pub const SYSTEM: &str = "x86_64-linux";
