@@ -148,3 +148,147 @@ async fn built_outputs_are_ingested_into_the_bucket_and_collected_from_it() {
     let sp = StorePath::parse(&top).unwrap();
     assert!(cache.narinfo(&sp).await.unwrap().is_none());
 }
+
+/// Several nodes on one PostgreSQL and one bucket: two web-only nodes and
+/// one that evaluates and builds, sharing the signing key. What the
+/// builder stores and what is uploaded through one web node is served at
+/// once by the other, to a real Nix client, and the web nodes keep serving
+/// when the building node dies.
+#[tokio::test]
+async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
+    let s3 = S3::start("kiln-nodes");
+    let pg = PgDatabase::create().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("cache.sec"), keys.path().join("cache.pub"));
+    nix("nix-store", &["--generate-binary-cache-key", "nodes-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let public = std::fs::read_to_string(&pk).unwrap();
+    let t = unique("nodes");
+    let flake = Flake::new(
+        &format!(r#"{{ outputs = _: {{ hydraJobs.ok = {}; }}; }}"#, drv_expr(&format!("ok-{t}"), "echo built > $out")),
+        &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
+    );
+    let node = |project: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        let mut text = format!("database_url = \"{}\"\napi_token_files = [\"token\"]\n", pg.url);
+        if project {
+            text.push_str(&format!("[[projects]]\nname = \"n\"\nrepo = \"{}\"\n", flake.path().display()));
+        }
+        text.push_str(
+            &s3.cache_config().replace("[cache]\n", &format!("[cache]\nsecret_key_file = \"{}\"\n", sk.display())),
+        );
+        std::fs::write(dir.path().join("kiln.toml"), text).unwrap();
+        dir
+    };
+    let mut builder = Kiln::start_with(node(true), &[], &["--roles", "web,eval,queue,notify"]);
+    let web1 = Kiln::start_with(node(false), &[], &["--roles", "web"]);
+    let web2 = Kiln::start_with(node(false), &[], &["--roles", "web"]);
+
+    // The building node's output, served by both web nodes.
+    let api = Api::new(&web1.url, None);
+    let out = wait_for(90, "the build, seen from a web node", || async {
+        let e = api.get("/jobset/n/main/evals").await.1["evals"].as_array()?.first()?.clone();
+        let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
+        let (_, b) = api.get(&format!("/build/{}", d["jobs"]["ok"].as_i64()?)).await;
+        (b["finished"] == 1).then(|| b["buildoutputs"]["out"]["path"].as_str().map(str::to_string))?
+    })
+    .await;
+    let hash = StorePath::parse(&out).unwrap().hash_part().to_string();
+    let a = reqwest::get(format!("{}/{hash}.narinfo", web1.url)).await.unwrap().text().await.unwrap();
+    let b = reqwest::get(format!("{}/{hash}.narinfo", web2.url)).await.unwrap().text().await.unwrap();
+    assert_eq!(a, b);
+    assert!(NarInfo::parse(&a).unwrap().verify(&[kiln::nix::PublicKey::parse(public.trim()).unwrap()]));
+
+    // nginx in front of the two web nodes, as the README sets it up.
+    let lb = Nginx::start(&[&web1.url, &web2.url]);
+
+    // Uploaded through the balancer (the NAR and its narinfo may reach
+    // different nodes), substituted through it after a web node died.
+    let (top, closure) = build_closure("nodes");
+    let uploader = NixClient::new();
+    let up_keys = tempfile::tempdir().unwrap();
+    let (usk, upk) = (up_keys.path().join("u.sec"), up_keys.path().join("u.pub"));
+    nix("nix-store", &["--generate-binary-cache-key", "up-1", usk.to_str().unwrap(), upk.to_str().unwrap()]);
+    let out_cmd = uploader
+        .cmd("nix")
+        .args(["copy", "--to", &format!("{}?secret-key={}", lb.url, usk.display()), &top])
+        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out_cmd.status.success(), "{}", String::from_utf8_lossy(&out_cmd.stderr));
+
+    // The building node and one web node die; the other serves on.
+    builder.child.kill().unwrap();
+    builder.child.wait().unwrap();
+    let mut web1 = web1;
+    web1.child.kill().unwrap();
+    web1.child.wait().unwrap();
+    let client = NixClient::new();
+    let (store, root) = client.store("nodes");
+    let trusted = format!("{} {}", public.trim(), std::fs::read_to_string(&upk).unwrap().trim());
+    let out_cmd = client
+        .cmd("nix")
+        .args(["copy", "--from", &lb.url, "--to", &store, "--option", "trusted-public-keys", &trusted, &top, &out])
+        .output()
+        .unwrap();
+    assert!(out_cmd.status.success(), "{}", String::from_utf8_lossy(&out_cmd.stderr));
+    for p in closure.iter().chain([&out]) {
+        assert!(root.join(p.trim_start_matches('/')).exists(), "{p}");
+    }
+    assert_eq!(std::fs::read_to_string(root.join(out.trim_start_matches('/'))).unwrap(), "built\n");
+}
+
+/// nginx balancing requests over Kiln's web nodes, with the README's
+/// settings.
+struct Nginx {
+    url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstreams: &[&str]) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let servers: String = upstreams
+            .iter()
+            .map(|u| format!("server {} max_fails=1 fail_timeout=5s;\n", u.trim_start_matches("http://")))
+            .collect();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+                 uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+                 upstream kiln {{ {servers} }}\n\
+                 server {{ listen 127.0.0.1:{port}; client_max_body_size 0; proxy_request_buffering off;\n\
+                 proxy_buffering off; location / {{ proxy_pass http://kiln; proxy_http_version 1.1;\n\
+                 proxy_set_header Host $host; proxy_read_timeout 3600s;\n\
+                 proxy_next_upstream error timeout http_502 http_503; }} }} }}\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx (scripts/test installs it)");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Nginx { url: format!("http://127.0.0.1:{port}"), child, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
