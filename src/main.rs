@@ -123,6 +123,15 @@ enum CacheCommand {
         #[arg(long, value_name = "FILE")]
         public: PathBuf,
     },
+    /// Copy a cache directory into the configured storage (cache.storage =
+    /// "s3"): NARs first, then narinfos; objects already there are skipped,
+    /// so it resumes where it stopped. The old directory keeps serving
+    /// meanwhile; run it once more after switching over.
+    Copy {
+        /// The cache directory to copy (e.g. kiln-state/cache).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
     /// Delete what retention no longer keeps (see cache.keep_uploads_days).
     Gc {
         /// Only report what would be deleted.
@@ -241,6 +250,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let config = Config::load(cli.config.as_deref())?;
             init_logging(config.log_format);
             runtime()?.block_on(machines_check(config, machines))
+        }
+        Command::Cache { command: CacheCommand::Copy { from } } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(config.log_format);
+            runtime()?.block_on(async {
+                let fail = |e: &dyn std::fmt::Display| Failure::Failed(anyhow::anyhow!("{e}"));
+                if config.cache.storage != kiln::config::StorageKind::S3 {
+                    return Err(fail(
+                        &"kiln cache copy copies into a bucket: set cache.storage = \"s3\" and [cache.s3]",
+                    ));
+                }
+                let storage = kiln::cache::Storage::open_s3(&config.cache.s3, &config.state_dir.join("cache-spool"))
+                    .map_err(|e| fail(&e))?;
+                let r = kiln::cache::copy::copy_dir(&from, &storage, |k| println!("copied {k}"))
+                    .await
+                    .map_err(|e| fail(&e))?;
+                println!(
+                    "copied {} files ({} bytes) to {}; {} were there already",
+                    r.copied,
+                    r.copied_bytes,
+                    storage.location(),
+                    r.skipped
+                );
+                Ok(())
+            })
         }
         Command::Cache { command: CacheCommand::Gc { dry_run } } => {
             let config = Config::load(cli.config.as_deref())?;

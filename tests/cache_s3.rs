@@ -292,3 +292,108 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// With `redirect_nars`, a NAR download is a redirect to a presigned URL
+/// of the object: the bytes come from the bucket, and a real Nix client
+/// follows it.
+#[tokio::test]
+async fn nar_downloads_can_redirect_to_presigned_urls() {
+    let s3 = S3::start("kiln-redirect");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let cfg = format!("api_token_files = [\"token\"]\n{}redirect_nars = true\n", s3.cache_config());
+    std::fs::write(dir.path().join("kiln.toml"), cfg).unwrap();
+    let kiln = Kiln::start_in(dir, &[]);
+    let (top, _) = build_closure("redirect");
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("u.sec"), keys.path().join("u.pub"));
+    nix("nix-store", &["--generate-binary-cache-key", "up-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let uploader = NixClient::new();
+    let out = uploader
+        .cmd("nix")
+        .args(["copy", "--to", &format!("{}?secret-key={}", kiln.url, sk.display()), &top])
+        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let hash = StorePath::parse(&top).unwrap().hash_part().to_string();
+    let ni = NarInfo::parse(&reqwest::get(format!("{}/{hash}.narinfo", kiln.url)).await.unwrap().text().await.unwrap())
+        .unwrap();
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = client.get(format!("{}/{}", kiln.url, ni.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&s3.endpoint), "{location}");
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    let direct = reqwest::get(&location).await.unwrap();
+    assert_eq!(direct.status().as_u16(), 200);
+    assert_eq!(direct.bytes().await.unwrap().to_vec(), s3.get(&ni.url).unwrap());
+    // A URL without the signature is refused by the store itself.
+    let unsigned = location.split('?').next().unwrap();
+    assert_eq!(reqwest::get(unsigned).await.unwrap().status().as_u16(), 403);
+
+    let client = NixClient::new();
+    let (store, root) = client.store("redirected");
+    let trusted = std::fs::read_to_string(&pk).unwrap();
+    let out = client
+        .cmd("nix")
+        .args(["copy", "--from", &kiln.url, "--to", &store, "--option", "trusted-public-keys", trusted.trim(), &top])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(root.join(top.trim_start_matches('/')).exists());
+    assert!(!kiln.log().contains("X-Amz-Signature"), "a presigned URL was logged");
+}
+
+/// `kiln cache copy` moves a cache directory into the bucket, NARs before
+/// narinfos, skips what is there on a second run, and a Kiln on the bucket
+/// then serves what the directory held.
+#[tokio::test]
+async fn a_cache_directory_is_copied_into_the_bucket_and_resumed() {
+    let s3 = S3::start("kiln-copy");
+    let (top, closure) = build_closure("s3copy");
+    let state = tempfile::tempdir().unwrap();
+    let config = Config { state_dir: state.path().to_path_buf(), ..Default::default() };
+    let t = TestDb::sqlite().await;
+    let cache = Cache::open(&config, t.db.clone(), SigningKey::generate("dir-1").unwrap()).unwrap();
+    let infos = ingest_local(&cache, &closure, Origin::Build).await.unwrap();
+    let dir = state.path().join("cache");
+
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("kiln.toml"), s3.cache_config()).unwrap();
+    let copy = || {
+        let out = kiln_cmd()
+            .args(["cache", "copy", "--from", dir.to_str().unwrap()])
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = copy();
+    assert!(first.contains("copied 6 files"), "{first}");
+    // NARs first: no narinfo was copied before every NAR was.
+    let order: Vec<&str> = first.lines().filter_map(|l| l.strip_prefix("copied ")).collect();
+    let last_nar = order.iter().rposition(|k| k.starts_with("nar/")).unwrap();
+    let first_narinfo = order.iter().position(|k| k.ends_with(".narinfo")).unwrap();
+    assert!(last_nar < first_narinfo, "{order:?}");
+    let objects = s3.keys();
+    for info in &infos {
+        let key = format!("{}.narinfo", info.store_path.hash_part());
+        assert_eq!(s3.get(&key).unwrap(), std::fs::read(dir.join(&key)).unwrap());
+        assert!(objects.contains(&info.url), "{objects:?}");
+    }
+    // Resumed: nothing copied twice.
+    let again = copy();
+    assert!(again.contains("copied 0 files") && again.contains("6 were there already"), "{again}");
+
+    // A Kiln on the bucket serves the directory's paths.
+    let served = tempfile::tempdir().unwrap();
+    std::fs::write(served.path().join("kiln.toml"), s3.cache_config()).unwrap();
+    let kiln = Kiln::start_in(served, &[]);
+    let hash = StorePath::parse(&top).unwrap().hash_part().to_string();
+    let r = reqwest::get(format!("{}/{hash}.narinfo", kiln.url)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.text().await.unwrap().into_bytes(), std::fs::read(dir.join(format!("{hash}.narinfo"))).unwrap());
+}

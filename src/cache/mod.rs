@@ -11,6 +11,7 @@
 //! same path replaces it. The signing key is loaded from
 //! `cache.secret_key_file`, or generated there on first start.
 
+pub mod copy;
 pub mod gc;
 mod keys;
 mod local;

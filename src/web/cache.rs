@@ -99,6 +99,18 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
         return not_found();
     }
     let key = format!("nar/{file}");
+    match s.cache.storage().redirect(&key).await {
+        Ok(Some(url)) => {
+            crate::metrics::count(&crate::metrics::CACHE_NARS, 1);
+            let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+            if let Ok(v) = HeaderValue::from_str(&url) {
+                r.headers_mut().insert(header::LOCATION, v);
+                return r;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return unavailable(&s, e),
+    }
     let len = match s.cache.storage().size(&key).await {
         Ok(Some(len)) => len,
         Ok(None) => return not_found(),

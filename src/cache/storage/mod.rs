@@ -137,6 +137,23 @@ impl Storage {
         }
     }
 
+    /// Copies the file `src` to `key` (the file stays), atomically.
+    pub async fn put_file(&self, src: &Path, key: &str) -> Result<(), StorageError> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Local(d) => {
+                let (_, tmp) = d.temp_for(key)?;
+                let copied = std::fs::copy(src, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
+                if let Err(source) = copied {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(StorageError::Io { path: src.display().to_string(), source });
+                }
+                d.commit(&tmp, key)
+            }
+            Backend::S3(b) => b.upload(src, key).await,
+        }
+    }
+
     /// Writes `bytes` as `key`, atomically.
     pub async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
         check_key(key)?;
@@ -299,6 +316,16 @@ impl Storage {
                 .into_iter()
                 .collect()
             }
+        }
+    }
+
+    /// Where to send a client for `key` instead of serving it: a presigned
+    /// URL, on a bucket with `redirect_nars`.
+    pub async fn redirect(&self, key: &str) -> Result<Option<String>, StorageError> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Local(_) => Ok(None),
+            Backend::S3(b) => b.presigned(key).await,
         }
     }
 

@@ -47,6 +47,11 @@ pub struct S3Settings {
     pub secret_access_key_file: Option<PathBuf>,
     /// Seconds one request may take before the store counts as unavailable.
     pub timeout_s: u64,
+    /// Answer NAR downloads with a redirect to a presigned URL of the
+    /// object (valid `redirect_ttl_s`), so NAR bytes flow from the bucket
+    /// to clients without passing through Kiln. Off: Kiln streams them.
+    pub redirect_nars: bool,
+    pub redirect_ttl_s: u64,
 }
 
 impl Default for S3Settings {
@@ -60,6 +65,8 @@ impl Default for S3Settings {
             access_key_id_file: None,
             secret_access_key_file: None,
             timeout_s: 30,
+            redirect_nars: false,
+            redirect_ttl_s: 600,
         }
     }
 }
@@ -70,6 +77,8 @@ pub(super) struct Bucket {
     bucket: String,
     prefix: String,
     spool: PathBuf,
+    /// With `redirect_nars`, how long a presigned URL lives.
+    redirect_ttl: Option<Duration>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -121,6 +130,7 @@ impl Bucket {
             bucket: s.bucket.clone(),
             prefix: s.prefix.trim_matches('/').to_string(),
             spool: spool.to_path_buf(),
+            redirect_ttl: s.redirect_nars.then(|| Duration::from_secs(s.redirect_ttl_s.max(60))),
         })
     }
 
@@ -136,6 +146,20 @@ impl Bucket {
         if self.prefix.is_empty() { ObjectPath::from(key) } else { ObjectPath::from(format!("{}/{key}", self.prefix)) }
     }
 
+    /// A presigned GET URL of `key`, when NARs are redirected. Signing is
+    /// local (no request); the URL carries a signature, so it is never
+    /// logged.
+    pub(super) async fn presigned(&self, key: &str) -> Result<Option<String>, StorageError> {
+        use object_store::signer::Signer;
+        let Some(ttl) = self.redirect_ttl else { return Ok(None) };
+        let url = self
+            .store
+            .signed_url(reqwest::Method::GET, &self.object(key), ttl)
+            .await
+            .map_err(|e| unavailable(key, e))?;
+        Ok(Some(url.to_string()))
+    }
+
     pub(super) fn temp(&self) -> Result<(std::fs::File, PathBuf), StorageError> {
         temp_in(&self.spool)
     }
@@ -146,7 +170,7 @@ impl Bucket {
         r
     }
 
-    async fn upload(&self, tmp: &Path, key: &str) -> Result<(), StorageError> {
+    pub(super) async fn upload(&self, tmp: &Path, key: &str) -> Result<(), StorageError> {
         let io = |source| StorageError::Io { path: tmp.display().to_string(), source };
         let mut f = tokio::fs::File::open(tmp).await.map_err(io)?;
         let len = f.metadata().await.map_err(io)?.len();
@@ -269,7 +293,8 @@ impl Bucket {
             Err(e) => return Err(unavailable(key, e)),
         };
         let key = key.to_string();
-        Ok(Some(Box::pin(r.into_stream().map_err(move |e| std::io::Error::other(unavailable(&key, e))))))
+        let stream = r.into_stream().map_err(move |e| std::io::Error::other(unavailable(&key, e)));
+        Ok(Some(Box::pin(coalesce(stream, 256 * 1024))))
     }
 
     /// The object in a new spool file.
@@ -290,5 +315,66 @@ impl Bucket {
             return Err(StorageError::Unavailable(format!("{key}: {e}")));
         }
         Ok(Some(tmp))
+    }
+}
+
+/// Joins the small chunks an HTTP body arrives in (a few KiB each) into
+/// chunks of up to `max` bytes, without waiting for more than is already
+/// there: fewer, larger writes on the way out to the client.
+fn coalesce(
+    inner: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
+    max: usize,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use std::task::Poll;
+    let mut inner = inner.fuse();
+    let mut buf = bytes::BytesMut::new();
+    let mut failed: Option<std::io::Error> = None;
+    futures::stream::poll_fn(move |cx| {
+        if let Some(e) = failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        loop {
+            match inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if buf.is_empty() && chunk.len() >= max {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= max {
+                        return Poll::Ready(Some(Ok(buf.split().freeze())));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if buf.is_empty() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    failed = Some(e);
+                    return Poll::Ready(Some(Ok(buf.split().freeze())));
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready((!buf.is_empty()).then(|| Ok(buf.split().freeze())));
+                }
+                Poll::Pending => {
+                    return if buf.is_empty() { Poll::Pending } else { Poll::Ready(Some(Ok(buf.split().freeze()))) };
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn small_chunks_are_joined_and_an_error_comes_after_the_bytes_before_it() {
+        let chunks: Vec<std::io::Result<Bytes>> =
+            (0..10u8).map(|i| Ok(Bytes::from(vec![i; 3]))).chain([Err(std::io::Error::other("cut"))]).collect();
+        let out: Vec<std::io::Result<Bytes>> = coalesce(futures::stream::iter(chunks), 8).collect().await;
+        let sizes: Vec<usize> = out.iter().filter_map(|c| c.as_ref().ok().map(|b| b.len())).collect();
+        assert_eq!(sizes, vec![9, 9, 9, 3]);
+        let joined: Vec<u8> = out.iter().filter_map(|c| c.as_ref().ok()).flat_map(|b| b.to_vec()).collect();
+        assert_eq!(joined, (0..10u8).flat_map(|i| [i; 3]).collect::<Vec<_>>());
+        assert!(out.last().unwrap().is_err(), "the error is last");
     }
 }
