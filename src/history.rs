@@ -53,6 +53,7 @@ pub async fn prune(db: &Db, logs: &Logs, config: &HistoryConfig, now: i64) -> Re
                     Err(e) => warn!(drv, error = %e, "cannot delete an old step's logs"),
                 }
             }
+            logs.unpublish(files.iter().map(|(drv, _)| drv.as_str())).await;
             if (files.len() as i64) < BATCH {
                 break;
             }

@@ -110,7 +110,7 @@ pub async fn run_roles(config: Config, roles: Roles) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let public_key = key.public();
     let cache = crate::cache::Cache::open(&config, db.clone(), key)?;
-    let logs = crate::logs::Logs::new(&config.state_dir);
+    let logs = crate::logs::Logs::new(&config.state_dir).share_through(cache.storage());
     let machines = crate::build::machine_source(&config, None);
     let events = crate::events::Events::new();
     let queue = crate::queue::Queue::start(

@@ -164,7 +164,10 @@ async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
     let public = std::fs::read_to_string(&pk).unwrap();
     let t = unique("nodes");
     let flake = Flake::new(
-        &format!(r#"{{ outputs = _: {{ hydraJobs.ok = {}; }}; }}"#, drv_expr(&format!("ok-{t}"), "echo built > $out")),
+        &format!(
+            r#"{{ outputs = _: {{ hydraJobs.ok = {}; }}; }}"#,
+            drv_expr(&format!("ok-{t}"), "echo hello-from-the-builder; echo built > $out")
+        ),
         &[(".kiln.toml", "[jobsets.main]\ncheck_interval = 0\n")],
     );
     let node = |project: bool| {
@@ -186,11 +189,12 @@ async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
 
     // The building node's output, served by both web nodes.
     let api = Api::new(&web1.url, None);
-    let out = wait_for(90, "the build, seen from a web node", || async {
+    let (out, drv) = wait_for(90, "the build, seen from a web node", || async {
         let e = api.get("/jobset/n/main/evals").await.1["evals"].as_array()?.first()?.clone();
         let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
         let (_, b) = api.get(&format!("/build/{}", d["jobs"]["ok"].as_i64()?)).await;
-        (b["finished"] == 1).then(|| b["buildoutputs"]["out"]["path"].as_str().map(str::to_string))?
+        let out = b["buildoutputs"]["out"]["path"].as_str()?.to_string();
+        (b["finished"] == 1).then(|| (out, b["drvpath"].as_str().unwrap().to_string()))
     })
     .await;
     let hash = StorePath::parse(&out).unwrap().hash_part().to_string();
@@ -235,6 +239,13 @@ async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
     for p in closure.iter().chain([&out]) {
         assert!(root.join(p.trim_start_matches('/')).exists(), "{p}");
     }
+    // The build's log, kept by the node that ran it (now dead), is served
+    // by the other web node from the bucket.
+    let base = drv.trim_start_matches("/nix/store/");
+    assert!(s3.keys().contains(&format!("log/{base}.zst")), "{:?}", s3.keys());
+    let log = reqwest::get(format!("{}/log/{base}", web2.url)).await.unwrap();
+    assert_eq!(log.status().as_u16(), 200);
+    assert!(log.text().await.unwrap().contains("hello-from-the-builder"));
     assert_eq!(std::fs::read_to_string(root.join(out.trim_start_matches('/'))).unwrap(), "built\n");
 }
 

@@ -6,7 +6,10 @@
 //! uncompressed file under `logs/live/` ([`live`]), where viewers follow
 //! it; when the attempt ends it is compressed into one of those places.
 //! Every read is a stream, so no log is ever held whole in memory
-//! (decision 017).
+//! (decision 017). With the cache in a bucket, a step's finished log is
+//! also put there (`log/<drv base name>.zst`), and a node that did not run
+//! the step fetches it into its own logs directory on first reading, so
+//! every web node serves every log.
 
 mod live;
 
@@ -57,13 +60,85 @@ pub fn lines_of(mut r: impl std::io::BufRead, tail: Option<usize>) -> (String, u
 #[derive(Clone, Debug)]
 pub struct Logs {
     root: PathBuf,
+    /// The cache's bucket, where finished logs are shared between nodes.
+    bucket: Option<crate::cache::Storage>,
     /// The logs of the steps building in this process, by derivation path.
     live: live::Registry,
 }
 
 impl Logs {
     pub fn new(state_dir: &Path) -> Logs {
-        Logs { root: state_dir.join("logs"), live: Arc::new(Mutex::new(HashMap::new())) }
+        Logs { root: state_dir.join("logs"), bucket: None, live: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// Shares finished logs through the cache's storage when it is a
+    /// bucket (on a directory, every node that reads it runs the queue).
+    pub fn share_through(mut self, storage: &crate::cache::Storage) -> Logs {
+        if storage.is_bucket() {
+            self.bucket = Some(storage.clone());
+        }
+        self
+    }
+
+    /// The key of a derivation's log in the bucket.
+    fn bucket_key(drv: &str) -> Option<String> {
+        let p = drv_path(drv)?;
+        let key = format!("log/{}.zst", p.base_name());
+        crate::cache::storage::check_key(&key).ok().map(|_| key)
+    }
+
+    /// Puts a step's finished log into the bucket, if logs are shared.
+    pub async fn publish(&self, drv: &str) {
+        let (Some(bucket), Some(key), Some(path)) = (&self.bucket, Self::bucket_key(drv), self.path_for(drv)) else {
+            return;
+        };
+        if let Err(e) = bucket.put_file(&path, &key).await {
+            tracing::warn!(drv, error = %e, "cannot share a build log through the cache's bucket");
+        }
+    }
+
+    /// Deletes the shared copies of derivations' logs (history pruning).
+    pub async fn unpublish<'a>(&self, drvs: impl Iterator<Item = &'a str>) {
+        let Some(bucket) = &self.bucket else { return };
+        let keys: Vec<String> = drvs.filter_map(Self::bucket_key).collect();
+        if keys.is_empty() {
+            return;
+        }
+        if let Err(e) = bucket.delete_many(keys).await {
+            tracing::warn!(error = %e, "cannot delete shared build logs from the cache's bucket");
+        }
+    }
+
+    /// Makes sure a finished log another node stored is here too: fetched
+    /// from the bucket into the logs directory the first time it is read.
+    pub async fn fetch_shared(&self, drv: &str) {
+        let (Some(bucket), Some(key), Some(path)) = (&self.bucket, Self::bucket_key(drv), self.path_for(drv)) else {
+            return;
+        };
+        if path.exists() {
+            return;
+        }
+        let Ok(Some(mut r)) = bucket.reader(&key).await else { return };
+        let fetched: std::io::Result<()> = async {
+            use tokio::io::AsyncWriteExt;
+            let dir = path.parent().expect("logs have a directory");
+            tokio::fs::create_dir_all(dir).await?;
+            // Two readers may fetch the same log at once: each its own file.
+            let mut n = [0u8; 8];
+            let _ = getrandom::fill(&mut n);
+            let tmp = dir.join(format!(".fetch-{}", crate::nix::hash::to_hex(&n)));
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            let copied = tokio::io::copy(&mut r, &mut f).await.and(f.flush().await);
+            if let Err(e) = copied {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = fetched {
+            tracing::warn!(drv, error = %e, "cannot fetch a shared build log");
+        }
     }
 
     /// The stored log of a derivation, given as a full path or a base name;

@@ -249,7 +249,11 @@ async fn end_log(logs: &Logs, job: &Job, r: &Result<Outcome, String>, live: Opti
         None => Ok(None),
     };
     match stored {
-        Ok(p) if final_log => p.map(|p| p.display().to_string()),
+        Ok(Some(p)) if final_log => {
+            logs.publish(&job.drv_path).await;
+            Some(p.display().to_string())
+        }
+        Ok(None) if final_log => None,
         Ok(_) => None,
         Err(e) => {
             warn!(drv = %job.drv_path, error = %e, "cannot store a build log");

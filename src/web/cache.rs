@@ -152,6 +152,7 @@ pub async fn get_log(State(s): State<AppState>, Path(drv): Path<String>) -> Resp
     if let Some(f) = s.logs.follow(&drv) {
         return ([(header::CONTENT_TYPE, TEXT)], super::live::stream_reader(f.so_far())).into_response();
     }
+    s.logs.fetch_shared(&drv).await;
     match s.logs.open(&drv) {
         // Decompressed on a blocking thread, a chunk at a time.
         Some(r) => ([(header::CONTENT_TYPE, TEXT)], super::live::stream_reader(r)).into_response(),

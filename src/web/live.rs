@@ -19,6 +19,7 @@ pub async fn follow_log(s: &AppState, drv: &str) -> Response {
             .into_response();
     }
     // Finished: the stored log, streamed.
+    s.logs.fetch_shared(drv).await;
     match s.logs.open(drv) {
         Some(r) => ([(header::CONTENT_TYPE, TEXT)], stream_reader(r)).into_response(),
         None => (StatusCode::NOT_FOUND, "no log\n").into_response(),

@@ -90,6 +90,11 @@ impl Storage {
         }
     }
 
+    /// Whether this is a bucket (shared by every node) rather than a directory.
+    pub fn is_bucket(&self) -> bool {
+        matches!(self.backend, Backend::S3(_))
+    }
+
     /// Where it is, for people: `file:///…` or `s3://bucket/prefix`.
     pub fn location(&self) -> String {
         match &self.backend {

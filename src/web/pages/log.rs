@@ -67,6 +67,9 @@ pub async fn build_log(
     // derivation), then the stored one; each streamed, or read through
     // keeping only what the page shows.
     let live = if q.attempt.is_none() { s.logs.follow(&drv) } else { None };
+    if live.is_none() {
+        s.logs.fetch_shared(&drv).await;
+    }
     let reader: Option<Box<dyn std::io::Read + Send>> = match (q.attempt, &live) {
         (Some(n), _) => Some(Box::new(
             s.logs.open_attempt(&drv, n).ok_or_else(|| WebError::NotFound(format!("attempt {n}'s log of {drv}")))?,
