@@ -273,3 +273,50 @@ async fn a_web_node_streams_the_events_of_builds_another_node_runs() {
     assert!(opened.elapsed() < std::time::Duration::from_secs(15), "{:?}", opened.elapsed());
     assert!(!web.log().contains("runs the queue"), "the web node runs no queue");
 }
+
+/// Actions taken on a web-only node reach the node that runs the queue at
+/// once, through the event relay, not at its next rescan: a bump of a
+/// build it holds has its priority read again, a restart has the database
+/// rescanned within the second and the build taken again.
+#[tokio::test]
+async fn the_queue_hears_at_once_what_a_web_node_did() {
+    let pg = PgDatabase::create().await;
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let flake = gated_flake(&gate, "hears", true);
+    let worker = Kiln::start_in(config(&pg.url, Some(flake.path())), &[]);
+    let slow = slow_build_running(&Api::new(&worker.url, None)).await;
+
+    let web_dir = config(&pg.url, None);
+    std::fs::write(web_dir.path().join("token"), "hears-token").unwrap();
+    let text = std::fs::read_to_string(web_dir.path().join("kiln.toml")).unwrap();
+    std::fs::write(web_dir.path().join("kiln.toml"), format!("api_token_files = [\"token\"]\n{text}")).unwrap();
+    let web = Kiln::start_with(web_dir, &[], &["--roles", "web"]);
+    let api = Api::new(&web.url, Some("hears-token"));
+
+    // A bump on the web node: the queue reads the build's priority again.
+    let (code, body) = api.send("POST", &format!("/build/{slow}/bump"), None).await;
+    assert_eq!(code, 200, "{body}");
+    let bumped = format!("another node changed a queued build: its priority is read again build={slow}");
+    wait_for(10, "the bump to reach the queue", || async { worker.log().contains(&bumped).then_some(()) }).await;
+
+    // The quick job, finished, restarted on the web node: run again.
+    std::fs::write(&gate, "").unwrap();
+    let quick = wait_for(60, "the quick build to finish", || async {
+        let e = api.get("/jobset/l/main/evals").await.1["evals"].as_array()?.first()?.clone();
+        let (_, d) = api.get(&format!("/eval/{}", e["id"])).await;
+        let id = d["jobs"]["quick"].as_i64()?;
+        (api.get(&format!("/build/{id}")).await.1["finished"] == 1).then_some(id)
+    })
+    .await;
+    let (code, body) = api.send("POST", &format!("/build/{quick}/restart"), None).await;
+    assert_eq!(code, 200, "{body}");
+    // Reopened in the database before the answer; finished again only by
+    // the queue (its output is in the cache, so at once).
+    let heard = format!("another node changed a build: rescanning build={quick}");
+    wait_for(10, "the restart to reach the queue", || async { worker.log().contains(&heard).then_some(()) }).await;
+    wait_for(30, "the restarted build to finish again", || async {
+        (api.get(&format!("/build/{quick}")).await.1["finished"] == 1).then_some(())
+    })
+    .await;
+}

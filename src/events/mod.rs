@@ -87,6 +87,10 @@ pub struct Events {
     closed: tokio::sync::watch::Sender<bool>,
     /// Where events also go for other processes (see [`relay`]).
     relay: Arc<OnceLock<tokio::sync::mpsc::UnboundedSender<Event>>>,
+    /// The events other processes announced, for the queue: it acts on
+    /// what another node did (a build recorded, bumped, restarted or
+    /// cancelled there), never on its own announcements.
+    remote: broadcast::Sender<Event>,
 }
 
 impl Default for Events {
@@ -100,7 +104,8 @@ impl Events {
         // Enough for a burst of cached builds finishing at once; a listener
         // further behind is told it lagged.
         let (tx, _) = broadcast::channel(4096);
-        Events { tx, closed: tokio::sync::watch::Sender::new(false), relay: Default::default() }
+        let (remote, _) = broadcast::channel(4096);
+        Events { tx, closed: tokio::sync::watch::Sender::new(false), relay: Default::default(), remote }
     }
 
     /// Announces `ev` here and, with a relay, to the other processes.
@@ -115,6 +120,17 @@ impl Events {
     pub fn send_local(&self, ev: Event) {
         // No listener is not an error.
         let _ = self.tx.send(ev);
+    }
+
+    /// Announces, in this process, an event another process sent.
+    pub fn send_remote(&self, ev: Event) {
+        let _ = self.remote.send(ev.clone());
+        self.send_local(ev);
+    }
+
+    /// The events other processes announced (see [`Events::send_remote`]).
+    pub fn subscribe_remote(&self) -> broadcast::Receiver<Event> {
+        self.remote.subscribe()
     }
 
     pub fn deployment_changed(&self, deployment: i64) {

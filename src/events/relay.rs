@@ -66,7 +66,7 @@ pub async fn run(pool: PgPool, events: Events, stop: impl std::future::Future<Ou
                 }
                 n = listener.recv() => match n {
                     Ok(n) => match serde_json::from_str::<Envelope>(n.payload()) {
-                        Ok(env) if env.origin != origin => events.send_local(env.event),
+                        Ok(env) if env.origin != origin => events.send_remote(env.event),
                         Ok(_) => {}
                         Err(e) => debug!(error = %e, "an unreadable relayed event"),
                     },

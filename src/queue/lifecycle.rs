@@ -75,6 +75,7 @@ impl Runner {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks = 0u64;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut remote = self.events.subscribe_remote();
         loop {
             if let Err(e) = self.write_runnable().await {
                 warn!(error = %e, "recording runnable steps");
@@ -100,6 +101,15 @@ impl Runner {
                         }
                     }
                 },
+                r = remote.recv() => match r {
+                    Ok(ev) => {
+                        if let Err(e) = self.remote_event(ev).await {
+                            warn!(error = %e, "another node's event");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.rescan_soon = true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
                 _ = tick.tick() => {
                     // Fencing: once the lock may be another's, nothing more
                     // is dispatched or recorded here.
@@ -112,7 +122,8 @@ impl Runner {
                         self.retry_transitions().await;
                     }
                     // Builds other processes recorded, reopened or finished.
-                    if ticks.is_multiple_of(RESCAN_TICKS) && let Err(e) = self.rescan().await {
+                    let due = ticks.is_multiple_of(RESCAN_TICKS) || std::mem::take(&mut self.rescan_soon);
+                    if due && let Err(e) = self.rescan().await {
                         warn!(error = %e, "rescanning unfinished builds");
                     }
                     // Another process (a web-only one) may have enabled or

@@ -220,6 +220,7 @@ impl Queue {
             uncancelled: Vec::new(),
             resume_on: HashMap::new(),
             detached: HashMap::new(),
+            rescan_soon: false,
         };
         tokio::spawn(runner.main(rx).instrument(info_span!("queue")));
         Queue { tx, status }
@@ -390,6 +391,8 @@ struct Runner {
     /// Attempts left running when this runner stepped down, by number:
     /// dropping one's sender would stop it (see `step_down`).
     detached: HashMap<u64, oneshot::Sender<()>>,
+    /// Another node changed builds: rescan at the next tick.
+    rescan_soon: bool,
 }
 
 impl Runner {
@@ -420,18 +423,49 @@ impl Runner {
             Event::Bump(id) => {
                 let mut c = self.db.conn().await?;
                 builds::bump(c.ex(), id).await?;
-                if let Some(b) = builds::get(c.ex(), id).await? {
-                    drop(c);
-                    if let Some(lb) = self.builds.get_mut(&id) {
-                        lb.global = b.global_priority;
-                    }
-                    let steps: Vec<i64> =
-                        self.steps.values().filter(|s| s.builds.contains(&id)).map(|s| s.id).collect();
-                    for s in steps {
-                        self.requeue(s);
-                    }
-                }
+                drop(c);
+                self.refresh_priority(id).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Reads a held build's global priority again (a bump) and puts its
+    /// runnable steps where that priority belongs.
+    async fn refresh_priority(&mut self, id: i64) -> Result<(), DbError> {
+        let b = {
+            let mut c = self.db.conn().await?;
+            builds::get(c.ex(), id).await?
+        };
+        if let Some(b) = b {
+            if let Some(lb) = self.builds.get_mut(&id) {
+                lb.global = b.global_priority;
+            }
+            let steps: Vec<i64> = self.steps.values().filter(|s| s.builds.contains(&id)).map(|s| s.id).collect();
+            for s in steps {
+                self.requeue(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// What another node announced: a build it queued, bumped or restarted
+    /// (`BuildQueued`), or one it cancelled (`BuildFinished`). A build held
+    /// here gets its priority read again at once; anything else has the
+    /// database rescanned at the next tick (within a second) rather than
+    /// at the next periodic rescan.
+    async fn remote_event(&mut self, ev: crate::events::Event) -> Result<(), DbError> {
+        use crate::events::Event as E;
+        match ev {
+            E::BuildQueued { build, .. } if self.builds.contains_key(&build) => {
+                info!(build, "another node changed a queued build: its priority is read again");
+                self.refresh_priority(build).await?;
+            }
+            E::BuildQueued { build, .. } | E::BuildFinished { build, .. } => {
+                info!(build, "another node changed a build: rescanning");
+                self.rescan_soon = true;
+            }
+            _ => {}
         }
         Ok(())
     }

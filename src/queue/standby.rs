@@ -1,5 +1,7 @@
 //! The standby: while another process runs the queue, actions taken here
-//! go to the database, where that process's rescan finds them.
+//! go to the database and are announced, so that process (on PostgreSQL,
+//! through the event relay) acts on them within a second; its periodic
+//! rescan finds them otherwise.
 
 use super::*;
 
@@ -8,7 +10,11 @@ impl Runner {
     /// where that process's rescan finds them; nothing waits on a runner.
     pub(super) async fn handle_standby(&mut self, ev: Event) -> Result<(), DbError> {
         match ev {
-            Event::Enqueue(_, done) => {
+            Event::Enqueue(ids, done) => {
+                // One announcement for the batch: the leader rescans.
+                if let Some(&build) = ids.last() {
+                    self.events.send(crate::events::Event::BuildQueued { build, jobset: None });
+                }
                 let _ = done.send(());
             }
             Event::Cancel(id) => {
@@ -18,13 +24,17 @@ impl Runner {
                     self.report(tx.ex(), id).await?;
                 }
                 tx.commit().await?;
+                let status = BuildStatus::Cancelled as i64;
+                self.events.send(crate::events::Event::BuildFinished { build: id, jobset: None, buildstatus: status });
             }
             Event::Restart(id) => {
                 self.reopen(id).await?;
+                self.events.send(crate::events::Event::BuildQueued { build: id, jobset: None });
             }
             Event::Bump(id) => {
                 let mut c = self.db.conn().await?;
                 builds::bump(c.ex(), id).await?;
+                self.events.send(crate::events::Event::BuildQueued { build: id, jobset: None });
             }
             Event::Flush(tx) | Event::Drain(tx) | Event::WhenIdle(tx) => {
                 let _ = tx.send(());
