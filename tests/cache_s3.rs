@@ -15,6 +15,23 @@ use support::*;
 
 const TOKEN: &str = "s3-token-1";
 
+/// `nix copy --to URL` of `path`'s closure with the token, signed with a
+/// new uploader key; that key's public half (`name:base64`).
+fn upload(url: &str, path: &str) -> String {
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("up.sec"), keys.path().join("up.pub"));
+    nix("nix-store", &["--generate-binary-cache-key", "uploader-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let uploader = NixClient::new();
+    let out = uploader
+        .cmd("nix")
+        .args(["copy", "--to", &format!("{url}?secret-key={}", sk.display()), path])
+        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(&pk).unwrap().trim().to_string()
+}
+
 #[tokio::test]
 async fn nix_copies_through_kiln_into_the_bucket_and_back() {
     let s3 = S3::start("kiln-cache");
@@ -25,18 +42,7 @@ async fn nix_copies_through_kiln_into_the_bucket_and_back() {
     let kiln = Kiln::start_in(dir, &[]);
 
     let (top, closure) = build_closure("s3");
-    let keys = tempfile::tempdir().unwrap();
-    let (sk, pk) = (keys.path().join("up.sec"), keys.path().join("up.pub"));
-    nix("nix-store", &["--generate-binary-cache-key", "uploader-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
-    let uploader_key = std::fs::read_to_string(&pk).unwrap();
-    let uploader = NixClient::new();
-    let out = uploader
-        .cmd("nix")
-        .args(["copy", "--to", &format!("{}?secret-key={}", kiln.url, sk.display()), &top])
-        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let uploader_key = upload(&kiln.url, &top);
 
     // Every path's narinfo and NAR are objects in the bucket; nothing of
     // them is on Kiln's disk, and no upload is left pending.
@@ -209,17 +215,7 @@ async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
     // Uploaded through the balancer (the NAR and its narinfo may reach
     // different nodes), substituted through it after a web node died.
     let (top, closure) = build_closure("nodes");
-    let uploader = NixClient::new();
-    let up_keys = tempfile::tempdir().unwrap();
-    let (usk, upk) = (up_keys.path().join("u.sec"), up_keys.path().join("u.pub"));
-    nix("nix-store", &["--generate-binary-cache-key", "up-1", usk.to_str().unwrap(), upk.to_str().unwrap()]);
-    let out_cmd = uploader
-        .cmd("nix")
-        .args(["copy", "--to", &format!("{}?secret-key={}", lb.url, usk.display()), &top])
-        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out_cmd.status.success(), "{}", String::from_utf8_lossy(&out_cmd.stderr));
+    let uploader_key = upload(&lb.url, &top);
 
     // The building node and one web node die; the other serves on.
     builder.child.kill().unwrap();
@@ -229,7 +225,7 @@ async fn two_web_nodes_serve_one_bucket_while_a_third_builds() {
     web1.child.wait().unwrap();
     let client = NixClient::new();
     let (store, root) = client.store("nodes");
-    let trusted = format!("{} {}", public.trim(), std::fs::read_to_string(&upk).unwrap().trim());
+    let trusted = format!("{} {uploader_key}", public.trim());
     let out_cmd = client
         .cmd("nix")
         .args(["copy", "--from", &lb.url, "--to", &store, "--option", "trusted-public-keys", &trusted, &top, &out])
@@ -316,17 +312,7 @@ async fn nar_downloads_can_redirect_to_presigned_urls() {
     std::fs::write(dir.path().join("kiln.toml"), cfg).unwrap();
     let kiln = Kiln::start_in(dir, &[]);
     let (top, _) = build_closure("redirect");
-    let keys = tempfile::tempdir().unwrap();
-    let (sk, pk) = (keys.path().join("u.sec"), keys.path().join("u.pub"));
-    nix("nix-store", &["--generate-binary-cache-key", "up-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
-    let uploader = NixClient::new();
-    let out = uploader
-        .cmd("nix")
-        .args(["copy", "--to", &format!("{}?secret-key={}", kiln.url, sk.display()), &top])
-        .args(["--option", "netrc-file", uploader.netrc(TOKEN).to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let trusted = upload(&kiln.url, &top);
 
     let hash = StorePath::parse(&top).unwrap().hash_part().to_string();
     let ni = NarInfo::parse(&reqwest::get(format!("{}/{hash}.narinfo", kiln.url)).await.unwrap().text().await.unwrap())
@@ -346,7 +332,6 @@ async fn nar_downloads_can_redirect_to_presigned_urls() {
 
     let client = NixClient::new();
     let (store, root) = client.store("redirected");
-    let trusted = std::fs::read_to_string(&pk).unwrap();
     let out = client
         .cmd("nix")
         .args(["copy", "--from", &kiln.url, "--to", &store, "--option", "trusted-public-keys", trusted.trim(), &top])
