@@ -20,37 +20,33 @@ pub struct CopyReport {
     pub skipped: usize,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io { path: path.display().to_string(), source }
-}
-
 /// Copies the cache directory `from` into `to`; `progress` hears each key.
 pub async fn copy_dir(from: &Path, to: &Storage, progress: impl Fn(&str)) -> Result<CopyReport, StorageError> {
-    let mut files: Vec<(String, std::path::PathBuf, u64)> = Vec::new();
-    for (dir, prefix) in [(from.join("nar"), "nar/"), (from.to_path_buf(), "")] {
-        if !dir.is_dir() {
-            continue;
-        }
-        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
-            let e = e.map_err(io(&dir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let meta = e.metadata().map_err(io(&e.path()))?;
-            let wanted =
-                meta.is_file() && !name.starts_with(TEMP_PREFIX) && (prefix == "nar/" || name.ends_with(".narinfo"));
+    // Read through the directory backend: its listing and key checks (it
+    // would create a missing directory: a mistyped path is an error).
+    if !from.is_dir() {
+        let source = std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory");
+        return Err(StorageError::Io { path: from.display().to_string(), source });
+    }
+    let source = Storage::open(from)?;
+    let mut files: Vec<(String, u64)> = Vec::new();
+    // NARs before narinfos.
+    for (dir, prefix) in [("nar", "nar/"), ("", "")] {
+        for (name, len, _) in source.list(dir).await? {
             let key = format!("{prefix}{name}");
+            let wanted = !name.starts_with(TEMP_PREFIX) && (!prefix.is_empty() || name.ends_with(".narinfo"));
             if wanted && check_key(&key).is_ok() {
-                files.push((key, e.path(), meta.len()));
+                files.push((key, len));
             }
         }
     }
-    // NARs before narinfos (the listing put them first; keep it so).
-    files.sort_by_key(|(k, ..)| (!k.starts_with("nar/"), k.clone()));
     let mut report = CopyReport::default();
-    for (key, path, len) in files {
+    for (key, len) in files {
         if to.size(&key).await? == Some(len) {
             report.skipped += 1;
             continue;
         }
+        let path = source.local_path(&key)?.expect("a directory's keys are files");
         to.put_file(&path, &key).await?;
         progress(&key);
         report.copied += 1;

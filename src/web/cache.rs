@@ -52,16 +52,15 @@ pub async fn get_narinfo(State(s): State<AppState>, Path(file): Path<String>) ->
             crate::metrics::count(&crate::metrics::CACHE_NARINFO_MISSES, 1);
             not_found()
         }
-        Err(e) => unavailable(&s, e),
+        Err(e) => unavailable(e),
     }
 }
 
 /// The storage could not answer: 503, which Nix retries, never a 404,
 /// which it would remember as a miss for an hour.
-fn unavailable(s: &AppState, e: crate::cache::StorageError) -> Response {
+fn unavailable(e: crate::cache::StorageError) -> Response {
     crate::metrics::count(&crate::metrics::CACHE_STORAGE_ERRORS, 1);
-    tracing::warn!(storage = s.cache.storage().kind(), error = %e, "cache storage error");
-    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], "cache storage unavailable\n").into_response()
+    WebError::Unavailable(e.to_string()).into_response()
 }
 
 /// A byte range from a `Range` header, resolved against the file length:
@@ -109,12 +108,12 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
             }
         }
         Ok(None) => {}
-        Err(e) => return unavailable(&s, e),
+        Err(e) => return unavailable(e),
     }
     let len = match s.cache.storage().size(&key).await {
         Ok(Some(len)) => len,
         Ok(None) => return not_found(),
-        Err(e) => return unavailable(&s, e),
+        Err(e) => return unavailable(e),
     };
     let (status, start, count) = match parse_range(&headers, len) {
         Ok(None) => (StatusCode::OK, 0, len),
@@ -130,7 +129,7 @@ pub async fn get_nar(State(s): State<AppState>, Path(file): Path<String>, header
         Ok(Some(stream)) => stream,
         // Deleted between the two looks (garbage collection).
         Ok(None) => return not_found(),
-        Err(e) => return unavailable(&s, e),
+        Err(e) => return unavailable(e),
     };
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = status;

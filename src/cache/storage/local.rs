@@ -76,11 +76,11 @@ impl Dir {
         self.path(key).map(|p| p.is_file()).unwrap_or(false)
     }
 
-    pub(super) fn delete(&self, key: &str) -> Result<bool, StorageError> {
+    pub(super) fn delete(&self, key: &str) -> Result<(), StorageError> {
         let p = self.path(key)?;
         match std::fs::remove_file(&p) {
-            Ok(()) => Ok(true),
-            Err(e) if not_found(&e) => Ok(false),
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
             Err(e) => Err(StorageError::Io { path: p.display().to_string(), source: e }),
         }
     }
@@ -242,7 +242,8 @@ mod tests {
         assert!(s.exists("nar/x.nar").await.unwrap());
         assert_eq!(std::fs::read(d.path().join("nar/x.nar")).unwrap(), b"abc");
         assert!(s.list("nar").await.unwrap().iter().all(|(n, _, _)| !n.starts_with(TEMP_PREFIX)), "no temporary left");
-        assert!(s.delete("nar/x.nar").await.unwrap());
-        assert!(!s.delete("nar/x.nar").await.unwrap());
+        s.delete("nar/x.nar").await.unwrap();
+        assert!(!s.exists("nar/x.nar").await.unwrap());
+        s.delete("nar/x.nar").await.expect("a missing key is no error");
     }
 }

@@ -82,14 +82,6 @@ impl Storage {
         Ok(Storage { backend: Backend::S3(s3::Bucket::open(settings, spool)?) })
     }
 
-    /// `local` or `s3`, for `/metrics` and logs.
-    pub fn kind(&self) -> &'static str {
-        match &self.backend {
-            Backend::Local(_) => "local",
-            Backend::S3(_) => "s3",
-        }
-    }
-
     /// Whether this is a bucket (shared by every node) rather than a directory.
     pub fn is_bucket(&self) -> bool {
         matches!(self.backend, Backend::S3(_))
@@ -209,7 +201,8 @@ impl Storage {
         }
     }
 
-    pub async fn delete(&self, key: &str) -> Result<bool, StorageError> {
+    /// Deletes `key`; a key that is not there is no error.
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
         check_key(key)?;
         match &self.backend {
             Backend::Local(d) => d.delete(key),
@@ -287,18 +280,7 @@ impl Storage {
                     .await
                     .map_err(|e| StorageError::Io { path: "read".into(), source: std::io::Error::other(e) })?
             }
-            Backend::S3(b) => {
-                use futures::StreamExt;
-                futures::stream::iter(keys.into_iter().map(|k| {
-                    let b = b.clone();
-                    async move { b.read(&k).await }
-                }))
-                .buffered(32)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect()
-            }
+            Backend::S3(b) => b.each(keys, |b, k| async move { b.read(&k).await }).await,
         }
     }
 
@@ -309,18 +291,7 @@ impl Storage {
         }
         match &self.backend {
             Backend::Local(d) => Ok(keys.iter().map(|k| d.exists(k)).collect()),
-            Backend::S3(b) => {
-                use futures::StreamExt;
-                futures::stream::iter(keys.into_iter().map(|k| {
-                    let b = b.clone();
-                    async move { b.size(&k).await.map(|s| s.is_some()) }
-                }))
-                .buffered(32)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect()
-            }
+            Backend::S3(b) => b.each(keys, |b, k| async move { Ok(b.size(&k).await?.is_some()) }).await,
         }
     }
 

@@ -221,13 +221,25 @@ impl Bucket {
         }
     }
 
-    pub(super) async fn delete(&self, key: &str) -> Result<bool, StorageError> {
-        // S3 answers a delete of a missing key with success too.
-        let existed = self.size(key).await?.is_some();
+    pub(super) async fn delete(&self, key: &str) -> Result<(), StorageError> {
         match self.store.delete(&self.object(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(existed),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(unavailable(key, e)),
         }
+    }
+
+    /// `f` of every key, 32 requests at a time, answers in key order.
+    pub(super) async fn each<T, F, Fut>(&self, keys: Vec<String>, f: F) -> Result<Vec<T>, StorageError>
+    where
+        F: Fn(Bucket, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        futures::stream::iter(keys.into_iter().map(|k| f(self.clone(), k)))
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 
     pub(super) async fn delete_many(&self, keys: Vec<String>) -> Result<(), StorageError> {
